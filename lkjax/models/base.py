@@ -1,0 +1,91 @@
+"""The contract every lkjax draft model follows, and the alignment helpers they share.
+
+Batch (numpy from the input pipeline, jax arrays inside the step), all ``[B, T, ...]``:
+  input_ids    int32[B, T]        target token ids
+  loss_mask    uint8/bool[B, T]   1 on assistant (trained) tokens
+  segment_ids  int32[B, T]        0 = padding, 1.. = document id within the row (packing)
+  positions    int32[B, T]        position of the token inside its document (RoPE)
+  aux_hidden   bf16[B, T, A*Ht]   EAGLE-3 aux target states, A = len(aux_layer_ids), [low|mid|high]
+  final_hidden bf16[B, T, Ht]     target last hidden state after its final norm
+
+Alignment (the same for all four architectures): ``logits[k, b, t]`` (head / step / stage / depth k,
+k = 0..K-1) is the draft's prediction of token ``x[t+k+2]``; it is compared with the TARGET's
+distribution at position ``t+k+1`` (the target's logits at position j predict x[j+1]).  It is trained
+iff ``x[t+k+2]`` exists in the same document as ``x[t]`` and is an assistant token -- see `head_mask`.
+
+Drafting (evaluation) uses `DraftModel.init_cache` / `DraftModel.propose`:
+  ctx = dict(aux_hidden [B,n,A*Ht], final_hidden [B,n,Ht], next_tokens int32[B,n], positions int32[B,n])
+  holds the target's features for n newly COMMITTED positions j and the committed token x[j+1] at each.
+  ``propose`` appends the step-0 state of those positions to the cache, then drafts ``num_tokens`` tokens
+  one at a time after the last committed position and returns
+  ``(cache, tokens int32[B, num_tokens] TARGET ids, logits f32[B, num_tokens, Vd] un-tempered)``.
+  Speculative (step >= 1) state is never kept in the cache.  With ``forced_tokens`` (TARGET ids
+  [B, num_tokens]) the drafted tokens are replaced by the given ones (teacher forcing), which is how the
+  tests check that drafting reproduces the training forward's logits.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "aux_hidden", "final_hidden")
+
+
+class Frozen(nnx.Variable):
+  """A non-trainable array (target embedding / LM head / norm, vocabulary maps).
+
+  Optimizers are built with ``wrt=nnx.Param``, so ``Frozen`` variables get no gradient and no optimizer
+  state; they are loaded from the precompute export, not checkpointed with the draft.
+  """
+
+
+class DraftModel(Protocol):
+  num_heads: int            # K draft positions
+  draft_vocab_size: int     # Vd
+
+  def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Teacher-forced training forward -> logits ``[K, B, T, Vd]`` (alignment above)."""
+
+  def init_cache(self, batch_size: int, max_len: int) -> Any:
+    """Empty drafting state (a pytree of arrays)."""
+
+  def propose(self, cache: Any, ctx: Mapping[str, jax.Array], *, num_tokens: int,
+              temperature: float, rng: jax.Array | None,
+              forced_tokens: jax.Array | None = None) -> tuple[Any, jax.Array, jax.Array]:
+    """Commit ctx, draft num_tokens tokens -> (cache, tokens [B, n] target ids, logits [B, n, Vd])."""
+
+
+def shift_left(x: jax.Array, n: int, axis: int = 1, fill=0) -> jax.Array:
+  """``y[..., t, ...] = x[..., t+n, ...]``, padded with ``fill`` past the end (n >= 0)."""
+  if n == 0:
+    return x
+  size = x.shape[axis]
+  if n >= size:
+    return jnp.full_like(x, fill)
+  body = jax.lax.slice_in_dim(x, n, size, axis=axis)
+  pad_shape = list(x.shape)
+  pad_shape[axis] = n
+  return jnp.concatenate([body, jnp.full(pad_shape, fill, x.dtype)], axis=axis)
+
+
+def head_mask(loss_mask: jax.Array, segment_ids: jax.Array, num_heads: int) -> jax.Array:
+  """Which ``[K, B, T]`` draft predictions are trained: x[t+k+2] is an assistant token of t's document."""
+  seg = segment_ids.astype(jnp.int32)
+  out = []
+  for k in range(num_heads):
+    tgt = shift_left(loss_mask.astype(bool), k + 2, axis=1, fill=False)
+    same_doc = (shift_left(seg, k + 2, axis=1, fill=0) == seg) & (seg > 0)
+    out.append(tgt & same_doc)
+  return jnp.stack(out, axis=0)
+
+
+def head_targets(x: jax.Array, num_heads: int) -> jax.Array:
+  """Stack the target-side array at positions t+k+1 for each head: ``[B, T, ...] -> [K, B, T, ...]``.
+
+  Use it on target logits (or on final hidden states before the LM head).  Positions past the end are
+  zero-filled; `head_mask` is False there.
+  """
+  return jnp.stack([shift_left(x, k + 1, axis=1) for k in range(num_heads)], axis=0)
