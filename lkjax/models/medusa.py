@@ -1,0 +1,221 @@
+"""MEDUSA draft heads (Cai et al. 2024) in the vLLM ``MedusaModel`` layout (DESIGN §4).
+
+K independent heads read the target's final hidden state h_t (after its final norm) at position t;
+head k predicts x[t+k+2].  Head k is ``num_layers`` residual blocks followed by its own LM head:
+
+    x_0 = h_t,   x_{l+1} = x_l + SiLU(x_l W_{k,l} + b_{k,l}),   logits_k = x_L U_k     (U_k: [Ht, Vd], no bias)
+
+Tokens are not inputs, so drafting needs no KV cache: the cache holds the last committed final hidden.
+The K heads are stored stacked (``w [K, L, Ht, Ht]``, ``b [K, L, Ht]``, ``lm_head [K, Ht, Vd]``, all
+``x @ W`` layout) so one einsum serves every head; the export transposes to PyTorch ``[out, in]``.
+
+This module also holds the two small helpers MEDUSA and the MLP-Speculator share: validating a draft
+vocabulary and sampling one draft token from logits.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lkjax.models.base import Frozen
+from lkjax.targets.info import TargetInfo
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' -> jnp dtype (the compute dtype; parameters stay float32)."""
+  if name not in _DTYPES:
+    raise ValueError(f"dtype={name!r}: expected one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def check_draft_vocab(draft_vocab, vocab_size: int, draft_vocab_size: int = 0) -> np.ndarray | None:
+  """Validate a draft vocabulary (target ids, ascending) against V and the configured Vd.
+
+  Args:
+    draft_vocab: int array ``[Vd]`` of target ids, strictly ascending, in ``[0, V)``; or None (Vd = V).
+    vocab_size: the target vocabulary size V.
+    draft_vocab_size: the configured Vd (0 = V, or = len(draft_vocab)).
+  Returns:
+    ``int32[Vd]`` numpy array, or None when the draft vocabulary is the full target vocabulary.
+  """
+  if draft_vocab is None:
+    if draft_vocab_size not in (0, vocab_size):
+      raise ValueError(f"draft_vocab_size={draft_vocab_size} but draft_vocab is None: a truncated draft "
+                       f"vocabulary needs the token ids (lkjax/data/vocab.py); use 0 for Vd = V = {vocab_size}")
+    return None
+  ids = np.asarray(draft_vocab)
+  if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"draft_vocab: expected a non-empty 1-D int array of target ids, got dtype {ids.dtype} "
+                     f"shape {ids.shape}")
+  if draft_vocab_size not in (0, ids.size):
+    raise ValueError(f"draft_vocab_size={draft_vocab_size} does not match len(draft_vocab)={ids.size}")
+  if ids[0] < 0 or ids[-1] >= vocab_size or np.any(np.diff(ids) <= 0):
+    raise ValueError(f"draft_vocab: ids must be strictly ascending target ids in [0, {vocab_size})")
+  return ids.astype(np.int32)
+
+
+def sample_tokens(logits: jax.Array, temperature: float, rng: jax.Array | None) -> jax.Array:
+  """Draw one draft id per row from ``logits [B, Vd]``: argmax at T <= 0, else ``softmax(logits / T)``."""
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if rng is None:
+    raise ValueError(f"temperature={temperature} > 0 samples the draft token: pass rng")
+  return jax.random.categorical(rng, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
+
+
+def partitioned_param(init, axes: tuple[str | None, ...], key: jax.Array, shape: tuple[int, ...]) -> nnx.Param:
+  """A float32 ``nnx.Param`` initialised by ``init(key, shape, float32)`` carrying logical axis names.
+
+  Flax 0.12 shards annotated variables eagerly, which needs a mesh in context; sharding is applied
+  only when one is set (the trainer builds the model under ``jax.set_mesh`` + logical rules), so the
+  same code also builds an unsharded model on a single device (tests, notebooks).
+  """
+  eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+  return nnx.Param(init(key, shape, jnp.float32), out_sharding=axes, eager_sharding=eager)
+
+
+def draft_to_target(draft_vocab: Frozen | None, ids: jax.Array) -> jax.Array:
+  """Draft ids -> target ids (``draft_vocab[i]``; identity when Vd = V)."""
+  if draft_vocab is None:
+    return ids.astype(jnp.int32)
+  return jnp.take(draft_vocab[...], ids, axis=0).astype(jnp.int32)
+
+
+class Medusa(nnx.Module):
+  """K MEDUSA heads over the target's final hidden state.
+
+  Attributes:
+    num_heads: K.
+    draft_vocab_size: Vd.
+    vocab_size: the target vocabulary V.
+    hidden_size: Ht (the residual blocks keep the target width, as vLLM requires).
+    num_layers: residual blocks per head L.
+    w: Param ``[K, L, Ht, Ht]`` (``x @ w``), zero-initialised so every head starts as its LM head
+      alone (the MEDUSA recipe: with the head copied from the target it starts at the next-token guess).
+    b: Param ``[K, L, Ht]`` or None (``fc_bias=False``).
+    lm_head: Param ``[K, Ht, Vd]``.
+    draft_vocab: Frozen ``int32[Vd]`` target ids, or None when Vd = V.
+  """
+
+  def __init__(self, *, hidden_size: int, vocab_size: int, num_heads: int = 6, num_layers: int = 1,
+               fc_bias: bool = True, draft_vocab=None, target_lm_head: np.ndarray | None = None,
+               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """Builds the heads.
+
+    Args:
+      hidden_size: Ht.
+      vocab_size: V (target).
+      num_heads: K >= 1.
+      num_layers: L >= 1 residual blocks per head.
+      fc_bias: whether the residual blocks have a bias (vLLM ``medusa_fc_bias``).
+      draft_vocab: int ``[Vd]`` ascending target ids, or None (Vd = V).
+      target_lm_head: ``[V, Ht]`` (PyTorch layout) target LM head; when given every head's LM head is
+        initialised from its rows for the draft vocabulary, else from a truncated normal (std 1/sqrt(Ht)).
+      dtype: compute dtype (parameters are float32).
+      rngs: nnx.Rngs with a ``params`` stream.
+    """
+    if num_heads < 1 or num_layers < 1:
+      raise ValueError(f"num_heads={num_heads}, num_layers={num_layers}: both must be >= 1")
+    ids = check_draft_vocab(draft_vocab, vocab_size)
+    self.num_heads = int(num_heads)
+    self.num_layers = int(num_layers)
+    self.hidden_size = int(hidden_size)
+    self.vocab_size = int(vocab_size)
+    self.draft_vocab_size = int(vocab_size if ids is None else ids.size)
+    self.fc_bias = bool(fc_bias)
+    self.dtype = dtype
+    K, L, H, Vd = self.num_heads, self.num_layers, self.hidden_size, self.draft_vocab_size
+
+    zeros = nnx.initializers.zeros
+    self.w = partitioned_param(zeros, (None, None, "embed", "mlp"), rngs.params(), (K, L, H, H))
+    self.b = partitioned_param(zeros, (None, None, "mlp"), rngs.params(), (K, L, H)) if self.fc_bias else None
+
+    if target_lm_head is not None:
+      head = np.asarray(target_lm_head, np.float32)
+      if head.shape != (vocab_size, H):
+        raise ValueError(f"target_weights['lm_head']: expected shape {(vocab_size, H)}, got {head.shape}")
+      rows = head if ids is None else head[ids]
+      init = lambda key, shape, dtype: jnp.broadcast_to(jnp.asarray(rows.T, dtype), shape)
+    else:
+      # fan_in = Ht per head: the stacked K axis is a batch axis, not part of the fan.
+      init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+                                               batch_axis=(0,))
+    self.lm_head = partitioned_param(init, (None, "embed", "vocab"), rngs.params(), (K, H, Vd))
+    self.draft_vocab = None if ids is None else Frozen(jnp.asarray(ids))
+
+  def head_logits(self, h: jax.Array) -> jax.Array:
+    """All K heads on final hidden states ``h [..., Ht]`` -> logits ``[K, ..., Vd]`` (compute dtype)."""
+    if h.shape[-1] != self.hidden_size:
+      raise ValueError(f"final_hidden: last dim {h.shape[-1]} != hidden_size {self.hidden_size}")
+    dt = self.dtype
+    x = jnp.broadcast_to(h.astype(dt), (self.num_heads,) + h.shape)
+    bshape = (self.num_heads,) + (1,) * (h.ndim - 1) + (self.hidden_size,)
+    for l in range(self.num_layers):
+      y = jnp.einsum("k...i,kio->k...o", x, self.w[...][:, l].astype(dt))
+      if self.b is not None:
+        y = y + self.b[...][:, l].astype(dt).reshape(bshape)
+      x = x + jax.nn.silu(y)
+    return jnp.einsum("k...h,khv->k...v", x, self.lm_head[...].astype(dt))
+
+  def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Training forward: ``batch['final_hidden'] [B, T, Ht]`` -> logits ``[K, B, T, Vd]``.
+
+    ``logits[k, b, t]`` predicts x[t+k+2] (base.py alignment); no token input is needed.
+    """
+    return self.head_logits(batch["final_hidden"])
+
+  def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
+    """Drafting state: the last committed final hidden ``hidden f32[B, Ht]`` (max_len is unused)."""
+    del max_len
+    return {"hidden": jnp.zeros((batch_size, self.hidden_size), jnp.float32)}
+
+  def propose(self, cache: Mapping[str, jax.Array], ctx: Mapping[str, jax.Array], *, num_tokens: int,
+              temperature: float, rng: jax.Array | None,
+              forced_tokens: jax.Array | None = None) -> tuple[dict, jax.Array, jax.Array]:
+    """Commit ctx's last position, draft ``num_tokens <= K`` tokens from heads 0..num_tokens-1.
+
+    Returns ``(cache, tokens int32[B, n] target ids, logits f32[B, n, Vd])``.  Heads are independent,
+    so each head's token is drawn on its own (greedy at T <= 0, else from softmax(logits / T)).
+    ``forced_tokens`` only replaces the returned tokens (MEDUSA never reads its own tokens).
+    """
+    if not 1 <= num_tokens <= self.num_heads:
+      raise ValueError(f"num_tokens={num_tokens}: MEDUSA has {self.num_heads} heads")
+    hidden = cache["hidden"]
+    if ctx["final_hidden"].shape[1] > 0:
+      hidden = ctx["final_hidden"][:, -1].astype(jnp.float32)
+    logits = self.head_logits(hidden)[:num_tokens].astype(jnp.float32)      # [n, B, Vd]
+    keys = [None] * num_tokens if rng is None else list(jax.random.split(rng, num_tokens))
+    ids = jnp.stack([sample_tokens(logits[i], temperature, keys[i]) for i in range(num_tokens)], axis=1)
+    tokens = draft_to_target(self.draft_vocab, ids)
+    if forced_tokens is not None:
+      tokens = jnp.asarray(forced_tokens, jnp.int32)
+    return {"hidden": hidden}, tokens, jnp.transpose(logits, (1, 0, 2))
+
+
+def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
+                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs) -> Medusa:
+  """Builds a `Medusa` from an ml_collections config.
+
+  cfg keys: ``arch`` ('medusa'), ``num_heads`` (6), ``num_layers`` (1), ``fc_bias`` (True),
+  ``draft_vocab_size`` (0 = V), ``init_head_from_target`` (True), ``dtype`` ('float32').
+  ``target_weights`` (``{"lm_head": [V, Ht], ...}`` float32) seeds the LM heads; None = random init.
+  """
+  arch = cfg.get("arch", "medusa")
+  if arch != "medusa":
+    raise ValueError(f"cfg.arch={arch!r}: lkjax.models.medusa builds arch 'medusa'")
+  ids = check_draft_vocab(draft_vocab, target.vocab_size, int(cfg.get("draft_vocab_size", 0)))
+  head = None
+  if cfg.get("init_head_from_target", True) and target_weights is not None:
+    if "lm_head" not in target_weights:
+      raise ValueError("target_weights: missing 'lm_head' (needed by init_head_from_target)")
+    head = target_weights["lm_head"]
+  return Medusa(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                num_heads=int(cfg.get("num_heads", 6)), num_layers=int(cfg.get("num_layers", 1)),
+                fc_bias=bool(cfg.get("fc_bias", True)), draft_vocab=ids, target_lm_head=head,
+                dtype=parse_dtype(cfg.get("dtype", "float32")), rngs=rngs)
