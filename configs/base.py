@@ -1,0 +1,151 @@
+"""Shared training config for all four draft architectures (`get_config` in each arch file calls `build`).
+
+Every knob a researcher sweeps is here; ``--config.x=y`` overrides any of them and an unknown key is an
+error (the returned ConfigDict is locked).
+
+Recipe (paper, arXiv 2602.23881 §5): AdamW lr 4e-4, cosine decay, 100 warmup steps, betas (0.9, 0.95),
+gradient clip 0.5, gamma 0.8, eta 3 (10 for MEDUSA), K = 7 (EAGLE-3, MTP) or 6 (MEDUSA, MLP-Speculator),
+batch 64, 10 epochs, 8K context, 660K prompts.
+
+Scaled default (this machine: 2 CPU cores, the whole ``python experiments/train.py --config=configs/eagle3.py``
+including data preparation in about 15 minutes): the packaged SmolLM2-135M-Instruct target regenerates
+replies to 160 ShareGPT prompts (128 new tokens each, ~20K tokens, the dominant cost), sequences are cut
+to 256 tokens, global batch 8 (2048 tokens/step), 3 epochs (~60 steps), warmup 10 steps, validation every
+20 steps on a 5% held-out split. The ``paper`` argument restores batch 64, 10 epochs, 100 warmup steps and
+2048-token sequences (8K does not fit a CPU). ``smoke`` shrinks everything to about a minute: 16 prompts,
+32 new tokens, 128-token sequences, 12 steps.
+
+Config arguments (``--config=configs/eagle3.py:loss=lk_hybrid,eta=3,smoke``):
+  loss      loss kind: kl | tv | lk_alpha | lk_hybrid | fixed_lambda | lambda_schedule
+  eta       eta of lk_hybrid
+  lam       the fixed lambda of fixed_lambda
+  schedule  lambda_schedule shape: linear | cosine (lambda goes 1 -> 0 over training)
+  smoke     tiny run (~1 minute on CPU)
+  paper     the paper's batch / epochs / warmup / context
+  steps     number of steps (0: from num_epochs)
+  batch     global batch size (0: the variant's default)
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from lkjax.config_args import parse_arg
+
+LOSS_KINDS = ("kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule")
+# (data, fsdp, tensor) mesh axes; the rules map the models' logical axis names onto them.
+MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("hidden", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("vocab", "tensor"),
+)
+
+
+def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
+          default_eta: float = 3.0) -> ml_collections.ConfigDict:
+  """The full, locked training config of ``arch`` with its ``model`` section and the parsed ``arg``."""
+  a = parse_arg(arg, loss="lk_hybrid", eta=default_eta, lam=0.5, schedule="linear", smoke=False,
+                paper=False, steps=0, batch=0)
+  if a.loss not in LOSS_KINDS:
+    raise ValueError(f"config arg loss={a.loss!r}: expected one of {LOSS_KINDS}")
+  if a.schedule not in ("linear", "cosine"):
+    raise ValueError(f"config arg schedule={a.schedule!r}: expected linear or cosine")
+  if a.smoke and a.paper:
+    raise ValueError("config args smoke and paper exclude each other")
+
+  c = ml_collections.ConfigDict()
+  c.name = arch + ("_smoke" if a.smoke else "")
+  c.model = model
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = a.loss
+  c.loss.eta = float(a.eta)
+  c.loss.lam = float(a.lam)          # fixed_lambda only
+  c.loss.gamma = 0.8                 # head k weighted gamma**k
+  c.loss.schedule = ml_collections.ConfigDict(dict(start=1.0, end=0.0, shape=a.schedule))  # lambda_schedule
+  c.loss.chunk_size = 0              # >0: vocabulary-chunked loss (large vocabularies); 0: reference
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 4e-4
+  c.optim.schedule = "cosine"        # cosine | constant (both after linear warmup)
+  c.optim.warmup_steps = 10
+  c.optim.end_lr_factor = 0.0        # cosine decays to lr * end_lr_factor
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01
+  c.optim.clip = 0.5                 # global-norm gradient clip (0: off)
+  c.optim.grad_accum = 1             # micro-batches per step (the batch is split, gradients averaged)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = "runs/data/smollm2_default"
+  c.data.max_length = 256
+  c.data.packing = False
+  c.data.val_fraction = 0.05
+  c.data.seed = 0
+  c.data.worker_count = 0            # grain worker processes (0: in-process; workers pay off on big data)
+  c.data.auto_prepare = True         # missing data -> generate + precompute it with the packaged target
+  c.data.prepare = ml_collections.ConfigDict(dict(num_prompts=160, max_new_tokens=128))
+
+  c.batch_size = 8                   # global, across all devices and hosts
+  c.num_epochs = 3
+  c.num_steps = 0                    # >0 overrides num_epochs
+  c.eval_every = 20
+  c.eval_steps = 0                   # validation batches per evaluation (0: the whole held-out split)
+  c.log_every = 5
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)          # (data, fsdp, tensor); -1 takes the remaining devices
+  c.mesh.rules = DEFAULT_RULES
+
+  c.precision = "bf16"               # bf16: bf16 compute, fp32 params + optimizer state; fp32: all fp32
+  c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))
+  c.seed = 0
+
+  if a.paper:
+    c.batch_size = 64
+    c.num_epochs = 10
+    c.optim.warmup_steps = 100
+    c.data.max_length = 2048
+    c.data.dir = "runs/data/smollm2_paper"
+    c.data.prepare = ml_collections.ConfigDict(dict(num_prompts=20000, max_new_tokens=1024))
+    c.eval_every = 500
+    c.checkpoint.every = 1000
+    c.log_every = 20
+  if a.smoke:
+    c.batch_size = 4
+    c.num_epochs = 1
+    c.num_steps = 12
+    c.optim.warmup_steps = 2
+    c.data.max_length = 128
+    c.data.dir = "runs/data/smollm2_smoke"
+    c.data.val_fraction = 0.2
+    c.data.prepare = ml_collections.ConfigDict(dict(num_prompts=16, max_new_tokens=32))
+    c.eval_every = 6
+    c.eval_steps = 2
+    c.log_every = 2
+    c.checkpoint.every = 6
+  if a.steps:
+    c.num_steps = a.steps
+  if a.batch:
+    c.batch_size = a.batch
+  c.lock()
+  return c
+
+
+def standard_sweep(add, *, default_eta: float = 3.0) -> None:
+  """The paper's comparison grid: KL / TV / L_alpha baselines, L_lambda for eta in {0.7, 1, 3, 10},
+  fixed lambda 0.5 and linear / cosine lambda schedules. ``add(**{dotted_key: value})`` adds one run."""
+  del default_eta  # every eta of the grid runs; the arch's default only sets the config's default
+  add(**{"loss.kind": "kl"})
+  add(**{"loss.kind": "tv"})
+  add(**{"loss.kind": "lk_alpha"})
+  for eta in (0.7, 1.0, 3.0, 10.0):
+    add(**{"loss.kind": "lk_hybrid", "loss.eta": eta})
+  add(**{"loss.kind": "fixed_lambda", "loss.lam": 0.5})
+  for shape in ("linear", "cosine"):
+    add(**{"loss.kind": "lambda_schedule", "loss.schedule.shape": shape})

@@ -1,0 +1,27 @@
+"""DeepSeek-V3-style MTP on the packaged SmolLM2 target: ``python experiments/train.py --config=configs/mtp.py``.
+
+K = 7 depths of enorm/hnorm + eh_proj + one target-shaped decoder block, the target's LM head shared
+(restricted to the 8192-token draft vocabulary); one set of depth weights shared by all depths
+(``share_weights``); eta = 3. See configs/base.py for the recipe and the config arguments.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from lkjax.config_args import import_sibling
+
+base = import_sibling(__file__, "base")
+
+
+def model_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      arch="mtp", num_heads=7, draft_vocab_size=8192, dtype="",  # "": follow config.precision
+      share_weights=True))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return base.build("mtp", model_config(), arg, default_eta=3.0)
+
+
+def sweep(add) -> None:
+  base.standard_sweep(add)

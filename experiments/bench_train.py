@@ -1,0 +1,175 @@
+"""Train-step benchmark: ``python experiments/bench_train.py [--small] [--archs=eagle3,medusa] [--out=...]``.
+
+Per draft architecture at SmolLM2-135M dims (target hidden 576, 30 layers, 3 aux states, V = 49152, draft
+vocabulary 8192, EAGLE-3 = one 576-wide layer with 9 heads / 3 kv heads / intermediate 1536; K = 7 for
+EAGLE-3/MTP, 6 for MEDUSA/MLP-Speculator; batch 4 x 512 tokens; bf16 compute, fp32 params) it prints
+  tokens/s           B*T / median step time (compiled step, data already on device)
+  GFLOP/step         XLA's cost analysis of the compiled train step
+  utilisation        achieved FLOP/s / a bf16-input, f32-accumulate matmul ceiling measured in this run
+  LK / KL            step time with lk_hybrid over step time with the KL objective
+and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
+(a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
+Random weights and inputs: the step's cost does not depend on their values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_bool("small", False, "Tiny dims (checks the script, not a measurement).")
+flags.DEFINE_string("archs", "eagle3,medusa,mlp_speculator,mtp", "Comma-separated architectures.")
+flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after one warm-up step).")
+flags.DEFINE_integer("batch", 0, "Global batch rows (0: 4, or 2 with --small).")
+flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
+flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices.")
+flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
+flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
+FLAGS = flags.FLAGS
+
+K = {"eagle3": 7, "mtp": 7, "medusa": 6, "mlp_speculator": 6}
+
+
+def target_info(small: bool):
+  from lkjax.targets.info import TargetInfo
+  if small:
+    return TargetInfo(name="tiny", model_type="llama", num_layers=8, hidden_size=64, vocab_size=2048,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                      rms_norm_eps=1e-5, rope_theta=1e5, max_position_embeddings=2048, tie_word_embeddings=True)
+  return TargetInfo(name="smollm2-135m-instruct", model_type="llama", num_layers=30, hidden_size=576,
+                    vocab_size=49152, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                    intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=1e5, max_position_embeddings=8192,
+                    tie_word_embeddings=True)
+
+
+def matmul_ceiling(small: bool, repeats: int = 5) -> float:
+  """GFLOP/s of a square bf16 x bf16 -> f32 matmul (the best of ``repeats``)."""
+  import jax
+  import jax.numpy as jnp
+  n = 512 if small else 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e9
+
+
+def bench_arch(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape,
+               precision: str) -> dict:
+  import jax
+  import ml_collections
+  import ml_dtypes
+  import numpy as np
+  from flax import nnx
+  from lkjax import sharding as shd
+  from lkjax.config_args import load_config
+  from lkjax.models import registry
+  from lkjax.train import optim, step as step_lib
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg = load_config(os.path.join(root, f"configs/{arch}.py"), {"loss.kind": kind})
+  model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
+  model_cfg.dtype = "bfloat16" if precision == "bf16" else "float32"
+  vd = 512 if small else int(model_cfg.draft_vocab_size)
+  model_cfg.draft_vocab_size = vd
+  r = np.random.default_rng(0)
+  ids = np.sort(r.choice(info.vocab_size, vd, replace=False)).astype(np.int64)
+  h = info.hidden_size
+  weights = {"embed_tokens": (r.standard_normal((info.vocab_size, h)) * 0.02).astype(np.float32),
+             "norm": np.ones(h, np.float32)}
+  weights["lm_head"] = weights["embed_tokens"]
+  with nnx.use_eager_sharding(False):
+    model = registry.build_draft(model_cfg, info, draft_vocab=ids, target_weights=weights, rngs=nnx.Rngs(0))
+  mesh = shd.make_mesh(mesh_shape)
+  rules = tuple(tuple(x) for x in cfg.mesh.rules)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  psh, rsh = shd.state_shardings(params, mesh, rules), shd.state_shardings(rest, mesh, rules)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  tx = optim.make_optimizer(cfg.optim, total_steps=1000)
+  ssh = step_lib.state_shardings(psh, tx, params, mesh)
+  rep = shd.replicated(mesh)
+  target = {"lm_head": weights["lm_head"], "draft_ids": ids.astype(np.int32)}
+  bf16 = ml_dtypes.bfloat16
+  seg = np.ones((batch, seq), np.int32)
+  host_batch = dict(input_ids=r.integers(0, info.vocab_size, (batch, seq)).astype(np.int32),
+                    loss_mask=np.ones((batch, seq), np.uint8), segment_ids=seg,
+                    positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+                    aux_hidden=r.standard_normal((batch, seq, info.num_aux * h)).astype(bf16),
+                    final_hidden=r.standard_normal((batch, seq, h)).astype(bf16))
+  bsh = shd.batch_shardings(host_batch, mesh, rules)
+  sh = dict(mesh=mesh, state=ssh, rest=rsh, target=jax.tree.map(lambda _: rep, target), batch=bsh,
+            batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, batch))
+  state = jax.device_put(step_lib.init_state(params, tx, 0), ssh)
+  rest, target = jax.device_put(rest, rsh), jax.device_put(target, sh["target"])
+  dev_batch = jax.device_put(host_batch, bsh)
+  fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh)
+  t0 = time.perf_counter()
+  compiled = fn.lower(state, rest, target, dev_batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  state, m = compiled(state, rest, target, dev_batch)  # warm-up
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, rest, target, dev_batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.median(times))
+  return dict(arch=arch, kind=kind, step_s=step_s, tokens_per_s=batch * seq / step_s, gflop_per_step=flops / 1e9,
+              gflops=flops / step_s / 1e9, compile_s=compile_s, loss=float(m["loss"]),
+              num_params=int(sum(x.size for x in jax.tree.leaves(params))))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  import jax
+  small = FLAGS.small
+  batch = FLAGS.batch or (2 if small else 4)
+  seq = FLAGS.seq or (64 if small else 512)
+  mesh_shape = tuple(int(x) for x in FLAGS.mesh.split(","))
+  info = target_info(small)
+  archs = [a for a in FLAGS.archs.split(",") if a]
+  unknown = sorted(set(archs) - set(K))
+  if unknown:
+    raise app.UsageError(f"--archs: unknown {unknown}; expected {sorted(K)}")
+  ceiling = matmul_ceiling(small)
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {batch} x {seq}; "
+        f"precision {FLAGS.precision}; bf16 matmul ceiling {ceiling:.1f} GFLOP/s", flush=True)
+  rows = []
+  for arch in archs:
+    lk = bench_arch(arch, "lk_hybrid", info, small=small, batch=batch, seq=seq, steps=FLAGS.steps,
+                    mesh_shape=mesh_shape, precision=FLAGS.precision)
+    kl = bench_arch(arch, "kl", info, small=small, batch=batch, seq=seq, steps=FLAGS.steps,
+                    mesh_shape=mesh_shape, precision=FLAGS.precision)
+    row = dict(lk, kl_step_s=kl["step_s"], lk_over_kl=lk["step_s"] / kl["step_s"],
+               utilisation=lk["gflops"] / ceiling)
+    rows.append(row)
+    print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
+  header = f"{'arch':<16}{'params':>10}{'tok/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'util':>8}{'LK s':>9}{'KL s':>9}{'LK/KL':>8}"
+  print(header)
+  for r in rows:
+    print(f"{r['arch']:<16}{r['num_params']:>10}{r['tokens_per_s']:>10.0f}{r['gflop_per_step']:>12.2f}"
+          f"{r['gflops']:>10.1f}{r['utilisation']:>8.1%}{r['step_s']:>9.3f}{r['kl_step_s']:>9.3f}{r['lk_over_kl']:>8.3f}")
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
+                   matmul_ceiling_gflops=ceiling, rows=rows), f, indent=2)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,48 @@
+"""Train a draft model: ``python experiments/train.py --config=configs/eagle3.py``.
+
+Flags: ``--config=configs/<arch>.py[:args]`` (see configs/base.py for the args), any ``--config.x=y``
+override, ``--workdir`` (default ``runs/<config name>``; rerunning with the same workdir resumes).
+
+On a fresh machine the default config prepares a small dataset with the packaged SmolLM2 target first
+(``config.data.auto_prepare``). Multi-host (one process per host, each reading its own data share):
+
+  JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=<i> \\
+      python experiments/train.py --config=configs/eagle3.py --workdir=/shared/run1
+
+(``jax.distributed.initialize()`` runs when these variables -- or a cluster environment JAX detects,
+e.g. SLURM -- are present; the workdir must be on storage all hosts share.)
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# The repository root, so the entry point works from a plain checkout too (no pip install -e).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/<arch>.py[:args]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>). Resumes if it holds a checkpoint.")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+_MULTIHOST_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  import jax
+  if any(v in os.environ for v in _MULTIHOST_VARS):
+    jax.distributed.initialize()
+  from lkjax.train.loop import train_and_evaluate
+  config = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join("runs", config.name)
+  train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

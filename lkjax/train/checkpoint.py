@@ -1,0 +1,83 @@
+"""orbax checkpoints of the train state together with the grain data iterator.
+
+Layout: ``<workdir>/checkpoints/<step>/{state, data, meta}``
+  state  the train state pytree (params, opt_state, step, rng) -- `lkjax.train.step`
+  data   the grain iterator position (grain's orbax handler; one JSON file per process)
+  meta   JSON: step, config name, last metrics (what `load_trained_draft` and resumption read)
+
+Saving the iterator with the state is what makes a resumed run see exactly the batches an uninterrupted
+run would have seen. Saves at multiples of ``every`` plus forced saves
+(final step, before stopping on a non-finite loss); only the newest ``keep`` are kept. Restoring uses an
+abstract target carrying concrete `NamedSharding`s, so arrays land directly on the current mesh.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def abstract_with_shardings(state: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of ``state`` (arrays or abstract) placed with ``shardings`` (same tree)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+class Checkpointer:
+  """Periodic / forced saves and restores of ``(state, data iterator, meta)`` under a workdir."""
+
+  def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int):
+    if every < 1:
+      raise ValueError(f"checkpoint.every={every}: must be >= 1")
+    if keep < 1:
+      raise ValueError(f"checkpoint.keep={keep}: must be >= 1")
+    self.directory = os.path.abspath(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
+    self.every = int(every)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, *, data_iter: Any = None, meta: Mapping[str, Any] | None = None,
+           force: bool = False) -> bool:
+    """Save at ``step`` if it is on the interval (or ``force``); returns whether a save happened."""
+    # The interval is ours (orbax would also save the first step of every run): step % every == 0.
+    if step in self.manager.all_steps() or not (force or step % self.every == 0):
+      return False
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.wait_until_finished()
+    return bool(saved)
+
+  def restore(self, abstract_state: Any, *, data_iter: Any = None, step: int | None = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """Restore (state, meta) of ``step`` (default: latest) onto ``abstract_state``; ``data_iter`` in place."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], dict(out["meta"])
+
+  def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{self.directory}: no checkpoint")
+    return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

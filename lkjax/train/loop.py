@@ -1,0 +1,420 @@
+"""`train_and_evaluate(config, workdir)`: the training run behind ``experiments/train.py``.
+
+Order of work (everything that can fail on bad input fails before anything compiles):
+  1. data: the shard directory must hold a manifest; if not, ``config.data.auto_prepare`` generates the
+     small default dataset with the packaged target (`lkjax.data.prepare.ensure_default_dataset`),
+     otherwise a FileNotFoundError prints the exact command that prepares it;
+  2. draft vocabulary from the manifest's token frequencies, model config resolved against the manifest's
+     `TargetInfo` (`lkjax.models.registry.check_compatible`: hidden size, vocabulary, aux layer ids);
+  3. mesh (data, fsdp, tensor) and logical-axis shardings from the config; the draft, the optimizer
+     state and the target head placed on it; the train step compiled once (its memory analysis printed);
+  4. resume from ``<workdir>/checkpoints`` if a checkpoint exists (state + grain iterator position);
+  5. the loop: progress bar with ETA, metrics every ``log_every`` steps, validation every
+     ``eval_every``, checkpoints every ``checkpoint.every`` and a forced final one; a non-finite loss
+     stops the run (nothing is saved after it, the last good checkpoint stays) with `NonFiniteLossError`
+     naming the step; a final summary line says where the checkpoint and metrics are.
+
+Files in the workdir: ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/<step>/``,
+``summary.json`` (final metrics, written when the run ends).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import time
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from lkjax import sharding as shd
+from lkjax.train import checkpoint as ckpt_lib
+from lkjax.train import metrics as metrics_lib
+from lkjax.train import optim
+from lkjax.train import step as step_lib
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+_MODEL_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or gradient norm) became NaN/Inf; ``step`` is the failing step, ``checkpoint_step`` the last
+  good checkpoint kept in the workdir (None if none was saved yet)."""
+
+  def __init__(self, step: int, checkpoint_step: int | None, workdir: str):
+    self.step, self.checkpoint_step = step, checkpoint_step
+    kept = (f"the last good checkpoint (step {checkpoint_step}) is kept in {workdir}/checkpoints"
+            if checkpoint_step is not None else "no checkpoint had been saved yet")
+    super().__init__(f"non-finite loss at step {step}: training stopped; {kept}. Lower optim.lr or "
+                     f"raise optim.clip / use precision=fp32, then rerun to resume from that checkpoint.")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _prepare_knobs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(max_length=int(config.data.max_length), **config.data.prepare.to_dict())
+
+
+def prepare_command(config: ml_collections.ConfigDict) -> str:
+  """The shell command that builds ``config.data.dir`` with the packaged default target and prompts."""
+  knobs = ", ".join(f"{k}={v!r}" for k, v in sorted(_prepare_knobs(config).items()))
+  code = (f"from lkjax.data.prepare import ensure_default_dataset; "
+          f"ensure_default_dataset({os.path.abspath(config.data.dir)!r}, {knobs})")
+  return f"python -c {shlex.quote(code)}"
+
+
+def ensure_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The shard manifest of ``config.data.dir``; prepares the default dataset if allowed, else explains how."""
+  from lkjax.data import shards
+  path = os.path.join(config.data.dir, shards.MANIFEST_FILE)
+  if not os.path.exists(path):
+    if not config.data.auto_prepare:
+      raise FileNotFoundError(
+          f"no training data in {os.path.abspath(config.data.dir)} ({shards.MANIFEST_FILE} is missing). "
+          f"Prepare it with:\n  {prepare_command(config)}\nor rerun with --config.data.auto_prepare=True "
+          f"(or point --config.data.dir at a directory made by experiments/precompute.py).")
+    from lkjax.data.prepare import ensure_default_dataset
+    print(f"[lkjax] no data in {config.data.dir}: preparing the default dataset "
+          f"({_prepare_knobs(config)}) with the packaged target ...", flush=True)
+    ensure_default_dataset(config.data.dir, **_prepare_knobs(config))
+  return shards.read_manifest(config.data.dir)
+
+
+def resolve_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.model`` with ``dtype=""`` resolved from ``config.precision``."""
+  step_lib.compute_dtype(config.precision)
+  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+  if not model_cfg.get("dtype", ""):
+    model_cfg.dtype = _MODEL_DTYPES[config.precision]
+  return model_cfg
+
+
+@dataclasses.dataclass
+class DraftSetup:
+  """Everything the step needs that does not change during training."""
+
+  model: Any                    # the NNX draft (host arrays)
+  model_config: ml_collections.ConfigDict
+  target_info: Any              # TargetInfo
+  draft_vocab: Any              # DraftVocab or None (Vd = V)
+  target_weights: dict[str, np.ndarray]
+
+
+def build_setup(config: ml_collections.ConfigDict, manifest: Mapping[str, Any], *,
+                with_weights: bool = True) -> DraftSetup:
+  """Draft vocabulary + checked model config + the draft built on the target's frozen weights."""
+  from lkjax.data import shards
+  from lkjax.data.vocab import build_draft_vocab
+  from lkjax.models import registry
+  info = shards.target_info(manifest)
+  model_cfg = resolve_model_config(config)
+  vd = int(model_cfg.get("draft_vocab_size", 0) or 0)
+  if vd < 0 or vd > info.vocab_size:
+    raise ValueError(f"config.model.draft_vocab_size={vd}: must be in [0, {info.vocab_size}] "
+                     f"(the target vocabulary of {config.data.dir})")
+  vocab = build_draft_vocab(np.asarray(manifest["token_freqs"]), vd) if 0 < vd < info.vocab_size else None
+  ids = None if vocab is None else vocab.token_ids
+  registry.check_compatible(model_cfg, info, ids)  # raises before anything is compiled
+  weights = shards.load_target_weights(config.data.dir) if with_weights else None
+  with nnx.use_eager_sharding(False):  # placed explicitly afterwards, from the config's rules
+    model = registry.build_draft(model_cfg, info, draft_vocab=ids, target_weights=weights,
+                                 rngs=nnx.Rngs(params=config.seed))
+  return DraftSetup(model=model, model_config=model_cfg, target_info=info, draft_vocab=vocab,
+                    target_weights=weights)
+
+
+def _total_steps(config, steps_per_epoch: int) -> int:
+  if config.num_steps > 0:
+    return int(config.num_steps)
+  if config.num_epochs < 1:
+    raise ValueError(f"num_epochs={config.num_epochs}: set num_epochs >= 1 or num_steps > 0")
+  total = steps_per_epoch * int(config.num_epochs)
+  if total < 1:
+    raise ValueError(f"{config.data.dir}: the train split gives 0 batches of {config.batch_size} rows; "
+                     "lower batch_size or prepare more data")
+  return total
+
+
+def _loader(config, split: str, *, num_epochs, shuffle: bool, drop_remainder: bool):
+  from lkjax.data.pipeline import make_loader
+  return make_loader(config.data.dir, split=split, global_batch_size=config.batch_size,
+                     max_length=config.data.max_length, seed=config.data.seed, num_epochs=num_epochs,
+                     shuffle=shuffle, packing=config.data.packing, val_fraction=config.data.val_fraction,
+                     worker_count=config.data.worker_count if split == "train" else 0,
+                     drop_remainder=drop_remainder)
+
+
+def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Zero rows up to ``rows`` (segment_ids 0 = padding: masked, so metrics ignore them)."""
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if v.shape[0] < rows:
+      v = np.concatenate([v, np.zeros((rows - v.shape[0],) + v.shape[1:], v.dtype)])
+    out[k] = v
+  return out
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+  os.replace(tmp, path)
+
+
+def _finite(metrics: Mapping[str, Any]) -> bool:
+  return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       stop_after: int | None = None) -> dict[str, Any]:
+  """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the final summary dict.
+
+  ``stop_after``: leave after this step (with a forced checkpoint), as a preempted job would; rerunning
+  resumes. The schedule still spans the config's full run.
+  """
+  from tqdm.auto import tqdm
+
+  workdir = os.path.abspath(os.fspath(workdir))
+  is_main = jax.process_index() == 0
+  if config.batch_size < 1:
+    raise ValueError(f"batch_size={config.batch_size}: must be >= 1")
+  manifest = ensure_data(config)
+  setup = build_setup(config, manifest)
+
+  # Mesh and shardings.
+  mesh = shd.make_mesh(config.mesh.shape)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  dp = shd.data_parallel_size(mesh, rules)
+  if config.batch_size % (dp * config.optim.grad_accum):
+    raise ValueError(f"batch_size={config.batch_size} must be divisible by the data-parallel size {dp} "
+                     f"times optim.grad_accum={config.optim.grad_accum}")
+
+  from lkjax.data.pipeline import num_batches
+  steps_per_epoch = num_batches(config.data.dir, split="train", global_batch_size=config.batch_size,
+                                max_length=config.data.max_length, num_epochs=1, packing=config.data.packing,
+                                val_fraction=config.data.val_fraction)
+  total_steps = _total_steps(config, steps_per_epoch)
+  tx = optim.make_optimizer(config.optim, total_steps)
+  lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)
+
+  graphdef, params, rest = nnx.split(setup.model, nnx.Param, ...)
+  param_sh = shd.state_shardings(params, mesh, rules)
+  rest_sh = shd.state_shardings(rest, mesh, rules)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  state_sh = step_lib.state_shardings(param_sh, tx, params, mesh)
+  target = {"lm_head": setup.target_weights["lm_head"]}
+  if setup.draft_vocab is not None:
+    target["draft_ids"] = setup.draft_vocab.token_ids.astype(np.int32)
+  rep = shd.replicated(mesh)
+  target_sh = jax.tree.map(lambda _: rep, target)
+  example = _example_batch(config, setup.target_info)
+  batch_sh = shd.batch_shardings(example, mesh, rules)
+  shardings = dict(mesh=mesh, state=state_sh, rest=rest_sh, target=target_sh, batch=batch_sh,
+                   batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, config.batch_size))
+
+  state = jax.device_put(step_lib.init_state(params, tx, config.seed), state_sh)
+  rest = jax.device_put(rest, rest_sh)
+  target = jax.device_put(target, target_sh)
+  del params
+
+  # Resume (state + data iterator) or start fresh.
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json(indent=2))
+  ckpt = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
+  writer = metrics_lib.MetricWriter(workdir)
+  train_num_epochs = None if config.num_steps > 0 else int(config.num_epochs)
+  train_iter = iter(_loader(config, "train", num_epochs=train_num_epochs, shuffle=True, drop_remainder=True))
+  start = 0
+  if ckpt.latest_step() is not None:
+    abstract = ckpt_lib.abstract_with_shardings(state, state_sh)
+    state, meta = ckpt.restore(abstract, data_iter=train_iter)
+    start = int(jax.device_get(state["step"]))
+    writer.truncate_after(start)
+    print(f"[lkjax] resumed from {ckpt.directory}/{start} (step {start} of {total_steps})", flush=True)
+
+  train_step = step_lib.make_train_step(graphdef, tx, config.loss, total_steps=total_steps,
+                                        precision=config.precision, grad_accum=config.optim.grad_accum,
+                                        shardings=shardings)
+  eval_step = step_lib.make_eval_step(graphdef, config.loss, total_steps=total_steps,
+                                      precision=config.precision, shardings=shardings)
+
+  def to_device(local):
+    return shd.global_batch_from_local(local, mesh, rules, config.batch_size)
+
+  def evaluate(step: int) -> dict[str, Any]:
+    it = iter(_loader(config, "val", num_epochs=1, shuffle=False, drop_remainder=False))
+    local_rows = config.batch_size // jax.process_count()
+    ms = []
+    for i, b in enumerate(it):
+      if config.eval_steps and i >= config.eval_steps:
+        break
+      ms.append(jax.device_get(eval_step(state["params"], rest, target, to_device(_pad_rows(b, local_rows)),
+                                         jnp.asarray(step, jnp.int32))))
+    agg = step_lib.aggregate_eval(ms)
+    writer.write(step, agg, split="val")
+    return agg
+
+  step = start
+  compiled = None
+  last_val: dict[str, Any] = {}
+  last_train: dict[str, Any] = {}
+  window_tokens, window_time, window_steps = 0, 0.0, 0
+  end = total_steps if stop_after is None else min(total_steps, int(stop_after))
+  pbar = tqdm(total=total_steps, initial=start, desc=config.get("name", "train"), disable=not is_main,
+              dynamic_ncols=True)
+  t_prev = time.perf_counter()
+  status = "finished"
+  try:
+    while step < end:
+      try:
+        local = next(train_iter)
+      except StopIteration:
+        status = "data exhausted"
+        break
+      batch = to_device(local)
+      if compiled is None:
+        t0 = time.perf_counter()
+        compiled = train_step.lower(state, rest, target, batch).compile()
+        _print_compile_report(compiled, time.perf_counter() - t0, config, total_steps)
+        t_prev = time.perf_counter()
+      state, m = compiled(state, rest, target, batch)
+      m = jax.device_get(m)
+      step += 1
+      now = time.perf_counter()
+      dt, t_prev = now - t_prev, now
+      if not _finite(m):
+        writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"]}, split="train")
+        raise NonFiniteLossError(step, ckpt.latest_step(), workdir)
+      tokens = int((np.asarray(local["segment_ids"]) > 0).sum()) * jax.process_count()
+      window_tokens += tokens
+      window_time += dt
+      window_steps += 1
+      pbar.update(1)
+      pbar.set_postfix(loss=f"{float(m['loss']):.4f}", tau=f"{float(m['tau']):.3f}", refresh=False)
+      if step % config.log_every == 0 or step == total_steps:
+        m = dict(m, lr=float(lr_schedule(step - 1)), tokens_per_s=window_tokens / max(window_time, 1e-9),
+                 step_time_s=window_time / max(window_steps, 1))
+        last_train = writer.write(step, m, split="train")
+        window_tokens, window_time, window_steps = 0, 0.0, 0
+      if config.eval_every and (step % config.eval_every == 0 or step == total_steps):
+        last_val = metrics_lib.flatten(evaluate(step))
+        pbar.write(f"[lkjax] step {step}: val loss {last_val['loss']:.4f} tau {last_val['tau']:.3f}")
+        t_prev = time.perf_counter()  # validation time is not step time
+      ckpt.save(step, state, data_iter=train_iter, meta={"name": config.get("name", ""), "loss": float(m["loss"])},
+                force=step == total_steps)
+    if step < total_steps and status == "finished":
+      status = f"stopped after step {step} (rerun to resume)"
+    ckpt.save(step, state, data_iter=train_iter, meta={"name": config.get("name", "")}, force=True)
+  finally:
+    pbar.close()
+    writer.close()
+    ckpt.close()
+
+  summary = dict(status=status, step=step, total_steps=total_steps, workdir=workdir,
+                 checkpoint=os.path.join(ckpt.directory, str(step)),
+                 metrics=os.path.join(workdir, metrics_lib.METRICS_FILE),
+                 tensorboard=os.path.join(workdir, metrics_lib.TB_DIR), train=last_train, val=last_val)
+  if is_main:
+    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    tau = last_val.get("tau", last_train.get("tau", float("nan")))
+    print(f"[lkjax] {status} at step {step}/{total_steps} (val tau {tau:.3f}); checkpoint: {summary['checkpoint']}; "
+          f"metrics: {summary['metrics']}; tensorboard: {summary['tensorboard']}", flush=True)
+  return summary
+
+
+def _example_batch(config, info) -> dict[str, np.ndarray]:
+  """Zeros with the global batch's shapes and dtypes (`lkjax.models.base` schema)."""
+  import ml_dtypes
+  b, t, h = config.batch_size, config.data.max_length, info.hidden_size
+  i32 = np.int32
+  return dict(input_ids=np.zeros((b, t), i32), loss_mask=np.zeros((b, t), np.uint8),
+              segment_ids=np.zeros((b, t), i32), positions=np.zeros((b, t), i32),
+              aux_hidden=np.zeros((b, t, info.num_aux * h), ml_dtypes.bfloat16),
+              final_hidden=np.zeros((b, t, h), ml_dtypes.bfloat16))
+
+
+def _print_compile_report(compiled, seconds: float, config, total_steps: int) -> None:
+  if jax.process_index() != 0:
+    return
+  mem = compiled.memory_analysis()
+  parts = [f"train step compiled in {seconds:.1f}s"]
+  if mem is not None:
+    gib = 1 / 2**30
+    parts.append(f"memory per device: args {mem.argument_size_in_bytes * gib:.3f} GiB, "
+                 f"temps {mem.temp_size_in_bytes * gib:.3f} GiB, out {mem.output_size_in_bytes * gib:.3f} GiB")
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  if cost and "flops" in cost:
+    parts.append(f"{cost['flops'] / 1e9:.1f} GFLOP/step")
+  print(f"[lkjax] {'; '.join(parts)}; {total_steps} steps of {config.batch_size} x {config.data.max_length}",
+        flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- reload
+
+
+@dataclasses.dataclass
+class TrainedDraft:
+  """A draft rebuilt from a workdir: the NNX model with restored params, its config and vocabulary."""
+
+  model: Any
+  config: ml_collections.ConfigDict
+  target_info: Any
+  draft_vocab: Any
+  step: int
+
+
+def load_trained_draft(workdir_or_checkpoint: str | os.PathLike,
+                       config: ml_collections.ConfigDict | None = None) -> TrainedDraft:
+  """Rebuild the draft of a training run with its trained parameters (host, single device).
+
+  Args:
+    workdir_or_checkpoint: a run's workdir (latest checkpoint) or ``<workdir>/checkpoints/<step>``.
+    config: the run's config (default: ``<workdir>/config.json``).
+  """
+  path = os.path.abspath(os.fspath(workdir_or_checkpoint))
+  step = None
+  if os.path.basename(os.path.dirname(path)) == ckpt_lib.CHECKPOINT_DIR and os.path.basename(path).isdigit():
+    step = int(os.path.basename(path))
+    workdir = os.path.dirname(os.path.dirname(path))
+  else:
+    workdir = path
+  if config is None:
+    cfg_path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+      raise FileNotFoundError(f"{cfg_path} is missing: pass config= or point at a training workdir")
+    with open(cfg_path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  from lkjax.data import shards
+  setup = build_setup(config, shards.read_manifest(config.data.dir))
+  _, params, _ = nnx.split(setup.model, nnx.Param, ...)
+  pure = nnx.to_pure_dict(params)
+  tx = optim.make_optimizer(config.optim, total_steps=1)  # only the state's structure matters here
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), pure)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+  ckpt = ckpt_lib.Checkpointer(workdir, every=1, keep=1 << 30)
+  try:
+    if (step if step is not None else ckpt.latest_step()) is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint to load")
+    state, _ = ckpt.restore(abstract, step=step)
+  finally:
+    ckpt.close()
+  nnx.replace_by_pure_dict(params, state["params"])
+  nnx.update(setup.model, params)
+  return TrainedDraft(model=setup.model, config=config, target_info=setup.target_info,
+                      draft_vocab=setup.draft_vocab, step=int(state["step"]))

@@ -1,0 +1,239 @@
+"""The compiled train and eval steps.
+
+Train state (a plain pytree, what orbax checkpoints):
+  params     pure dict of the draft's ``nnx.Param`` arrays (float32)
+  opt_state  optax state of ``params`` only (``Frozen`` variables get none)
+  step       int32 scalar, number of optimizer updates done
+  rng        uint32 key data (split every step; kept so a resumed run continues the same stream)
+
+Non-trained inputs: ``rest`` (the pure dict of every other model variable, e.g. the ``Frozen`` target
+embedding / vocabulary maps, never donated, never updated) and ``target`` = ``{"lm_head": f32[V, Ht],
+"draft_ids": int32[Vd]}`` (the target's LM head and the draft vocabulary's target ids).
+
+Per batch, once (outside the gradient): ``y = final_hidden @ lm_head.T`` in float32 ``[B, T, V]``,
+``lse = logsumexp_V(y)`` ``[B, T]`` and the draft-vocabulary columns ``y[..., draft_ids]`` ``[B, T, Vd]``;
+both are shifted per head with `head_targets` (head k compares with the target at t+k+1) so the loss sees
+``[K, B, T, Vd]`` target logits plus ``[K, B, T]`` lse and never a ``[K, B, T, V]`` array. The mask is
+`head_mask`. Every reduction is a plain masked mean over the global (sharded) batch, so lambda_k of
+``lk_hybrid`` is computed from the global batch without any explicit collective.
+
+Mixed precision (``precision="bf16"``): the float32 parameters (and floating ``rest``) are cast to bf16
+inside the differentiated function, so the forward/backward run in bf16 while gradients, the optimizer
+state and the update stay float32; the loss accumulates in float32.
+
+Gradient accumulation (``grad_accum = A``): the global batch ``[B, ...]`` is viewed as ``[B/A, A, ...]``
+and micro-batch ``i`` is column ``i`` (each device keeps its own rows); a ``lax.scan`` averages the A
+gradients and metrics, then ONE optimizer update is applied. Each micro-batch's loss is its own masked
+mean, so with equal token counts per micro-batch (and ``kind`` not ``lk_hybrid``, whose lambda is then
+per micro-batch) this equals the gradient of the whole batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lkjax.models.base import head_mask, head_targets
+
+PRECISIONS = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+
+
+def compute_dtype(precision: str):
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}")
+  return PRECISIONS[precision]
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+  """Cast floating leaves of ``tree`` to ``dtype`` (integer / bool leaves untouched)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def target_distribution(final_hidden: jax.Array, lm_head: jax.Array, draft_ids: jax.Array | None,
+                        num_heads: int) -> tuple[jax.Array, jax.Array]:
+  """Target logits on the draft vocabulary and the full-vocabulary lse, shifted per head.
+
+  Args:
+    final_hidden: ``[B, T, Ht]`` target final (post-norm) hidden states.
+    lm_head: ``[V, Ht]`` target LM head (torch layout).
+    draft_ids: ``int[Vd]`` ascending target ids of the draft vocabulary, or None (Vd = V).
+    num_heads: K.
+
+  Returns:
+    ``(y_d [K, B, T, Vd], lse [K, B, T])`` float32, ``y_d[k, b, t] = (h[b, t+k+1] @ lm_head.T)[draft_ids]``,
+    zero past the end (`head_targets`; the mask is False there).
+  """
+  logits = jnp.einsum("bth,vh->btv", final_hidden.astype(jnp.float32), lm_head.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  sub = logits if draft_ids is None else jnp.take(logits, draft_ids, axis=-1)
+  return head_targets(sub, num_heads), head_targets(lse, num_heads)
+
+
+def loss_kwargs(loss_cfg: ml_collections.ConfigDict, total_steps: int) -> dict[str, Any]:
+  """Keyword arguments of `lkjax.losses.lk_loss` for the config's loss section."""
+  kw: dict[str, Any] = dict(eta=float(loss_cfg.eta), gamma=float(loss_cfg.gamma),
+                            chunk_size=int(loss_cfg.chunk_size) or None)
+  if loss_cfg.kind == "fixed_lambda":
+    kw["lam"] = float(loss_cfg.lam)
+  if loss_cfg.kind == "lambda_schedule":
+    s = loss_cfg.schedule
+    kw["schedule"] = dict(start=float(s.start), end=float(s.end), steps=int(total_steps), shape=str(s.shape))
+  return kw
+
+
+def _forward_loss(graphdef, loss_fn: Callable, kind: str, kw: Mapping[str, Any], dtype,
+                  params, rest, target, batch, step):
+  """Loss and metrics of one (micro-)batch; differentiable in ``params``."""
+  model = nnx.merge(graphdef, cast_floating(params, dtype), cast_floating(rest, dtype))
+  logits = model(batch)
+  num_heads = logits.shape[0]
+  mask = head_mask(batch["loss_mask"], batch["segment_ids"], num_heads)
+  y_d, lse = target_distribution(jax.lax.stop_gradient(batch["final_hidden"]), target["lm_head"],
+                                 target.get("draft_ids"), num_heads)
+  return loss_fn(logits, y_d, mask, kind, step=step, target_lse=lse, **kw)
+
+
+def _split_micro(batch: Mapping[str, jax.Array], accum: int, batch_axes) -> dict[str, jax.Array]:
+  """``[B, ...] -> [A, B/A, ...]`` with micro-batch i = rows i, i+A, ... (device-local rows stay local)."""
+  out = {}
+  for k, x in batch.items():
+    b = x.shape[0]
+    if b % accum:
+      raise ValueError(f"batch[{k!r}] has {b} rows, not divisible by optim.grad_accum={accum}")
+    y = jnp.swapaxes(x.reshape((b // accum, accum) + x.shape[1:]), 0, 1)
+    if batch_axes is not None:
+      y = jax.lax.with_sharding_constraint(y, batch_axes(y.ndim))
+    out[k] = y
+  return out
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg, *,
+                    total_steps: int, precision: str = "fp32", grad_accum: int = 1,
+                    shardings: Mapping[str, Any] | None = None, loss_fn: Callable | None = None,
+                    donate: bool = True) -> Callable:
+  """Build the jitted ``train_step(state, rest, target, batch) -> (state, metrics)``.
+
+  Args:
+    graphdef: the draft's graph (from ``nnx.split(model, nnx.Param, ...)``).
+    tx: optax transformation for ``state["params"]``.
+    loss_cfg: the config's ``loss`` section.
+    total_steps: length of training (lambda schedules).
+    precision: "bf16" or "fp32" compute (params and optimizer state are always float32).
+    grad_accum: micro-batches per step.
+    shardings: ``{"state", "rest", "target", "batch", "mesh", "batch_spec"}`` -- explicit in/out shardings
+      (None: let jit place everything, single device).
+    loss_fn: `lkjax.losses.lk_loss` or a function with its signature.
+    donate: donate the input state buffers (the caller must not reuse them).
+
+  Returns metrics: per head ``alpha``, ``lambda``, ``kl``, ``tv`` ``[K]`` (and the other lk_loss metrics),
+  scalars ``loss``, ``tau``, ``grad_norm`` (before clipping), ``lr``-free (the loop logs the schedule).
+  """
+  if loss_fn is None:
+    from lkjax.losses import lk_loss as loss_fn
+  dtype = compute_dtype(precision)
+  kind = loss_cfg.kind
+  kw = loss_kwargs(loss_cfg, total_steps)
+  accum = int(grad_accum)
+  batch_axes = None
+  if shardings is not None and accum > 1:
+    mesh, bspec = shardings["mesh"], shardings["batch_spec"]
+    batch_axes = lambda nd: NamedSharding(mesh, P(None, *bspec(nd - 1)))  # noqa: E731
+
+  def grads_of(params, rest, target, batch, step):
+    f = lambda p: _forward_loss(graphdef, loss_fn, kind, kw, dtype, p, rest, target, batch, step)  # noqa: E731
+    (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return grads, metrics
+
+  def train_step(state, rest, target, batch):
+    params, step = state["params"], state["step"]
+    if accum == 1:
+      grads, metrics = grads_of(params, rest, target, batch, step)
+    else:
+      micro = _split_micro(batch, accum, batch_axes)
+
+      def body(carry, mb):
+        g, m = grads_of(params, rest, target, mb, step)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.eval_shape(lambda: grads_of(params, rest, target, jax.tree.map(lambda x: x[0], micro), step))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (gsum, msum), _ = jax.lax.scan(body, zeros, micro)
+      grads = jax.tree.map(lambda g: g / accum, gsum)
+      metrics = jax.tree.map(lambda m: m / accum, msum)
+      metrics["tokens"] = msum["tokens"]  # counts add up, they are not averaged
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+    new_state = dict(params=new_params, opt_state=opt_state, step=step + 1, rng=rng)
+    metrics = dict(metrics, grad_norm=grad_norm)
+    return new_state, metrics
+
+  donate_argnums = (0,) if donate else ()
+  if shardings is None:
+    return jax.jit(train_step, donate_argnums=donate_argnums)
+  rep = NamedSharding(shardings["mesh"], P())
+  return jax.jit(train_step,
+                 in_shardings=(shardings["state"], shardings["rest"], shardings["target"], shardings["batch"]),
+                 out_shardings=(shardings["state"], rep), donate_argnums=donate_argnums)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_cfg, *, total_steps: int, precision: str = "fp32",
+                   shardings: Mapping[str, Any] | None = None, loss_fn: Callable | None = None) -> Callable:
+  """Jitted ``eval_step(params, rest, target, batch, step) -> metrics`` (no gradient, no update)."""
+  if loss_fn is None:
+    from lkjax.losses import lk_loss as loss_fn
+  dtype = compute_dtype(precision)
+  kind, kw = loss_cfg.kind, loss_kwargs(loss_cfg, total_steps)
+
+  def eval_step(params, rest, target, batch, step):
+    return _forward_loss(graphdef, loss_fn, kind, kw, dtype, params, rest, target, batch, step)[1]
+
+  if shardings is None:
+    return jax.jit(eval_step)
+  rep = NamedSharding(shardings["mesh"], P())
+  return jax.jit(eval_step, in_shardings=(shardings["state"]["params"], shardings["rest"], shardings["target"],
+                                          shardings["batch"], rep), out_shardings=rep)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
+  """Fresh train state for pure-dict ``params``."""
+  return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+              rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def state_shardings(param_shardings: Any, tx: optax.GradientTransformation, params: Any, mesh) -> dict:
+  """Shardings of the train state given the params' shardings (moments follow params)."""
+  from lkjax.sharding import opt_state_shardings
+  rep = NamedSharding(mesh, P())
+  return dict(params=param_shardings, opt_state=opt_state_shardings(tx, params, param_shardings, mesh),
+              step=rep, rng=rep)
+
+
+def aggregate_eval(metrics_list: list[Mapping[str, Any]]) -> dict[str, Any]:
+  """Token-weighted mean of per-batch eval metrics; ``tau`` recomputed from the aggregated alpha.
+
+  Per-head quantities (``[K]``) are weighted by each batch's per-head token count, scalars (``loss``) by
+  the total count; ``tokens`` are summed.
+  """
+  import numpy as np
+  if not metrics_list:
+    raise ValueError("aggregate_eval: no eval batches (is the validation split empty?)")
+  ms = [jax.tree.map(lambda x: np.asarray(x, np.float64), dict(m)) for m in metrics_list]
+  tok = np.stack([m["tokens"] for m in ms])                      # [N, K]
+  out = {"tokens": tok.sum(0)}
+  wk = tok / np.maximum(tok.sum(0, keepdims=True), 1.0)
+  ws = tok.sum(1) / max(tok.sum(), 1.0)
+  for key in ms[0]:
+    if key in ("tokens", "tau"):
+      continue
+    vals = np.stack([m[key] for m in ms])
+    out[key] = (vals * wk).sum(0) if vals.ndim == 2 else (vals * ws).sum(0)
+  out["tau"] = 1.0 + np.sum(np.cumprod(out["alpha"]))
+  return out

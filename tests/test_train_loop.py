@@ -1,0 +1,142 @@
+"""The training loop on a tiny synthetic shard directory: kill-and-resume, non-finite loss, bad input, reload."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from lkjax.config_args import load_config
+from lkjax.data import shards
+from lkjax.targets.info import TargetInfo
+from lkjax.train import loop, metrics as metrics_lib
+
+H, V, NUM_RECORDS = 16, 64, 40
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _info() -> TargetInfo:
+  return TargetInfo(name="tiny", model_type="llama", num_layers=8, hidden_size=H, vocab_size=V,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=32,
+                    rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=64, tie_word_embeddings=True)
+
+
+def make_data(directory) -> None:
+  """A shard directory whose final hidden states carry the next token (so a draft can learn something)."""
+  rng = np.random.default_rng(0)
+  emb = rng.standard_normal((V, H)).astype(np.float32)
+  recs, freqs, tokens = [], np.zeros(V, np.int64), 0
+  for _ in range(NUM_RECORDS):
+    n = int(rng.integers(10, 17))
+    ids = rng.integers(0, V, n).astype(np.int32)
+    mask = np.ones(n, np.uint8)
+    mask[:3] = 0
+    fin = np.concatenate([emb[ids[1:]], np.zeros((1, H), np.float32)]) + 0.1 * rng.standard_normal((n, H))
+    recs.append({"input_ids": ids, "loss_mask": mask,
+                 "aux_hidden": rng.standard_normal((n, 3 * H)).astype(BF16), "final_hidden": fin.astype(BF16)})
+    np.add.at(freqs, ids[mask > 0], 1)
+    tokens += n
+  name = shards.SHARD_PATTERN.format(0)
+  shards.write_shard(directory / name, [shards.encode_record(r) for r in recs])
+  shards.write_manifest(directory, {
+      "target": _info().to_dict(), "max_length": 16, "num_records": NUM_RECORDS, "num_tokens": tokens,
+      "num_loss_tokens": int(freqs.sum()), "shards": [{"file": name, "num_records": NUM_RECORDS,
+                                                       "num_tokens": tokens}],
+      "token_freqs": freqs.tolist()})
+  shards.save_target_weights(directory, embed_tokens=emb, lm_head=emb, norm=np.ones(H, np.float32))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("shards")
+  make_data(d)
+  return d
+
+
+def tiny_config(data_dir, **overrides):
+  base = {"data.dir": str(data_dir), "data.max_length": 16, "data.val_fraction": 0.2,
+          "data.auto_prepare": False, "batch_size": 8, "num_steps": 6, "model.num_heads": 2,
+          "model.draft_vocab_size": 32, "eval_every": 3, "eval_steps": 1, "log_every": 1,
+          "checkpoint.every": 3, "checkpoint.keep": 5, "mesh.shape": (2, 2, 2), "precision": "fp32",
+          "optim.warmup_steps": 2, "optim.lr": 1e-2}
+  base.update(overrides)
+  return load_config("configs/medusa.py:smoke", base)
+
+
+def _records(workdir, split):
+  return {r["step"]: r for r in metrics_lib.read_metrics(workdir, split)}
+
+
+def test_kill_and_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
+  cfg = tiny_config(data_dir)
+  full = loop.train_and_evaluate(cfg, tmp_path / "full")
+  assert full["status"] == "finished" and full["step"] == 6
+  part = loop.train_and_evaluate(cfg, tmp_path / "part", stop_after=3)
+  assert part["step"] == 3 and "stopped" in part["status"]
+  resumed = loop.train_and_evaluate(cfg, tmp_path / "part")
+  assert resumed["step"] == 6
+  for split in ("train", "val"):
+    a, b = _records(tmp_path / "full", split), _records(tmp_path / "part", split)
+    assert sorted(a) == sorted(b) and max(a) == 6
+    for s in a:
+      for key in a[s]:
+        if key in ("tokens_per_s", "step_time_s", "split"):
+          continue
+        assert a[s][key] == pytest.approx(b[s][key], rel=1e-6, abs=1e-7), (split, s, key)
+  rec = _records(tmp_path / "full", "train")[6]
+  assert {"alpha/0", "alpha/1", "lambda/1", "kl/0", "tv/1", "loss", "tau", "lr", "tokens_per_s"} <= set(rec)
+  # tau is the offline acceptance length of the logged per-head alphas.
+  alphas = list(metrics_lib.iter_heads(rec, "alpha"))
+  assert rec["tau"] == pytest.approx(1 + alphas[0] + alphas[0] * alphas[1], rel=1e-5)
+  # Learning happened: the training loss went down from step 1.
+  train = _records(tmp_path / "full", "train")
+  assert train[6]["loss"] < train[1]["loss"]
+  summary = json.loads((tmp_path / "full" / loop.SUMMARY_FILE).read_text())
+  assert summary["checkpoint"].endswith(os.path.join("checkpoints", "6"))
+  assert os.listdir(tmp_path / "full" / "tensorboard")
+
+  # Reload for evaluation/export: restored params equal the checkpoint's and the model runs.
+  trained = loop.load_trained_draft(tmp_path / "full")
+  assert trained.step == 6 and trained.draft_vocab.token_ids.shape == (32,)
+  again = loop.load_trained_draft(tmp_path / "part" / "checkpoints" / "6")
+  p1 = nnx.to_pure_dict(nnx.state(trained.model, nnx.Param))
+  p2 = nnx.to_pure_dict(nnx.state(again.model, nnx.Param))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), p1, p2)
+  fresh = loop.build_setup(cfg, shards.read_manifest(data_dir)).model
+  p0 = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
+  assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+             for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  # An absurd learning rate: step 1 is finite, its update overflows the parameters, step 2's loss is not.
+  cfg = tiny_config(data_dir, **{"optim.lr": 1e38, "optim.clip": 0.0, "optim.warmup_steps": 0,
+                                 "optim.schedule": "constant", "checkpoint.every": 1, "eval_every": 0})
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step 2.*checkpoint \(step 1\)") as e:
+    loop.train_and_evaluate(cfg, tmp_path)
+  assert e.value.step == 2 and e.value.checkpoint_step == 1
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [1]
+  assert _records(tmp_path, "train")[2]["loss"] in ("nan", "inf", "-inf")
+
+
+def test_missing_data_prints_the_prepare_command(tmp_path):
+  cfg = tiny_config(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="ensure_default_dataset") as e:
+    loop.train_and_evaluate(cfg, tmp_path / "run")
+  assert str(tmp_path / "nowhere") in str(e.value) and "auto_prepare" in str(e.value)
+
+
+def test_config_vs_manifest_mismatch_fails_before_compiling(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="draft_vocab_size=100"):
+    loop.train_and_evaluate(tiny_config(data_dir, **{"model.draft_vocab_size": 100}), tmp_path)
+  with pytest.raises(ValueError, match="hidden_size"):
+    cfg = load_config("configs/eagle3.py:smoke", {"data.dir": str(data_dir), "model.hidden_size": 24,
+                                                  "model.init_lm_head_from_target": True,
+                                                  "model.draft_vocab_size": 32,
+                                                  "data.auto_prepare": False})
+    loop.train_and_evaluate(cfg, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
