@@ -1,0 +1,349 @@
+"""Llama building blocks shared by the lkjax drafts (EAGLE-3, MTP): RMSNorm, RoPE, GQA, gated MLP.
+
+Layout and naming follow transformers' ``LlamaDecoderLayer`` (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
+``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``, norm ``weight``) so exports are a rename +
+transpose: every projection is an ``nnx.Linear`` whose ``kernel`` is ``[in, out]`` (PyTorch stores
+``weight = kernel.T``).
+
+Sharding: every parameter carries logical axis names from ``LOGICAL_AXES`` (``nnx.with_partitioning``).
+A mesh + ``nnx.logical_axis_rules`` map them to mesh axes; the rules must name every axis in
+``LOGICAL_AXES`` (map an axis to None to replicate it) because flax passes unknown names through as
+mesh-axis names.  Flax 0.12 shards annotated variables eagerly at creation, which needs a mesh in
+context; `partitioned` shards eagerly only when a mesh is set, so the same code builds an unsharded
+model on one device (tests, notebooks, export) and a sharded one under ``jax.set_mesh(mesh)``.
+q/k/v/o kernels are 2-D (``[in, heads*head_dim]``) so a tensor-parallel split needs only
+``heads*head_dim`` (not the head count, e.g. 9 for SmolLM2) to divide the mesh axis.
+
+Parameters are float32 (``param_dtype``); activations are computed in ``dtype`` (float32 or bfloat16)
+with norms, softmax and attention scores in float32.
+
+The small drafting helpers every draft shares (dtype names, draft-vocabulary checks, token sampling,
+draft -> target id mapping) live at the end of this module.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lkjax.models.base import Frozen
+
+LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "head_dim", "vocab")
+
+# Finite "minus infinity" for masked scores: -inf would turn fully masked (padding) rows into NaN.
+_MASKED = -1e30
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def partitioned(init, axes: tuple[str | None, ...]):
+  """``nnx.with_partitioning(init, axes)`` that shards eagerly only when a mesh is in context."""
+  eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+  return nnx.with_partitioning(init, axes, eager_sharding=eager)
+
+
+def frozen(value, axes: tuple[str | None, ...]) -> Frozen:
+  """A `Frozen` (non-trainable) float32/int array carrying logical axis names like `partitioned`."""
+  eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+  return Frozen(jnp.asarray(value), out_sharding=axes, eager_sharding=eager)
+
+
+def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *, dtype: Any,
+          param_dtype: Any = jnp.float32, rngs: nnx.Rngs, use_bias: bool = False,
+          kernel_init=nnx.initializers.lecun_normal()) -> nnx.Linear:
+  """A bias-free (by default) ``nnx.Linear`` ``[in, out]`` whose kernel carries logical ``axes``."""
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=partitioned(kernel_init, axes),
+                    bias_init=partitioned(nnx.initializers.zeros, (axes[1],)), rngs=rngs)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype: Any) -> jax.Array:
+  """Llama RMSNorm ``x * rsqrt(mean(x**2) + eps) * w`` over the last axis, statistics in float32."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * weight.astype(jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned ``weight [dim]`` (logical axis ``embed``), initialised to ones."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.eps = float(eps)
+    self.dtype = dtype
+    self.weight = nnx.Param(partitioned(nnx.initializers.ones, ("embed",))(rngs.params(), (dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[..., dim] -> [..., dim]`` in ``dtype``."""
+    return rms_norm(x, self.weight[...], self.eps, self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, transformers' Llama ("rotate_half", non-interleaved) convention.
+
+  Args:
+    x: ``[B, T, N, D]`` queries or keys (D even).
+    positions: int ``[B, T]`` absolute positions.
+    theta: RoPE base.
+  Returns:
+    ``[B, T, N, D]`` in x's dtype: ``x * cos + rotate_half(x) * sin`` with angle
+    ``pos * theta**(-2i/D)`` for frequency i, repeated over both halves.
+  """
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"head_dim={d}: rotary embedding needs an even head_dim")
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))       # [D/2]
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq                        # [B, T, D/2]
+  ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]                        # [B, T, 1, D]
+  x32 = x.astype(jnp.float32)
+  rot = jnp.concatenate([-x32[..., d // 2:], x32[..., : d // 2]], axis=-1)
+  return (x32 * jnp.cos(ang) + rot * jnp.sin(ang)).astype(x.dtype)
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                  self_k: jax.Array | None = None, self_v: jax.Array | None = None,
+                  self_mask: jax.Array | None = None) -> jax.Array:
+  """Grouped-query softmax attention with an explicit boolean mask.
+
+  ``o[b,t,n] = sum_s softmax_s(q[b,t,n] . k[b,s,n//G] / sqrt(D))[mask] v[b,s,n//G]`` with G = N / Nkv,
+  optionally over extra keys that only their own query position sees (EAGLE-3 test-time-training
+  steps 1..i: the keys of position t at earlier speculative steps).
+
+  Args:
+    q: ``[B, Tq, N, D]``.
+    k, v: ``[B, Tk, Nkv, D]`` shared keys/values.
+    mask: bool ``[B, Tq, Tk]``, True = query t may attend to key s.
+    self_k, self_v: optional ``[B, Tq, S, Nkv, D]``: S extra keys per query position.
+    self_mask: bool ``[B, Tq, S]`` for the extra keys (default all True).
+  Returns:
+    ``[B, Tq, N, D]`` in q's dtype; rows with no visible key (padding) are 0, never NaN.
+  """
+  b, tq, n, d = q.shape
+  nkv = k.shape[2]
+  if n % nkv:
+    raise ValueError(f"num_heads={n} is not a multiple of num_key_value_heads={nkv}")
+  if mask.shape != (b, tq, k.shape[1]):
+    raise ValueError(f"mask: expected shape {(b, tq, k.shape[1])}, got {mask.shape}")
+  qg = q.reshape(b, tq, nkv, n // nkv, d)
+  scale = 1.0 / np.sqrt(d)
+  scores = jnp.einsum("bqhgd,bshd->bhgqs", qg, k, preferred_element_type=jnp.float32) * scale
+  full_mask = mask
+  if self_k is not None:
+    s_self = jnp.einsum("bqhgd,bqshd->bhgqs", qg, self_k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.concatenate([scores, s_self], axis=-1)
+    if self_mask is None:
+      self_mask = jnp.ones((b, tq, self_k.shape[2]), bool)
+    full_mask = jnp.concatenate([mask, self_mask], axis=-1)
+  m = full_mask[:, None, None]                                                     # [B, 1, 1, Tq, S']
+  probs = jax.nn.softmax(jnp.where(m, scores, _MASKED), axis=-1)
+  probs = jnp.where(m, probs, 0.0)        # fully masked rows: softmax is uniform there, zero it
+  tk = k.shape[1]
+  out = jnp.einsum("bhgqs,bshd->bqhgd", probs[..., :tk].astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  if self_k is not None:
+    out = out + jnp.einsum("bhgqs,bqshd->bqhgd", probs[..., tk:].astype(self_v.dtype), self_v,
+                           preferred_element_type=jnp.float32)
+  return out.reshape(b, tq, n, d).astype(q.dtype)
+
+
+def segment_causal_mask(q_segments: jax.Array, k_segments: jax.Array, q_idx: jax.Array,
+                        k_idx: jax.Array) -> jax.Array:
+  """``mask[b, t, s] = k_idx[b,s] <= q_idx[b,t]`` and same non-padding segment: bool ``[B, Tq, Tk]``.
+
+  Args:
+    q_segments, k_segments: int ``[B, Tq]`` / ``[B, Tk]`` document ids (0 = padding).
+    q_idx, k_idx: int ``[B, Tq]`` / ``[B, Tk]`` order of the tokens in the row (slot index, not the
+      RoPE position, so packing with restarting positions stays causal).
+  """
+  same = (q_segments[:, :, None] == k_segments[:, None, :]) & (q_segments[:, :, None] > 0)
+  return same & (k_idx[:, None, :] <= q_idx[:, :, None])
+
+
+class Attention(nnx.Module):
+  """Llama grouped-query self-attention (no biases), split so callers can manage KV caches.
+
+  ``project`` gives RoPE'd ``q [B,T,N,D]``, ``k, v [B,T,Nkv,D]``; the caller attends (dense mask,
+  cache, TTT keys) and ``output`` maps ``[B,T,N,D] -> [B,T,out]``.  ``__call__`` is the plain
+  masked self-attention.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, num_heads: int, num_kv_heads: int,
+               head_dim: int, rope_theta: float, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+    self.num_heads, self.num_kv_heads, self.head_dim = int(num_heads), int(num_kv_heads), int(head_dim)
+    self.rope_theta = float(rope_theta)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = dense(in_features, num_heads * head_dim, ("embed", "heads"), **kw)
+    self.k_proj = dense(in_features, num_kv_heads * head_dim, ("embed", "kv"), **kw)
+    self.v_proj = dense(in_features, num_kv_heads * head_dim, ("embed", "kv"), **kw)
+    self.o_proj = dense(num_heads * head_dim, out_features, ("heads", "embed"), **kw)
+
+  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x [B, T, in]``, positions ``[B, T]`` -> (q ``[B,T,N,D]``, k, v ``[B,T,Nkv,D]``), RoPE on q, k."""
+    b, t = x.shape[:2]
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
+
+  def output(self, o: jax.Array) -> jax.Array:
+    """``[B, T, N, D] -> [B, T, out]``."""
+    return self.o_proj(o.reshape(o.shape[:2] + (self.num_heads * self.head_dim,)))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked self-attention: ``x [B,T,in]``, positions ``[B,T]``, mask bool ``[B,T,T]`` -> ``[B,T,out]``."""
+    q, k, v = self.project(x, positions)
+    return self.output(gqa_attention(q, k, v, mask))
+
+
+class GatedMLP(nnx.Module):
+  """Llama MLP ``down(silu(gate(x)) * up(x))``: ``[..., H] -> [..., H]`` via ``[..., I]``."""
+
+  def __init__(self, hidden: int, intermediate: int, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = dense(hidden, intermediate, ("embed", "mlp"), **kw)
+    self.up_proj = dense(hidden, intermediate, ("embed", "mlp"), **kw)
+    self.down_proj = dense(intermediate, hidden, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+  """A transformers ``LlamaDecoderLayer``: ``h = r + attn(a)``, ``y = h + mlp(post_attention_layernorm(h))``.
+
+  In the standard layer the attention input is ``a = input_layernorm(x)`` and the residual ``r = x``;
+  `block` takes ``a`` and ``r`` separately so variants (EAGLE-3's 2H-wide attention input) reuse it.
+  ``attn_in_features`` is the width of ``a`` (default ``hidden``).
+  """
+
+  def __init__(self, hidden: int, *, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int,
+               rms_norm_eps: float, rope_theta: float, attn_in_features: int | None = None,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.hidden = int(hidden)
+    self.dtype = dtype
+    self.input_layernorm = RMSNorm(hidden, eps=rms_norm_eps, **kw)
+    self.self_attn = Attention(attn_in_features or hidden, hidden, num_heads=num_heads,
+                               num_kv_heads=num_kv_heads, head_dim=head_dim, rope_theta=rope_theta, **kw)
+    self.post_attention_layernorm = RMSNorm(hidden, eps=rms_norm_eps, **kw)
+    self.mlp = GatedMLP(hidden, intermediate, **kw)
+
+  def block(self, attn_in: jax.Array, residual: jax.Array, positions: jax.Array,
+            attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The layer body around a caller-supplied attention core.
+
+    Args:
+      attn_in: ``[B, T, attn_in_features]`` (already normalised).
+      residual: ``[B, T, H]``.
+      positions: int ``[B, T]`` RoPE positions.
+      attend: ``(q [B,T,N,D], k, v [B,T,Nkv,D]) -> o [B,T,N,D]`` (mask / cache / TTT keys).
+    Returns:
+      ``(y [B, T, H], (k, v))`` -- this call's RoPE'd keys and values, for a KV cache.
+    """
+    q, k, v = self.self_attn.project(attn_in, positions)
+    h = residual.astype(self.dtype) + self.self_attn.output(attend(q, k, v))
+    return h + self.mlp(self.post_attention_layernorm(h)), (k, v)
+
+  def forward(self, x: jax.Array, positions: jax.Array,
+              attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Standard pre-norm layer on ``x [B, T, H]`` with a caller-supplied attention core (see `block`)."""
+    return self.block(self.input_layernorm(x), x, positions, attend)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Standard layer with dense masked self-attention (mask bool ``[B, T, T]``) -> ``[B, T, H]``."""
+    return self.forward(x, positions, lambda q, k, v: gqa_attention(q, k, v, mask))[0]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+  """Write ``new [B, n, ...]`` into ``cache [B, S, ...]`` at per-row slots ``int[B, n]`` (out of range: dropped)."""
+  rows = jnp.arange(cache.shape[0], dtype=jnp.int32)[:, None]
+  return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def check_cache_room(length: jax.Array, n: int, max_len: int) -> None:
+  """Raise if committing n more slots overflows a ``max_len`` cache (only checkable outside jit)."""
+  if isinstance(length, jax.core.Tracer):
+    return
+  need = int(np.max(np.asarray(length))) + n
+  if need > max_len:
+    raise ValueError(f"cache: committing {n} positions needs {need} slots > max_len={max_len} "
+                     f"(build the cache with init_cache(batch_size, max_len) large enough)")
+
+
+# ---------------------------------------------------------------- shared drafting helpers
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' -> jnp dtype (the compute dtype; parameters stay float32)."""
+  if name not in _DTYPES:
+    raise ValueError(f"dtype={name!r}: expected one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def check_draft_vocab(draft_vocab, vocab_size: int, draft_vocab_size: int = 0) -> np.ndarray | None:
+  """Validate a draft vocabulary (target ids, strictly ascending) against V and the configured Vd.
+
+  Args:
+    draft_vocab: int ``[Vd]`` target ids in ``[0, V)``, or None (Vd = V).
+    vocab_size: target vocabulary size V.
+    draft_vocab_size: configured Vd (0 = "V, or len(draft_vocab)").
+  Returns:
+    ``int32[Vd]`` numpy array, or None for the full vocabulary.
+  """
+  if draft_vocab is None:
+    if draft_vocab_size not in (0, vocab_size):
+      raise ValueError(f"draft_vocab_size={draft_vocab_size} but draft_vocab is None: a truncated draft "
+                       f"vocabulary needs its token ids (lkjax/data/vocab.py); use 0 for Vd = V = {vocab_size}")
+    return None
+  ids = np.asarray(draft_vocab)
+  if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"draft_vocab: expected a non-empty 1-D int array of target ids, got dtype {ids.dtype} "
+                     f"shape {ids.shape}")
+  if draft_vocab_size not in (0, ids.size):
+    raise ValueError(f"draft_vocab_size={draft_vocab_size} does not match len(draft_vocab)={ids.size}")
+  if ids[0] < 0 or ids[-1] >= vocab_size or np.any(np.diff(ids) <= 0):
+    raise ValueError(f"draft_vocab: ids must be strictly ascending target ids in [0, {vocab_size})")
+  return ids.astype(np.int32)
+
+
+def sample_tokens(logits: jax.Array, temperature: float, rng: jax.Array | None) -> jax.Array:
+  """One draft id per row of ``logits [B, Vd]``: argmax at T <= 0, else a sample of softmax(logits / T)."""
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if rng is None:
+    raise ValueError(f"temperature={temperature} > 0 samples the draft token: pass rng")
+  return jax.random.categorical(rng, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
+
+
+def draft_to_target(draft_vocab: Frozen | None, ids: jax.Array) -> jax.Array:
+  """Draft ids -> target ids (``draft_vocab[i]``; identity when Vd = V)."""
+  if draft_vocab is None:
+    return ids.astype(jnp.int32)
+  return jnp.take(draft_vocab[...], ids, axis=0).astype(jnp.int32)
+
+
+def check_target_weights(target_weights, vocab_size: int, hidden_size: int,
+                         names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+  """Check ``target_weights`` holds float arrays ``embed_tokens/lm_head [V, Ht]``, ``norm [Ht]`` for ``names``."""
+  if target_weights is None:
+    return None
+  shapes = {"embed_tokens": (vocab_size, hidden_size), "lm_head": (vocab_size, hidden_size),
+            "norm": (hidden_size,)}
+  out = {}
+  for name in names:
+    if name not in target_weights:
+      raise ValueError(f"target_weights: missing {name!r} (have {sorted(target_weights)})")
+    w = np.asarray(target_weights[name], np.float32)
+    if w.shape != shapes[name]:
+      raise ValueError(f"target_weights[{name!r}]: expected shape {shapes[name]}, got {w.shape}")
+    out[name] = w
+  return out
