@@ -30,8 +30,7 @@ from __future__ import annotations
 import ml_collections
 
 from lkjax.config_args import parse_arg
-
-LOSS_KINDS = ("kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule")
+from lkjax.losses import LOSS_KINDS
 # (data, fsdp, tensor) mesh axes; the rules map the models' logical axis names onto them.
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES = (
@@ -42,6 +41,7 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("vocab", "tensor"),
+    ("head_dim", None),   # every logical name must be mapped; flax treats an unknown name as a mesh axis
 )
 
 

@@ -45,6 +45,17 @@ def partitioned(init, axes: tuple[str | None, ...]):
   return nnx.with_partitioning(init, axes, eager_sharding=eager)
 
 
+def partitioned_param(init, axes: tuple[str | None, ...], key: jax.Array, shape: tuple[int, ...]) -> nnx.Param:
+  """A float32 ``nnx.Param`` initialised by ``init(key, shape, float32)`` carrying logical axis names.
+
+  Flax 0.12 shards annotated variables eagerly, which needs a mesh in context; sharding is applied
+  only when one is set (the trainer builds the model under ``jax.set_mesh`` + logical rules), so the
+  same code also builds an unsharded model on a single device (tests, notebooks).
+  """
+  eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+  return nnx.Param(init(key, shape, jnp.float32), out_sharding=axes, eager_sharding=eager)
+
+
 def frozen(value, axes: tuple[str | None, ...]) -> Frozen:
   """A `Frozen` (non-trainable) float32/int array carrying logical axis names like `partitioned`."""
   eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty

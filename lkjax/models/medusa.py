@@ -8,9 +8,6 @@ head k predicts x[t+k+2].  Head k is ``num_layers`` residual blocks followed by 
 Tokens are not inputs, so drafting needs no KV cache: the cache holds the last committed final hidden.
 The K heads are stored stacked (``w [K, L, Ht, Ht]``, ``b [K, L, Ht]``, ``lm_head [K, Ht, Vd]``, all
 ``x @ W`` layout) so one einsum serves every head; the export transposes to PyTorch ``[out, in]``.
-
-This module also holds the two small helpers MEDUSA and the MLP-Speculator share: validating a draft
-vocabulary and sampling one draft token from logits.
 """
 from __future__ import annotations
 
@@ -22,69 +19,9 @@ import numpy as np
 from flax import nnx
 
 from lkjax.models.base import Frozen
+from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
+                                 sample_tokens)
 from lkjax.targets.info import TargetInfo
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def parse_dtype(name: str) -> Any:
-  """'float32' | 'bfloat16' -> jnp dtype (the compute dtype; parameters stay float32)."""
-  if name not in _DTYPES:
-    raise ValueError(f"dtype={name!r}: expected one of {sorted(_DTYPES)}")
-  return _DTYPES[name]
-
-
-def check_draft_vocab(draft_vocab, vocab_size: int, draft_vocab_size: int = 0) -> np.ndarray | None:
-  """Validate a draft vocabulary (target ids, ascending) against V and the configured Vd.
-
-  Args:
-    draft_vocab: int array ``[Vd]`` of target ids, strictly ascending, in ``[0, V)``; or None (Vd = V).
-    vocab_size: the target vocabulary size V.
-    draft_vocab_size: the configured Vd (0 = V, or = len(draft_vocab)).
-  Returns:
-    ``int32[Vd]`` numpy array, or None when the draft vocabulary is the full target vocabulary.
-  """
-  if draft_vocab is None:
-    if draft_vocab_size not in (0, vocab_size):
-      raise ValueError(f"draft_vocab_size={draft_vocab_size} but draft_vocab is None: a truncated draft "
-                       f"vocabulary needs the token ids (lkjax/data/vocab.py); use 0 for Vd = V = {vocab_size}")
-    return None
-  ids = np.asarray(draft_vocab)
-  if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"draft_vocab: expected a non-empty 1-D int array of target ids, got dtype {ids.dtype} "
-                     f"shape {ids.shape}")
-  if draft_vocab_size not in (0, ids.size):
-    raise ValueError(f"draft_vocab_size={draft_vocab_size} does not match len(draft_vocab)={ids.size}")
-  if ids[0] < 0 or ids[-1] >= vocab_size or np.any(np.diff(ids) <= 0):
-    raise ValueError(f"draft_vocab: ids must be strictly ascending target ids in [0, {vocab_size})")
-  return ids.astype(np.int32)
-
-
-def sample_tokens(logits: jax.Array, temperature: float, rng: jax.Array | None) -> jax.Array:
-  """Draw one draft id per row from ``logits [B, Vd]``: argmax at T <= 0, else ``softmax(logits / T)``."""
-  if temperature <= 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  if rng is None:
-    raise ValueError(f"temperature={temperature} > 0 samples the draft token: pass rng")
-  return jax.random.categorical(rng, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
-
-
-def partitioned_param(init, axes: tuple[str | None, ...], key: jax.Array, shape: tuple[int, ...]) -> nnx.Param:
-  """A float32 ``nnx.Param`` initialised by ``init(key, shape, float32)`` carrying logical axis names.
-
-  Flax 0.12 shards annotated variables eagerly, which needs a mesh in context; sharding is applied
-  only when one is set (the trainer builds the model under ``jax.set_mesh`` + logical rules), so the
-  same code also builds an unsharded model on a single device (tests, notebooks).
-  """
-  eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-  return nnx.Param(init(key, shape, jnp.float32), out_sharding=axes, eager_sharding=eager)
-
-
-def draft_to_target(draft_vocab: Frozen | None, ids: jax.Array) -> jax.Array:
-  """Draft ids -> target ids (``draft_vocab[i]``; identity when Vd = V)."""
-  if draft_vocab is None:
-    return ids.astype(jnp.int32)
-  return jnp.take(draft_vocab[...], ids, axis=0).astype(jnp.int32)
 
 
 class Medusa(nnx.Module):

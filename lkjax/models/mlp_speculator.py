@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from lkjax.models.base import Frozen, shift_left
-from lkjax.models.medusa import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
+from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
                                  sample_tokens)
 from lkjax.targets.info import TargetInfo
 
