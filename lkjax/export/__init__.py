@@ -1,0 +1,77 @@
+"""Export trained drafts to serving formats, and import public EAGLE-3 drafts (DESIGN §5).
+
+  export_draft(model, arch, out_dir, target)   one entry point over the four architectures:
+    eagle3          -> vLLM ``llama_eagle3`` / SGLang EAGLE-3 HF directory   (`lkjax.export.eagle3`)
+    medusa          -> vLLM ``MedusaModel`` directory                         (`lkjax.export.medusa`)
+    mlp_speculator  -> fms-extras / vLLM ``MLPSpeculatorPreTrainedModel``     (`lkjax.export.mlp_speculator`)
+    mtp             -> DeepSeek MTP tensor naming (no stand-alone serving path; see `lkjax.export.mtp`)
+  import_eagle3(dir, target=None)               HF/SpecForge or speculators EAGLE-3 -> lkjax `Eagle3`
+  serving_commands(arch, out_dir, target_model, num_speculative_tokens)   how to serve an export
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+from lkjax.export.eagle3 import export_eagle3, import_eagle3
+
+ARCHS = ("eagle3", "medusa", "mlp_speculator", "mtp")
+# vLLM's speculative_config "method" of each export (MTP has none for an lkjax draft: see lkjax.export.mtp).
+VLLM_METHODS = {"eagle3": "eagle3", "medusa": "medusa", "mlp_speculator": "mlp_speculator"}
+
+__all__ = ["ARCHS", "export_draft", "import_eagle3", "serving_commands"]
+
+
+def export_draft(model: Any, arch: str, out_dir: str | os.PathLike, target, **kwargs) -> Path:
+  """Write ``model`` (an lkjax draft of ``arch``) in its serving format under ``out_dir``.
+
+  ``kwargs`` go to the architecture's exporter (e.g. ``overwrite=True``; ``include_embedding`` for
+  EAGLE-3, ``full_lm_head`` for MTP, ``prefix`` for MLP-Speculator).  Raises ValueError for an unknown
+  ``arch`` or a model of another architecture.
+  """
+  if arch == "eagle3":
+    return export_eagle3(model, out_dir, target, **kwargs)
+  if arch == "medusa":
+    from lkjax.export.medusa import export_medusa
+    return export_medusa(model, out_dir, target, **kwargs)
+  if arch == "mlp_speculator":
+    from lkjax.export.mlp_speculator import export_mlp_speculator
+    return export_mlp_speculator(model, out_dir, target, **kwargs)
+  if arch == "mtp":
+    from lkjax.export.mtp import export_mtp
+    return export_mtp(model, out_dir, target, **kwargs)
+  raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
+
+
+def serving_commands(arch: str, out_dir: str | os.PathLike, target_model: str,
+                     num_speculative_tokens: int) -> dict[str, str]:
+  """Commands that serve ``target_model`` with the exported draft at ``out_dir``.
+
+  Returns a dict with ``vllm_python`` (``LLM(...)``) and ``vllm_serve`` for the three formats vLLM
+  loads, ``sglang`` for EAGLE-3, and ``note`` when there is no serving path (MTP on an lkjax target).
+  """
+  if arch not in ARCHS:
+    raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
+  if num_speculative_tokens < 1:
+    raise ValueError(f"num_speculative_tokens={num_speculative_tokens}: must be >= 1")
+  out = str(Path(out_dir).absolute())
+  if arch == "mtp":
+    return {"note": ("MTP: vLLM/SGLang serve MTP layers only inside the checkpoint of a target architecture with "
+                     "MTP support (DeepSeek-V3/R1, Qwen3-Next, MiMo, GLM-4.5: speculative_config method 'mtp'); "
+                     "a Llama target has no MTP serving path. Evaluate with: python experiments/evaluate.py. "
+                     f"Tensors (DeepSeek naming) are in {out}.")}
+  spec = {"method": VLLM_METHODS[arch], "model": out, "num_speculative_tokens": int(num_speculative_tokens)}
+  cmds = {
+      "vllm_python": (f"from vllm import LLM\nllm = LLM(model={target_model!r}, "
+                      f"speculative_config={json.dumps(spec)})"),
+      "vllm_serve": f"vllm serve {shlex.quote(target_model)} --speculative-config {shlex.quote(json.dumps(spec))}",
+  }
+  if arch == "eagle3":
+    k = int(num_speculative_tokens)
+    cmds["sglang"] = (f"python -m sglang.launch_server --model-path {shlex.quote(target_model)} "
+                      f"--speculative-algorithm EAGLE3 --speculative-draft-model-path {shlex.quote(out)} "
+                      f"--speculative-num-steps {k} --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}")
+  return cmds
