@@ -37,7 +37,6 @@ import ml_dtypes
 import numpy as np
 
 from lkjax.data import shards
-from lkjax.models.base import BATCH_KEYS
 
 SPLITS = ("train", "val")
 _STAT_PREFIX = "_stat_"

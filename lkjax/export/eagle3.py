@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from lkjax.export.medusa import CONFIG_FILE, WEIGHTS_FILE, require_tensor, write_hf_directory
+from lkjax.export.hf_dir import CONFIG_FILE, WEIGHTS_FILE, require_tensor, write_hf_directory
 from lkjax.models import layers as L
 from lkjax.models.eagle3 import Eagle3
 from lkjax.targets.info import TargetInfo

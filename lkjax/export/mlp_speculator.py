@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lkjax.export.medusa import CONFIG_FILE, require_tensor, read_hf_directory, write_hf_directory
+from lkjax.export.hf_dir import CONFIG_FILE, require_tensor, read_hf_directory, write_hf_directory
 from lkjax.models.mlp_speculator import MLPSpeculator
 from lkjax.targets.info import TargetInfo
 

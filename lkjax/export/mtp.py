@@ -43,7 +43,7 @@ from flax import nnx
 
 from lkjax.export.eagle3 import (LAYER_NORMS, LINEARS, assign, draft_vocab_maps, layer_tensors, read_config,
                                  rope_theta_of, set_layer)
-from lkjax.export.medusa import WEIGHTS_FILE, require_tensor, write_hf_directory
+from lkjax.export.hf_dir import WEIGHTS_FILE, require_tensor, write_hf_directory
 from lkjax.models import layers as L
 from lkjax.models.mtp import MTP
 from lkjax.targets.info import TargetInfo

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shlex
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
