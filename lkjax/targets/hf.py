@@ -1,0 +1,293 @@
+"""The target LLM on transformers (PyTorch): prompt formatting, generation and feature capture.
+
+Feature conventions (DESIGN.md §4):
+  aux hidden   ``concat(hidden_states[L] for L in aux_layer_ids)``  [B, T, A*H], ascending ids, where
+               ``hidden_states[L]`` is the residual stream ENTERING decoder layer L (index 0 = embeddings).
+  final hidden the base model's ``last_hidden_state``                 [B, T, H], i.e. AFTER the final norm
+               (the LM head's input).  In transformers 5 ``hidden_states[N]`` of a Llama is that post-norm
+               state too (not the raw output of the last layer); we read ``last_hidden_state`` so the
+               convention does not hang on that detail, and aux ids must be < N.
+
+Sequence convention for training data (`encode_conversation`): ``prompt_ids + reply_ids + [eot]`` where
+``prompt_ids`` are the tokens of `format_prompt` (the chat template with the generation prompt), reply_ids
+the reply text tokenized alone, and eot the end-of-turn token that stops generation (the tokenizer's eos,
+``<|im_end|>`` for ChatML), appended only when the reply finished.  This is exactly the token stream the
+target sees while serving (prompt, then its generated tokens); the template's text after eot (ChatML's
+trailing newline) is never generated, so it is not part of the sequence.  The loss mask is 1 on
+reply_ids and eot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from lkjax.targets.info import TargetInfo, eagle3_aux_layer_ids
+
+PACKAGED = {"smollm2": "smollm2-135m-instruct"}
+
+Messages = Sequence[Mapping[str, str]]
+
+
+def select_features(hidden_states: Sequence[torch.Tensor], aux_layer_ids: Sequence[int]) -> torch.Tensor:
+  """EAGLE-3 aux states from transformers' ``output_hidden_states``.
+
+  Args:
+    hidden_states: N+1 tensors ``[B, T, H]`` (index L = input of decoder layer L; index N is post-norm).
+    aux_layer_ids: layer ids, each in ``[0, N)``.
+
+  Returns:
+    ``[B, T, A*H]``: ``hidden_states[L]`` concatenated along the last axis in ascending id order.
+  """
+  n_layers = len(hidden_states) - 1
+  ids = sorted(int(i) for i in aux_layer_ids)
+  bad = [i for i in ids if not 0 <= i < n_layers]
+  if bad:
+    raise ValueError(f"aux_layer_ids {bad} out of range for a target with {n_layers} layers "
+                     f"(got {len(hidden_states)} hidden states)")
+  return torch.cat([hidden_states[i] for i in ids], dim=-1)
+
+
+class Features(NamedTuple):
+  aux_hidden: torch.Tensor            # [B, T, A*H]
+  final_hidden: torch.Tensor          # [B, T, H] post-norm
+  logits: torch.Tensor | None         # [B, T, V] when requested
+
+
+@dataclasses.dataclass
+class Generation:
+  """One generated reply: decoded text (special tokens dropped), new token ids, and whether it hit eos."""
+
+  text: str
+  token_ids: list[int]
+  finished: bool
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+  """sha256 over the state dict in sorted key order (name, dtype, shape, raw bytes): identifies the weights."""
+  h = hashlib.sha256()
+  for key, t in sorted(model.state_dict().items()):
+    t = t.detach().cpu().contiguous()
+    h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+  return h.hexdigest()
+
+
+def _rope_theta(config) -> float:
+  rp = getattr(config, "rope_parameters", None)
+  if isinstance(rp, Mapping) and "rope_theta" in rp:
+    return float(rp["rope_theta"])
+  return float(getattr(config, "rope_theta", 10000.0))
+
+
+def target_info_from_config(config, *, name: str, weights_sha256: str = "") -> TargetInfo:
+  """`TargetInfo` of a transformers decoder config (aux ids ``(2, N//2, N-3)``)."""
+  n = int(config.num_hidden_layers)
+  heads = int(config.num_attention_heads)
+  return TargetInfo(
+      name=name, model_type=str(config.model_type), num_layers=n, hidden_size=int(config.hidden_size),
+      vocab_size=int(config.vocab_size), num_attention_heads=heads,
+      num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+      head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+      intermediate_size=int(config.intermediate_size), rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
+      rope_theta=_rope_theta(config), max_position_embeddings=int(getattr(config, "max_position_embeddings", 0)),
+      hidden_act=str(getattr(config, "hidden_act", "silu")),
+      tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+      aux_layer_ids=eagle3_aux_layer_ids(n), weights_sha256=weights_sha256)
+
+
+class TargetModel:
+  """A transformers causal LM + tokenizer used as the speculative-decoding target.
+
+  Attributes:
+    model: the ``AutoModelForCausalLM`` (eval mode).
+    tokenizer: its tokenizer.
+    info: `TargetInfo` (sizes, aux layer ids, weights sha256).
+  """
+
+  def __init__(self, model: torch.nn.Module, tokenizer, *, name: str, weights_sha256: str | None = None):
+    self.model = model.eval()
+    self.tokenizer = tokenizer
+    if weights_sha256 is None:
+      weights_sha256 = state_dict_sha256(model)
+    self.info = target_info_from_config(model.config, name=name, weights_sha256=weights_sha256)
+    if len(tokenizer) > self.info.vocab_size:
+      raise ValueError(f"{name}: tokenizer has {len(tokenizer)} tokens but the model vocabulary is "
+                       f"{self.info.vocab_size}")
+
+  @classmethod
+  def load(cls, name_or_path: str | os.PathLike = "smollm2", *, dtype: torch.dtype = torch.float32,
+           cache_dir: str | os.PathLike | None = None) -> "TargetModel":
+    """Load a packaged target (``"smollm2"``) or any HF causal-LM directory (float32 by default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if str(name_or_path) in PACKAGED:
+      from lkjax import assets
+
+      path = assets.fetch(str(name_or_path), cache_dir)
+      name = PACKAGED[str(name_or_path)]
+    else:
+      path = pathlib.Path(name_or_path)
+      if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json); packaged targets: "
+                                f"{sorted(PACKAGED)}")
+      name = str(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return cls(model, tokenizer, name=name)
+
+  # --- sizes -------------------------------------------------------------------------------------------
+  @property
+  def num_layers(self) -> int:
+    return self.info.num_layers
+
+  @property
+  def hidden_size(self) -> int:
+    return self.info.hidden_size
+
+  @property
+  def vocab_size(self) -> int:
+    return self.info.vocab_size
+
+  @property
+  def has_chat_template(self) -> bool:
+    return bool(getattr(self.tokenizer, "chat_template", None))
+
+  @property
+  def eot_token_id(self) -> int | None:
+    """The end-of-turn token that stops generation (the tokenizer's eos), or None."""
+    return self.tokenizer.eos_token_id
+
+  @property
+  def pad_token_id(self) -> int:
+    pad = self.tokenizer.pad_token_id
+    if pad is None:
+      pad = self.tokenizer.eos_token_id
+    if pad is None:
+      raise ValueError(f"{self.info.name}: tokenizer has neither a pad nor an eos token; cannot batch")
+    return int(pad)
+
+  # --- text --------------------------------------------------------------------------------------------
+  def format_prompt(self, prompt: str | Messages) -> str:
+    """Prompt text the target continues.
+
+    With a chat template: a string is one user message; the template is applied with the generation
+    prompt.  Without one (plain completion): a string is used as is, and messages are their contents
+    joined by blank lines.
+    """
+    if isinstance(prompt, str):
+      messages = [{"role": "user", "content": prompt}]
+    else:
+      messages = [dict(m) for m in prompt]
+      if not messages:
+        raise ValueError("format_prompt: empty message list")
+    if self.has_chat_template:
+      return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in messages)
+
+  def encode_prompt(self, prompt: str | Messages) -> list[int]:
+    """Token ids of `format_prompt` (a chat template writes its own special tokens; plain text gets the
+    tokenizer's usual ones, e.g. BOS)."""
+    text = self.format_prompt(prompt)
+    return list(self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"])
+
+  def encode_conversation(self, prompt: str | Messages, reply: str, *,
+                          finished: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Training sequence of one exchange (convention in the module docstring).
+
+    Returns:
+      ``(input_ids int32[T], loss_mask uint8[T])``; the mask is 1 exactly on the reply tokens and, when
+      ``finished``, the end-of-turn token after them.
+    """
+    prompt_ids = self.encode_prompt(prompt)
+    reply_ids = list(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else []
+    if finished and self.eot_token_id is not None:
+      reply_ids.append(int(self.eot_token_id))
+    ids = np.asarray(prompt_ids + reply_ids, dtype=np.int32)
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    mask[len(prompt_ids):] = 1
+    return ids, mask
+
+  # --- generation --------------------------------------------------------------------------------------
+  @torch.no_grad()
+  def generate(self, prompts: Sequence[str | Messages], *, max_new_tokens: int, temperature: float = 0.0,
+               seed: int = 0) -> list[Generation]:
+    """Batched generation (left padding) of replies to ``prompts``.
+
+    ``temperature == 0`` is greedy; otherwise plain sampling from the tempered distribution (no top-k /
+    top-p, as for the paper's target-generated data).  ``seed`` seeds torch before sampling.
+    """
+    if not prompts:
+      return []
+    encoded = [self.encode_prompt(p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad = self.pad_token_id
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+      ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+      attn[i, width - len(e):] = 1
+    kwargs: dict[str, Any] = dict(max_new_tokens=int(max_new_tokens), pad_token_id=pad)
+    eos = self.eot_token_id
+    if eos is not None:
+      kwargs["eos_token_id"] = int(eos)
+    if temperature > 0:
+      kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+    else:
+      kwargs.update(do_sample=False)
+    torch.manual_seed(int(seed))
+    out = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+    results = []
+    for row in out[:, width:].tolist():
+      finished = eos is not None and eos in row
+      new = row[:row.index(eos)] if finished else row
+      results.append(Generation(self.tokenizer.decode(new, skip_special_tokens=True), new, finished))
+    return results
+
+  # --- features ----------------------------------------------------------------------------------------
+  @torch.no_grad()
+  def features(self, input_ids: torch.Tensor | np.ndarray, attention_mask: torch.Tensor | np.ndarray | None = None,
+               return_logits: bool = False) -> Features:
+    """One forward: aux hidden ``[B, T, A*H]``, final post-norm hidden ``[B, T, H]``, logits ``[B, T, V]``.
+
+    With ``attention_mask`` (1 = token, 0 = padding; left or right padding) positions count real tokens
+    only, so a padded row gives the same features at its real positions as the row alone.
+    """
+    input_ids = torch.as_tensor(np.asarray(input_ids) if isinstance(input_ids, np.ndarray) else input_ids,
+                                dtype=torch.long)
+    if input_ids.ndim != 2:
+      raise ValueError(f"features: input_ids must be [B, T], got {list(input_ids.shape)}")
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None:
+      attention_mask = torch.as_tensor(np.asarray(attention_mask) if isinstance(attention_mask, np.ndarray)
+                                       else attention_mask, dtype=torch.long)
+      kwargs["attention_mask"] = attention_mask
+      kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    base = self.model.get_decoder()
+    out = base(input_ids=input_ids, output_hidden_states=True, use_cache=False, **kwargs)
+    aux = select_features(out.hidden_states, self.info.aux_layer_ids)
+    final = out.last_hidden_state
+    logits = self.model.get_output_embeddings()(final) if return_logits else None
+    return Features(aux, final, logits)
+
+  # --- export ------------------------------------------------------------------------------------------
+  def head_weights(self) -> dict[str, np.ndarray]:
+    """``{"embed_tokens": [V, H], "lm_head": [V, H], "norm": [H]}`` float32 (lm_head = embedding if tied)."""
+    emb = self.model.get_input_embeddings().weight
+    head = self.model.get_output_embeddings().weight
+    norm = getattr(self.model.get_decoder(), "norm", None)
+    if norm is None or getattr(norm, "weight", None) is None:
+      raise ValueError(f"{self.info.name}: the decoder has no final `norm` with a weight; cannot export the head")
+    f = lambda t: t.detach().float().cpu().numpy()
+    return {"embed_tokens": f(emb), "lm_head": f(head), "norm": f(norm.weight)}
+
+  def export_head(self, directory: str | os.PathLike) -> pathlib.Path:
+    """Write ``target_head.safetensors`` (embedding, LM head, final norm) into ``directory``."""
+    from lkjax.data import shards
+
+    return shards.save_target_weights(directory, **self.head_weights())
