@@ -57,3 +57,44 @@ def test_gsm_symbolic_follows_reasoning_gym_sampling(tmp_path):
 def test_unknown_benchmark():
   with pytest.raises(ValueError, match="benchmark 'mmlu' is unknown"):
     B.load_benchmark("mmlu")
+
+
+def test_gsm_symbolic_equals_reasoning_gym_dataset():
+  """The packaged generators through lkjax's loader == reasoning-gym's own GSMSymbolicDataset class.
+
+  reasoning-gym's dataset module is imported from the fetched wheel files with only its `factory` base
+  class stubbed (the stub just stores seed and size, as ProceduralDataset does), so its own task list,
+  sampling and question suffix are the oracle.
+  """
+  import importlib
+  import sys
+  import types
+
+  from lkjax import assets
+
+  gsm_dir = assets.fetch("gsm_symbolic")
+  root = gsm_dir.parent.parent                       # .../reasoning_gym
+  saved = {k: v for k, v in sys.modules.items() if k == "reasoning_gym" or k.startswith("reasoning_gym.")}
+  try:
+    for name, path in (("reasoning_gym", root), ("reasoning_gym.arithmetic", root / "arithmetic")):
+      pkg = types.ModuleType(name)
+      pkg.__path__ = [str(path)]
+      sys.modules[name] = pkg
+    factory = types.ModuleType("reasoning_gym.factory")
+
+    class ProceduralDataset:
+      def __init__(self, config, seed, size):
+        self.config, self.seed, self.size = config, seed, size
+
+    factory.ProceduralDataset = ProceduralDataset
+    factory.register_dataset = lambda *a, **k: None
+    sys.modules["reasoning_gym.factory"] = factory
+    mod = importlib.import_module("reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic")
+    ds = mod.GSMSymbolicDataset(mod.GSMSymbolicDatasetConfig(seed=B.GSM_SEED, size=12))
+    expected = [ds[i]["question"] for i in range(12)]
+  finally:
+    for k in [k for k in sys.modules if k == "reasoning_gym" or k.startswith("reasoning_gym.")]:
+      del sys.modules[k]
+    sys.modules.update(saved)
+  got = B.load_gsm_symbolic(gsm_dir, size=12, seed=B.GSM_SEED)
+  assert [g.turns[0] for g in got] == expected

@@ -19,7 +19,6 @@ characters -- contains one or is contained in one.  The count is reported.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import os
 import pathlib
@@ -41,35 +40,6 @@ class Prompt:
 def normalize_text(text: str) -> str:
   """Lower-cased words joined by single spaces (punctuation and layout ignored)."""
   return " ".join(re.findall(r"\w+", text.lower()))
-
-
-def load_mtbench_questions(path: str | os.PathLike) -> list[str]:
-  """All turns of MT-bench ``question.jsonl`` (80 questions x 2 turns)."""
-  out = []
-  for lineno, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      out.extend(json.loads(line)["turns"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ValueError(f"{path}:{lineno}: not an MT-bench question ({e})") from e
-  return out
-
-
-def load_humaneval_prompts(path: str | os.PathLike) -> list[str]:
-  """The ``prompt`` field of every HumanEval problem (``.jsonl`` or ``.jsonl.gz``)."""
-  path = pathlib.Path(path)
-  opener = gzip.open if path.suffix == ".gz" else open
-  out = []
-  with opener(path, "rt") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        out.append(json.loads(line)["prompt"])
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{lineno}: not a HumanEval problem ({e})") from e
-  return out
 
 
 class EvalOverlap:
@@ -322,9 +292,12 @@ def summary_path(out_path: str | os.PathLike) -> pathlib.Path:
 
 
 def default_eval_overlap(cache_dir=None, min_overlap_chars: int = 40) -> EvalOverlap:
-  """Overlap filter over the packaged MT-bench turns and HumanEval prompts."""
-  from lkjax import assets
+  """Overlap filter over every evaluation prompt: MT-bench turns, HumanEval prompts, GSM-Symbolic problems."""
+  from lkjax.data import benchmarks
 
-  texts = load_mtbench_questions(assets.fetch("mtbench", cache_dir))
-  texts += load_humaneval_prompts(assets.fetch("humaneval", cache_dir))
+  texts = []
+  for name in benchmarks.BENCHMARKS:
+    for t in benchmarks.all_eval_texts(benchmarks.load_benchmark(name, cache_dir=cache_dir)):
+      # HumanEval turns carry lkjax's instruction line; the overlap rule compares the problem itself.
+      texts.append(t.removeprefix(benchmarks.HUMANEVAL_INSTRUCTION))
   return EvalOverlap(texts, min_overlap_chars)
