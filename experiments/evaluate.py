@@ -1,0 +1,76 @@
+"""Measure tau of a draft: ``python experiments/evaluate.py --config=configs/eagle3.py --workdir=runs/eagle3``.
+
+Runs MT-bench (both turns, the second after the model's own first answer), HumanEval and GSM8K-style
+(GSM-Symbolic, fixed seed) prompts with exact chain speculative decoding at each temperature, and the same
+prompts with target-only decoding for the wall-clock speed-up (`lkjax.eval.run.evaluate_draft`).
+
+The draft: ``--workdir`` (latest checkpoint of a training run), ``--checkpoint=<workdir>/checkpoints/<step>``,
+or ``--import_eagle3=<HF dir>`` (a public EAGLE-3 draft, evaluated on ``--target``).  The target is the one
+the draft's training data was made with (from the shard manifest; its weights are checked by sha256),
+``--target`` overrides it.  K defaults to the config's ``model.num_heads`` (7 EAGLE-3/MTP, 6 MEDUSA/MLP-Speculator).
+
+Quick look: ``--limit=5 --max_new_tokens=64``.  Outputs (default ``<workdir>/eval``): report.json, report.md,
+report.png, answers.jsonl.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# The repository root, so the entry point works from a plain checkout too (no pip install -e).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/<arch>.py[:args]); used when the workdir "
+                                "has no config.json, and for K with --import_eagle3.", lock_config=False)
+flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint is evaluated).")
+flags.DEFINE_string("checkpoint", None, "A checkpoint directory <workdir>/checkpoints/<step>.")
+flags.DEFINE_string("import_eagle3", None, "Evaluate a public EAGLE-3 draft (HF / SpecForge / speculators dir).")
+flags.DEFINE_string("target", None, "Target override: packaged name (smollm2) or HF directory "
+                    "(default: the training data's target; smollm2 with --import_eagle3).")
+flags.DEFINE_list("benchmarks", ["mt_bench", "humaneval", "gsm8k"], "Benchmarks to run.")
+flags.DEFINE_list("temperatures", ["0", "1"], "Decoding temperatures.")
+flags.DEFINE_integer("limit", None, "First N prompts of each benchmark (default: all).")
+flags.DEFINE_integer("max_new_tokens", 256, "New tokens per turn.")
+flags.DEFINE_integer("num_draft", None, "K draft tokens per round (default: the config's model.num_heads).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("max_context", None, "Positions available (default: the target's); longer prompts are "
+                     "truncated and counted.")
+flags.DEFINE_integer("threads", None, "torch threads for the target (default: all cores).")
+flags.DEFINE_bool("offline", True, "Also report the offline tau from the run's validation shards.")
+flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
+flags.DEFINE_string("label", None, "Name of the draft in the tables (default: the config's name).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  sources = [f for f in ("workdir", "checkpoint", "import_eagle3") if getattr(FLAGS, f)]
+  if len(sources) != 1:
+    raise app.UsageError("give exactly one of --workdir, --checkpoint, --import_eagle3")
+  from lkjax.eval import report, run
+
+  common = dict(benchmarks=FLAGS.benchmarks, temperatures=[float(t) for t in FLAGS.temperatures],
+                max_new_tokens=FLAGS.max_new_tokens, limit=FLAGS.limit, seed=FLAGS.seed,
+                max_context=FLAGS.max_context, num_threads=FLAGS.threads, out_dir=FLAGS.out, label=FLAGS.label)
+  if FLAGS.import_eagle3:
+    k = FLAGS.num_draft or (int(FLAGS.config.model.num_heads) if FLAGS.config else 7)
+    rep = run.evaluate_eagle3_import(FLAGS.import_eagle3, target=FLAGS.target or "smollm2", num_draft=k, **common)
+  else:
+    path = FLAGS.workdir or FLAGS.checkpoint
+    config = None
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(path))) if FLAGS.checkpoint else path
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+      config = FLAGS.config  # the run's own config.json is what its checkpoint was trained with
+    rep = run.evaluate_checkpoint(path, config=config, target=FLAGS.target, num_draft=FLAGS.num_draft,
+                                  offline=FLAGS.offline, **common)
+  print(report.markdown_table(rep))
+  for kind, p in rep["files"].items():
+    print(f"[lkjax] {kind}: {p}")
+
+
+if __name__ == "__main__":
+  app.run(main)
