@@ -238,13 +238,17 @@ def draft_vocab_ids(draft: Any) -> np.ndarray | None:
   return np.asarray(dv[...], dtype=np.int64)
 
 
-def _ctx(step: TargetStep, rows: int, next_tokens: Sequence[int], start: int) -> dict[str, jax.Array]:
-  """Draft ctx for committed positions ``start .. start+rows-1`` (first ``rows`` rows of ``step``)."""
+def _ctx(step: TargetStep, rows: int, next_tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
+  """Draft ctx for committed positions ``start .. start+rows-1`` (first ``rows`` rows of ``step``).
+
+  Plain numpy: the draft's (jitted) propose transfers it once; eager jnp ops here would dispatch and
+  compile small per-shape kernels every round.
+  """
   return dict(
-      aux_hidden=jnp.asarray(step.aux_hidden[None, :rows]),
-      final_hidden=jnp.asarray(step.final_hidden[None, :rows]),
-      next_tokens=jnp.asarray(np.asarray(next_tokens, np.int32)[None]),
-      positions=jnp.arange(start, start + rows, dtype=jnp.int32)[None])
+      aux_hidden=np.ascontiguousarray(step.aux_hidden[None, :rows]),
+      final_hidden=np.ascontiguousarray(step.final_hidden[None, :rows]),
+      next_tokens=np.asarray(next_tokens, np.int32)[None],
+      positions=np.arange(start, start + rows, dtype=np.int32)[None])
 
 
 def speculative_generate(verifier: Verifier, draft: Any, prompt: Sequence[int], *, num_draft: int,
