@@ -93,7 +93,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
                    if not f.startswith("--xla_force_host_platform_device_count"))
   monkeypatch.setenv("XLA_FLAGS", flags)
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-  monkeypatch.setenv("TMPDIR", str(tmp_path))  # notebook 03's toy run writes under tempfile.mkdtemp()
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # notebook 03's smoke run writes under tempfile.mkdtemp()
   for var in ("LKJAX_METRICS", "LKJAX_EVAL_JSON"):
     monkeypatch.delenv(var, raising=False)
 

@@ -5,49 +5,20 @@ import json
 import os
 
 import jax
-import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
 
 from lkjax.config_args import load_config
 from lkjax.data import shards
-from lkjax.targets.info import TargetInfo
+from lkjax.data.synthetic import write_synthetic_shards
 from lkjax.train import loop, metrics as metrics_lib
-
-H, V, NUM_RECORDS = 16, 64, 40
-BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def _info() -> TargetInfo:
-  return TargetInfo(name="tiny", model_type="llama", num_layers=8, hidden_size=H, vocab_size=V,
-                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=32,
-                    rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=64, tie_word_embeddings=True)
 
 
 def make_data(directory) -> None:
-  """A shard directory whose final hidden states carry the next token (so a draft can learn something)."""
-  rng = np.random.default_rng(0)
-  emb = rng.standard_normal((V, H)).astype(np.float32)
-  recs, freqs, tokens = [], np.zeros(V, np.int64), 0
-  for _ in range(NUM_RECORDS):
-    n = int(rng.integers(10, 17))
-    ids = rng.integers(0, V, n).astype(np.int32)
-    mask = np.ones(n, np.uint8)
-    mask[:3] = 0
-    fin = np.concatenate([emb[ids[1:]], np.zeros((1, H), np.float32)]) + 0.1 * rng.standard_normal((n, H))
-    recs.append({"input_ids": ids, "loss_mask": mask,
-                 "aux_hidden": rng.standard_normal((n, 3 * H)).astype(BF16), "final_hidden": fin.astype(BF16)})
-    np.add.at(freqs, ids[mask > 0], 1)
-    tokens += n
-  name = shards.SHARD_PATTERN.format(0)
-  shards.write_shard(directory / name, [shards.encode_record(r) for r in recs])
-  shards.write_manifest(directory, {
-      "target": _info().to_dict(), "max_length": 16, "num_records": NUM_RECORDS, "num_tokens": tokens,
-      "num_loss_tokens": int(freqs.sum()), "shards": [{"file": name, "num_records": NUM_RECORDS,
-                                                       "num_tokens": tokens}],
-      "token_freqs": freqs.tolist()})
-  shards.save_target_weights(directory, embed_tokens=emb, lm_head=emb, norm=np.ones(H, np.float32))
+  """40 records, V = 64, H = 16, an 8-layer target; final hidden states carry the next token (learnable)."""
+  write_synthetic_shards(directory, num_records=40, vocab_size=64, hidden_size=16, num_layers=8,
+                         min_len=10, max_len=16, seed=0)
 
 
 @pytest.fixture(scope="module")
