@@ -12,14 +12,13 @@ Pure functions (numpy + stdlib); nothing here computes a loss -- the notebooks c
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"  # = lkjax.train.metrics.METRICS_FILE (not imported: keeps this module light)
+from lkjax.train.metrics import METRICS_FILE, read_metrics
 
 
 def _float(v: Any) -> Any:
@@ -40,24 +39,7 @@ def load_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict
 
   Raises FileNotFoundError when the file is missing and ValueError (naming the line) on a bad line.
   """
-  file = metrics_path(path)
-  if not os.path.exists(file):
-    raise FileNotFoundError(f"{file}: no metrics file (expected a metrics.jsonl or a training workdir)")
-  out = []
-  with open(file) as f:
-    for i, line in enumerate(f):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{file} line {i + 1}: not JSON ({e})") from e
-      if not isinstance(rec, dict) or "step" not in rec:
-        raise ValueError(f"{file} line {i + 1}: expected an object with a 'step' field")
-      if split is None or rec.get("split") == split:
-        out.append({k: _float(v) for k, v in rec.items()})
-  return out
+  return [{k: _float(v) for k, v in rec.items()} for rec in read_metrics(path, split, missing_ok=False)]
 
 
 def num_heads(records: Iterable[Mapping[str, Any]], name: str = "alpha") -> int:

@@ -85,13 +85,21 @@ class MetricWriter:
       self._tb = None
 
 
-def read_metrics(workdir: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
-  """All records of ``<workdir>/metrics.jsonl`` (optionally one split), in file order."""
-  path = os.path.join(os.fspath(workdir), METRICS_FILE)
-  if not os.path.exists(path):
-    return []
+def read_metrics(path: str | os.PathLike, split: str | None = None, *,
+                 missing_ok: bool = True) -> list[dict[str, Any]]:
+  """Records of a metrics JSONL file, or of ``<path>/metrics.jsonl`` when ``path`` is a workdir.
+
+  Values are as stored (non-finite numbers stay the strings ``"nan"`` / ``"inf"``). A missing file gives
+  ``[]`` (``missing_ok``) or FileNotFoundError; a bad line raises ValueError naming the file and line.
+  """
+  path = os.fspath(path)
+  file = os.path.join(path, METRICS_FILE) if os.path.isdir(path) else path
+  if not os.path.exists(file):
+    if missing_ok:
+      return []
+    raise FileNotFoundError(f"{file}: no metrics file (expected a metrics.jsonl or a training workdir)")
   out = []
-  with open(path) as f:
+  with open(file) as f:
     for i, line in enumerate(f):
       line = line.strip()
       if not line:
@@ -99,7 +107,9 @@ def read_metrics(workdir: str | os.PathLike, split: str | None = None) -> list[d
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {i + 1}: not JSON ({e})") from e
+        raise ValueError(f"{file} line {i + 1}: not JSON ({e})") from e
+      if not isinstance(rec, dict) or "step" not in rec:
+        raise ValueError(f"{file} line {i + 1}: expected an object with a 'step' field")
       if split is None or rec.get("split") == split:
         out.append(rec)
   return out
