@@ -38,8 +38,15 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD propagation from our explicit shardings)."""
+  """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD propagation from our explicit shardings).
+
+  A shape without -1 that needs fewer devices than there are uses the first ones, so e.g. ``(1, 1, 1)``
+  runs on one device of a bigger host (debugging, tiny models); multi-process runs must use every device.
+  """
   devices = list(devices) if devices is not None else jax.devices()
+  fixed = tuple(int(s) for s in shape)
+  if -1 not in fixed and 0 < math.prod(fixed) < len(devices) and jax.process_count() == 1:
+    devices = devices[:math.prod(fixed)]
   shape = resolve_mesh_shape(shape, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
