@@ -13,8 +13,9 @@ replies to 128 ShareGPT prompts (128 new tokens each), sequences are cut to 256 
 (2048 tokens/step), 2 epochs (~30 steps), warmup 10 steps, validation every 15 steps on a 5% held-out
 split. Sizing, measured on an otherwise idle 2-core machine (2026-11-22): regeneration 1.4-2.2 s per
 prompt (longer prompts last), one EAGLE-3 step of 8 x 256 tokens ~11-14 s (917 GFLOP), so ~4 min of data
-and ~6 min of training. Measured end to end with the packaged assets already cached: 10m01s (val tau 1.068). The ``paper`` argument restores batch 64, 10 epochs, 100 warmup steps and
-2048-token sequences (8K does not fit a CPU). ``smoke`` shrinks everything to about a minute: 16 prompts,
+and ~6 min of training. Measured end to end with the packaged assets already cached: 10m01s (val tau
+1.068). The ``paper`` argument restores batch 64, 10 epochs, 100 warmup steps and 2048-token sequences
+(8K does not fit a CPU). ``smoke`` shrinks everything to about a minute: 16 prompts,
 32 new tokens, 128-token sequences, 12 steps.
 
 Config arguments (``--config=configs/eagle3.py:loss=lk_hybrid,eta=3,smoke``):
