@@ -12,6 +12,8 @@ from lkjax.models import mtp
 from lkjax.models.base import Frozen
 from lkjax.targets.info import TargetInfo
 
+from draft_testing import draft_along_truth
+
 TINY = TargetInfo(name="tiny", model_type="llama", num_layers=4, hidden_size=16, vocab_size=64,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=4, intermediate_size=24,
                   rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64)
@@ -103,34 +105,6 @@ def test_depth_zero_matches_numpy_reference():
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
-def _draft_along_truth(model, batch, num_tokens, chunks=(2, 1, 3)):
-  """Commit each document chunk by chunk; after each chunk ending at t draft along x[t+2..] (forced)."""
-  ids, seg = batch["input_ids"], batch["segment_ids"]
-  T = ids.shape[1]
-  at = lambda b, j: ids[b, j] if j < T else 0
-  propose = nnx.jit(lambda m, cache, ctx, forced: m.propose(cache, ctx, num_tokens=num_tokens, temperature=0.0,
-                                                            rng=None, forced_tokens=forced))
-  out = {}
-  for b in range(ids.shape[0]):
-    for doc in sorted(set(seg[b]) - {0}):
-      where = np.nonzero(seg[b] == doc)[0]
-      start, end = where[0], where[-1] + 1
-      cache = model.init_cache(1, 16)
-      a, i = start, 0
-      while a < end:
-        c = min(end, a + chunks[i % len(chunks)])
-        i += 1
-        ctx = dict(final_hidden=batch["final_hidden"][b:b + 1, a:c],
-                   next_tokens=np.array([[at(b, j + 1) for j in range(a, c)]], np.int32),
-                   positions=batch["positions"][b:b + 1, a:c])
-        forced = np.array([[at(b, c - 1 + k + 2) for k in range(num_tokens)]], np.int32)
-        cache, tokens, logits = propose(model, cache, ctx, forced)
-        np.testing.assert_array_equal(tokens, forced)
-        out[(b, c - 1, end)] = np.asarray(logits[0])
-        a = c
-  return out
-
-
 @pytest.mark.parametrize("share,truncated", [(True, False), (False, True)])
 def test_training_forward_equals_drafting(share, truncated):
   K = 4
@@ -141,7 +115,7 @@ def test_training_forward_equals_drafting(share, truncated):
   train = np.asarray(nnx.jit(lambda m, b: m(b))(model, batch))
   assert train.shape == (K, 2, 10, TINY.vocab_size // (2 if truncated else 1))
   checked = 0
-  for (b, t, end), logits in _draft_along_truth(model, batch, K).items():
+  for (b, t, end), logits in draft_along_truth(model, batch, K, ctx_keys=("final_hidden",)).items():
     for k in range(K):
       # Depth k at t reads x[t+1..t+k+1]; with all of them inside t's document the computations coincide
       # (this covers every position head_mask trains).
