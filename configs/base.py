@@ -15,15 +15,15 @@ split. Sizing, measured on an otherwise idle 2-core machine (2026-11-22): regene
 prompt (longer prompts last), one EAGLE-3 step of 8 x 256 tokens ~11-14 s (917 GFLOP), so ~4 min of data
 and ~6 min of training. Measured end to end with the packaged assets already cached: 10m01s (val tau
 1.068). The ``paper`` argument restores batch 64, 10 epochs, 100 warmup steps and 2048-token sequences
-(8K does not fit a CPU). ``smoke`` shrinks everything to about a minute: 16 prompts,
-32 new tokens, 128-token sequences, 12 steps.
+(8K does not fit a CPU). ``smoke`` shrinks everything to a few minutes (most of it
+preparing its own 16-prompt dataset): 16 prompts, 32 new tokens, 128-token sequences, 12 steps.
 
 Config arguments (``--config=configs/eagle3.py:loss=lk_hybrid,eta=3,smoke``):
   loss      loss kind: kl | tv | lk_alpha | lk_hybrid | fixed_lambda | lambda_schedule
   eta       eta of lk_hybrid
   lam       the fixed lambda of fixed_lambda
   schedule  lambda_schedule shape: linear | cosine (lambda goes 1 -> 0 over training)
-  smoke     tiny run (~1 minute on CPU)
+  smoke     tiny run (a few minutes on CPU, mostly its own data preparation)
   paper     the paper's batch / epochs / warmup / context
   steps     number of steps (0: from num_epochs)
   batch     global batch size (0: the variant's default)
