@@ -1,8 +1,18 @@
-"""Shared test helper: drafting step by step along the ground-truth tokens (for forward/drafting agreement)."""
+"""Shared test helpers: tiny and SmolLM2-sized targets, and drafting along the ground-truth tokens."""
 from __future__ import annotations
 
 import numpy as np
 from flax import nnx
+
+from lkjax.targets.info import TargetInfo
+
+# A tiny Llama-shaped target (EAGLE-3 / MTP tests) and the packaged SmolLM2-135M-Instruct dims.
+TINY = TargetInfo(name="tiny", model_type="llama", num_layers=4, hidden_size=16, vocab_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=4, intermediate_size=24,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64)
+SMOL = TargetInfo(name="smollm2-135m", model_type="llama", num_layers=30, hidden_size=576, vocab_size=49152,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536,
+                  rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
 
 
 def draft_along_truth(model, batch, num_tokens, *, chunks=(2, 1, 3), ctx_keys=("aux_hidden", "final_hidden"),

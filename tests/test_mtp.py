@@ -10,16 +10,9 @@ from flax import nnx
 
 from lkjax.models import mtp
 from lkjax.models.base import Frozen
-from lkjax.targets.info import TargetInfo
 
-from draft_testing import draft_along_truth
+from draft_testing import SMOL, TINY, draft_along_truth
 
-TINY = TargetInfo(name="tiny", model_type="llama", num_layers=4, hidden_size=16, vocab_size=64,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=4, intermediate_size=24,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64)
-SMOL = TargetInfo(name="smollm2-135m", model_type="llama", num_layers=30, hidden_size=576, vocab_size=49152,
-                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536,
-                  rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
 
 
 def _cfg(**kw):
