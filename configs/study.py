@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The study's own data set: larger than the trainer's embedded default (160 x 128), same recipe.
   c.data = ml_collections.ConfigDict(dict(
       dir=a.data_dir,                # "": <root>/data, prepared by the study
-      num_prompts=320, max_new_tokens=128, max_length=256, temperature=0.0, seed=0, gen_batch_size=16,
+      num_prompts=480, max_new_tokens=128, max_length=256, temperature=0.0, seed=0, gen_batch_size=16,
       max_prompt_chars=800, val_fraction=0.05))
 
   # Training knobs applied to every run on top of configs/<arch>.py (recipe: lr 4e-4, cosine, clip 0.5).
