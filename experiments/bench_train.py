@@ -65,7 +65,7 @@ def matmul_ceiling(small: bool, repeats: int = 5) -> float:
 
 
 def bench_arch(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape,
-               precision: str) -> dict:
+               precision: str, profile_dir: str = "") -> dict:
   import jax
   import ml_collections
   import ml_dtypes
@@ -127,6 +127,13 @@ def bench_arch(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
     state, m = compiled(state, rest, target, dev_batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
+  if profile_dir:  # one more step under the profiler (not timed): a perfetto trace per (arch, kind)
+    os.makedirs(profile_dir, exist_ok=True)
+    with open(os.path.join(profile_dir, f"{arch}_{kind}.hlo.txt"), "w") as f:
+      f.write(compiled.as_text())  # the optimized HLO: fusion names match the trace's events
+    with jax.profiler.trace(os.path.join(profile_dir, f"{arch}_{kind}"), create_perfetto_trace=True):
+      state, m = compiled(state, rest, target, dev_batch)
+      jax.block_until_ready(m)
   step_s = float(np.median(times))
   return dict(arch=arch, kind=kind, step_s=step_s, tokens_per_s=batch * seq / step_s, gflop_per_step=flops / 1e9,
               gflops=flops / step_s / 1e9, compile_s=compile_s, loss=float(m["loss"]),

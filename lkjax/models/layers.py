@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lkjax.models import matmul as matmul_lib
 from lkjax.models.base import Frozen
 
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "head_dim", "vocab")
@@ -65,10 +66,14 @@ def frozen(value, axes: tuple[str | None, ...]) -> Frozen:
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *, dtype: Any,
           param_dtype: Any = jnp.float32, rngs: nnx.Rngs, use_bias: bool = False,
           kernel_init=nnx.initializers.lecun_normal()) -> nnx.Linear:
-  """A bias-free (by default) ``nnx.Linear`` ``[in, out]`` whose kernel carries logical ``axes``."""
+  """A bias-free (by default) ``nnx.Linear`` ``[in, out]`` whose kernel carries logical ``axes``.
+
+  Its matmul is `lkjax.models.matmul.matmul` (bf16 NN dots forward and backward on CPU).
+  """
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=partitioned(kernel_init, axes),
-                    bias_init=partitioned(nnx.initializers.zeros, (axes[1],)), rngs=rngs)
+                    bias_init=partitioned(nnx.initializers.zeros, (axes[1],)),
+                    dot_general=matmul_lib.dense_dot_general, rngs=rngs)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype: Any) -> jax.Array:

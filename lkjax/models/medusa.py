@@ -21,6 +21,7 @@ from flax import nnx
 from lkjax.models.base import Frozen
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
                                  sample_tokens)
+from lkjax.models.matmul import matmul
 from lkjax.targets.info import TargetInfo
 
 
@@ -94,11 +95,13 @@ class Medusa(nnx.Module):
     x = jnp.broadcast_to(h.astype(dt), (self.num_heads,) + h.shape)
     bshape = (self.num_heads,) + (1,) * (h.ndim - 1) + (self.hidden_size,)
     for l in range(self.num_layers):
-      y = jnp.einsum("k...i,kio->k...o", x, self.w[...][:, l].astype(dt))
+      w = self.w[...][:, l].astype(dt)
+      y = jnp.stack([matmul(x[k], w[k]) for k in range(self.num_heads)])  # K NN matmuls (models/matmul.py)
       if self.b is not None:
         y = y + self.b[...][:, l].astype(dt).reshape(bshape)
       x = x + jax.nn.silu(y)
-    return jnp.einsum("k...h,khv->k...v", x, self.lm_head[...].astype(dt))
+    head = self.lm_head[...].astype(dt)
+    return jnp.stack([matmul(x[k], head[k]) for k in range(self.num_heads)])
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Training forward: ``batch['final_hidden'] [B, T, Ht]`` -> logits ``[K, B, T, Vd]``.

@@ -33,6 +33,7 @@ from flax import nnx
 from lkjax.models.base import Frozen, shift_left
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
                                  sample_tokens)
+from lkjax.models.matmul import matmul
 from lkjax.targets.info import TargetInfo
 
 LN_EPS = 1e-6
@@ -131,10 +132,10 @@ class MLPSpeculator(nnx.Module):
     z = jnp.take(self.emb[...][e], tokens, axis=0).astype(dt)
     z = z * jnp.asarray(self.emb_weight * math.sqrt(self.inner_dim / 2.0), dt)
     proj = self.proj0[...] if i == 0 else self.proj[...][p]
-    x = (state @ proj.astype(dt)) * jnp.asarray(self.state_weight, dt) + z
+    x = matmul(state, proj.astype(dt)) * jnp.asarray(self.state_weight, dt) + z
     x = speculator_norm(x, self.ln_w[...][e], self.ln_b[...][e])
     state = jax.nn.gelu(x, approximate=False)
-    return state, state @ self.head[...][e].astype(dt)
+    return state, matmul(state, self.head[...][e].astype(dt))
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Teacher-forced training forward -> logits ``[K, B, T, Vd]`` (compute dtype).

@@ -39,6 +39,7 @@ from flax import nnx
 
 from lkjax.models import layers as L
 from lkjax.models.base import shift_left
+from lkjax.models.matmul import matmul, physical_transpose
 from lkjax.targets.info import TargetInfo
 
 
@@ -126,7 +127,8 @@ class MTP(nnx.Module):
 
   def _logits(self, h: jax.Array) -> jax.Array:
     """``h [..., Ht] -> [..., Vd]`` with the frozen shared head."""
-    return jnp.einsum("...h,vh->...v", h, self.lm_head[...].astype(self.dtype))
+    # The rows are [Vd, Ht] (PyTorch layout); a materialised transpose keeps the dot in NN form.
+    return matmul(h, physical_transpose(self.lm_head[...].astype(self.dtype)))
 
   def _check_hidden(self, h: jax.Array) -> None:
     if h.shape[-1] != self.hidden_size:

@@ -1,0 +1,93 @@
+"""Dense-layer matmuls that stay on the CPU's fast bf16 path in the forward AND the backward pass.
+
+Measured on the 2-core CPU machines (``experiments/bench_matmul.py``, XLA CPU with its YNNPACK dot
+fusions): a bf16 ``[M, K] @ [K, N]`` dot runs at full speed only when
+
+  * both operands are physically row-major and the contraction is lhs dim 1 with rhs dim 0 ("NN"), and
+  * the result is float32 (``preferred_element_type``); a bf16 result is produced by a slower path.
+
+Autodiff of ``x @ W`` gives ``dx = g @ W.T`` and ``dW = x.T @ g``; XLA folds those transposes into the
+dot's dimension numbers ("NT" / "TN"), and such bf16 dots are upcast to float32 and run at about 40% of
+the NN speed.  A transpose written as split-reshape -> transpose -> reshape is not folded: XLA
+materialises it (a cheap copy of one operand) and the dot stays a bf16 NN dot.
+
+`matmul` is ``x @ w`` with a custom VJP built that way; `dense_dot_general` plugs it into
+``nnx.Linear``.  The numbers are those of ``x @ w``: float32 accumulation, then a cast to the operand
+dtype.  On other backends (GPU, TPU) the plain XLA dot is used: their libraries take transposed
+operands natively, so the extra copies would only cost.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "nn")
+_impl = "auto"
+
+
+def set_impl(impl: str) -> None:
+  """``"auto"`` (NN matmuls on CPU, XLA's dot elsewhere), ``"xla"`` (always XLA's) or ``"nn"`` (always NN)."""
+  global _impl
+  if impl not in IMPLS:
+    raise ValueError(f"matmul impl={impl!r}: expected one of {IMPLS}")
+  _impl = impl
+
+
+def use_nn() -> bool:
+  """Whether `matmul` takes the NN path (decided at trace time)."""
+  return _impl == "nn" or (_impl == "auto" and jax.default_backend() == "cpu")
+
+
+def physical_transpose(a: jax.Array) -> jax.Array:
+  """``a.T`` for a 2-D array, written so that XLA materialises it instead of folding it into a dot."""
+  r, c = a.shape
+  if c % 2 == 0:
+    return jnp.transpose(a.reshape(r, 2, c // 2), (1, 2, 0)).reshape(c, r)
+  if r % 2 == 0:
+    return jnp.transpose(a.reshape(2, r // 2, c), (2, 0, 1)).reshape(c, r)
+  return a.T  # odd x odd: rare and tiny in practice; XLA's own handling
+
+
+def _dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jax.lax.dot(a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _nn_matmul(x2: jax.Array, w: jax.Array) -> jax.Array:
+  return _dot_f32(x2, w).astype(jnp.result_type(x2, w))
+
+
+def _nn_fwd(x2, w):
+  return _nn_matmul(x2, w), (x2, w)
+
+
+def _nn_bwd(res, g):
+  x2, w = res
+  dx = _dot_f32(g, physical_transpose(w)).astype(x2.dtype)
+  dw = _dot_f32(physical_transpose(x2), g).astype(w.dtype)
+  return dx, dw
+
+
+_nn_matmul.defvjp(_nn_fwd, _nn_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x [..., K] @ w [K, N] -> [..., N]`` in the operands' (common) dtype, float32 accumulation."""
+  if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"matmul: x {x.shape} and w {w.shape} do not contract (need w 2-D, x[-1] == w[0])")
+  if not use_nn():
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
+  lead = x.shape[:-1]
+  y = _nn_matmul(x.reshape(-1, x.shape[-1]), w)
+  return y.reshape(*lead, w.shape[1])
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                      out_sharding=None):
+  """``lax.dot_general`` drop-in for ``nnx.Linear`` (its ``x @ kernel`` form only) using `matmul`."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+  y = matmul(lhs, rhs)
+  return y if preferred_element_type is None else y.astype(preferred_element_type)

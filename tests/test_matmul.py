@@ -1,0 +1,75 @@
+"""lkjax.models.matmul: the NN-form matmul equals ``x @ w`` in value and gradient."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lkjax.models import matmul as M
+
+
+@pytest.fixture
+def nn_impl():
+  M.set_impl("nn")
+  yield
+  M.set_impl("auto")
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (2, 6, 8), (7, 9)])
+def test_physical_transpose_is_transpose(shape):
+  a = jnp.arange(np.prod(shape[-2:]), dtype=jnp.float32).reshape(shape[-2:])
+  np.testing.assert_array_equal(M.physical_transpose(a), a.T)
+
+
+@pytest.mark.parametrize("xshape,wshape", [((12, 8), (8, 6)), ((3, 4, 8), (8, 10)), ((5, 7), (7, 9))])
+def test_matmul_value_and_grads_equal_dot_fp32(nn_impl, xshape, wshape):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, xshape, jnp.float32)
+  w = jax.random.normal(kw, wshape, jnp.float32)
+  g = jax.random.normal(kg, xshape[:-1] + wshape[-1:], jnp.float32)
+  ref = lambda x, w: jnp.sum(jnp.matmul(x, w, precision="highest") * g)  # noqa: E731
+  got = lambda x, w: jnp.sum(M.matmul(x, w) * g)  # noqa: E731
+  np.testing.assert_allclose(M.matmul(x, w), jnp.matmul(x, w, precision="highest"), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.jit(jax.grad(got, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_matmul_bf16_accumulates_in_fp32(nn_impl):
+  # 4096 products of 1 + 2^-8: a bf16 accumulator would stall near 256 (spacing 2 there); f32 does not.
+  k = 4096
+  x = jnp.full((2, k), 1.0 + 2.0 ** -7, jnp.bfloat16)
+  w = jnp.full((k, 3), 1.0, jnp.bfloat16)
+  y = M.matmul(x, w)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), k * (1 + 2.0 ** -7), rtol=2 ** -7)
+  gx, gw = jax.grad(lambda x, w: jnp.sum(M.matmul(x, w).astype(jnp.float32)), (0, 1))(x, w)
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gw, np.float32), 2 * (1 + 2.0 ** -7), rtol=2 ** -7)
+
+
+def test_nn_and_xla_paths_agree_in_a_linear_layer(nn_impl):
+  from flax import nnx
+  from lkjax.models.layers import dense
+  layer = dense(16, 12, ("embed", "mlp"), dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  y_nn = layer(x)
+  M.set_impl("xla")
+  y_xla = layer(x)
+  np.testing.assert_allclose(y_nn, y_xla, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y_nn, x @ layer.kernel[...], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_dot_general_falls_back_for_other_contractions():
+  a = jax.random.normal(jax.random.key(0), (4, 3))
+  b = jax.random.normal(jax.random.key(1), (5, 3))
+  out = M.dense_dot_general(a, b, (((1,), (1,)), ((), ())))
+  np.testing.assert_allclose(out, a @ b.T, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="impl"):
+    M.set_impl("fast")
+  with pytest.raises(ValueError, match="do not contract"):
+    M.matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
