@@ -70,7 +70,10 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
   c.loss.lam = float(a.lam)          # fixed_lambda only
   c.loss.gamma = 0.8                 # head k weighted gamma**k
   c.loss.schedule = ml_collections.ConfigDict(dict(start=1.0, end=0.0, shape=a.schedule))  # lambda_schedule
-  c.loss.chunk_size = 0              # >0: vocabulary-chunked loss (large vocabularies); 0: reference
+  # per_head: each head's logits go straight into the hand-written-VJP alpha/KL (lkjax.train.step.
+  # per_head_loss; no [K, B, T, Vd] array); reference: stacked logits + autodiff of lkjax.losses.lk_loss.
+  c.loss.impl = "per_head"
+  c.loss.chunk_size = 0              # vocabulary chunk of the loss; 0: 8192 (per_head) / unchunked (reference)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 4e-4

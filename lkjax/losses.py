@@ -321,6 +321,24 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
         draft_logits, target_logits, draft_vocab=draft_vocab, target_lse=lse, chunk_size=int(chunk_size),
         grad_alpha=kind != "kl", grad_kl=kind not in ("tv", "lk_alpha"))
 
+  return lk_objective(alpha, kl, mask, kind, eta=eta, lam=lam, gamma=gamma, step=step, schedule=schedule)
+
+
+def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *, eta: float = 3.0,
+                 lam: float | None = None, gamma: float = 0.8, step: Any = None,
+                 schedule: LambdaSchedule | Mapping[str, Any] | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The multi-head objective from per-token terms: the reduction half of `lk_loss`.
+
+  ``alpha`` and ``kl`` are float32 ``[K, ...]`` per-token acceptance rates and KL(p~||q) (as from
+  `token_divergences` or `lkjax.losses_chunked.token_alpha_kl`); ``mask [K, ...]`` selects the trained
+  predictions.  Callers that compute the per-token terms head by head (the trainer: no ``[K, B, T, Vd]``
+  array) use this directly; arguments are otherwise those of `lk_loss`, already validated there.
+  """
+  num_heads = alpha.shape[0]
+  weights = head_weights(num_heads, gamma)
+  if kind == "lambda_schedule" and not isinstance(schedule, LambdaSchedule):
+    schedule = LambdaSchedule.from_any(schedule)
   m = jnp.asarray(mask).astype(bool)
   axes = tuple(range(1, m.ndim))
   tokens = jnp.sum(m, axis=axes).astype(jnp.float32)
@@ -358,4 +376,4 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
 
 
 __all__ = ["LOSS_KINDS", "ALPHA_EPS", "LambdaSchedule", "head_weights", "acceptance_rate",
-           "token_divergences", "lk_loss"]
+           "token_divergences", "lk_loss", "lk_objective"]

@@ -228,3 +228,65 @@ def test_eval_aggregation_is_token_weighted():
   np.testing.assert_allclose(out["kl"], [(10 + 90) / 40, 4.0])
   np.testing.assert_allclose(out["loss"], (1 * 10 + 3 * 50) / 60)
   np.testing.assert_allclose(out["tau"], 1 + 29 / 40 + 29 / 40 * 0.4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-head loss path (model.features) equals the reference path (stacked logits + lk_loss autodiff)
+
+
+@pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
+@pytest.mark.parametrize("kind", ["kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule"])
+def test_per_head_loss_equals_reference(arch, kind):
+  from draft_testing import TINY
+  from lkjax.models import registry
+  info = TINY
+  r = np.random.default_rng(0)
+  vd = 40 if arch != "mlp_speculator" else info.vocab_size
+  ids = None if vd == info.vocab_size else np.sort(r.choice(info.vocab_size, vd, replace=False)).astype(np.int32)
+  cfg = registry.default_model_config(arch, info)
+  cfg.draft_vocab_size = 0 if ids is None else vd
+  h = info.hidden_size
+  weights = {"embed_tokens": (r.standard_normal((info.vocab_size, h)) * 0.5).astype(np.float32),
+             "lm_head": (r.standard_normal((info.vocab_size, h)) * 0.5).astype(np.float32),
+             "norm": np.ones(h, np.float32)}
+  with nnx.use_eager_sharding(False):
+    model = registry.build_draft(cfg, info, draft_vocab=ids, target_weights=weights, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  b, t = 3, 12
+  seg = np.ones((b, t), np.int32)
+  seg[0, 7:] = 2           # two packed documents in row 0
+  seg[1, 10:] = 0          # padding at the end of row 1
+  batch = dict(input_ids=r.integers(0, info.vocab_size, (b, t)).astype(np.int32),
+               loss_mask=((r.random((b, t)) < 0.8) & (seg > 0)).astype(np.uint8), segment_ids=seg,
+               positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+               aux_hidden=r.standard_normal((b, t, info.num_aux * h)).astype(np.float32),
+               final_hidden=r.standard_normal((b, t, h)).astype(np.float32))
+  target = {"lm_head": weights["lm_head"]}
+  if ids is not None:
+    target["draft_ids"] = ids
+  lcfg = loss_cfg(kind)
+  kw = step_lib.loss_kwargs(lcfg, total_steps=10)
+  step = jnp.asarray(3, jnp.int32)
+  from lkjax.losses import lk_loss
+
+  def f(impl):
+    def loss(p):
+      return step_lib._forward_loss(graphdef, lk_loss, kind, kw, jnp.float32, p, rest, target, batch, step, impl)
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (l_ref, m_ref), g_ref = f("reference")
+  (l_new, m_new), g_new = f("per_head")
+  np.testing.assert_allclose(l_new, l_ref, rtol=1e-5, atol=1e-6)
+  for key in m_ref:
+    np.testing.assert_allclose(m_new[key], m_ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert float(m_ref["tokens"].sum()) > 0
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=2e-4, atol=1e-6), g_new, g_ref)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_ref)) > 0
+
+
+def test_unknown_loss_impl_is_rejected():
+  cfg = loss_cfg("kl")
+  cfg.impl = "fast"
+  with pytest.raises(ValueError, match="loss.impl"):
+    step_lib.loss_impl(cfg)

@@ -49,6 +49,15 @@ class DraftModel(Protocol):
   def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Teacher-forced training forward -> logits ``[K, B, T, Vd]`` (alignment above)."""
 
+  def features(self, batch: Mapping[str, jax.Array]) -> list[jax.Array]:
+    """The same forward up to each head's input: K arrays ``[B, T, D]`` (``__call__`` = their logits).
+
+    The trainer works head by head from these (`lkjax.train.step`): it never builds ``[K, B, T, Vd]``.
+    """
+
+  def feature_logits(self, features: jax.Array, k: int) -> jax.Array:
+    """Head / step / stage k's output layer: ``[..., D] -> [..., Vd]`` (compute dtype)."""
+
   def init_cache(self, batch_size: int, max_len: int) -> Any:
     """Empty drafting state (a pytree of arrays)."""
 
@@ -69,6 +78,19 @@ def shift_left(x: jax.Array, n: int, axis: int = 1, fill=0) -> jax.Array:
   pad_shape = list(x.shape)
   pad_shape[axis] = n
   return jnp.concatenate([body, jnp.full(pad_shape, fill, x.dtype)], axis=axis)
+
+
+def shift_right(x: jax.Array, n: int, axis: int = 1, fill=0) -> jax.Array:
+  """``y[..., t, ...] = x[..., t-n, ...]``, padded with ``fill`` before the start (n >= 0)."""
+  if n == 0:
+    return x
+  size = x.shape[axis]
+  if n >= size:
+    return jnp.full_like(x, fill)
+  body = jax.lax.slice_in_dim(x, 0, size - n, axis=axis)
+  pad_shape = list(x.shape)
+  pad_shape[axis] = n
+  return jnp.concatenate([jnp.full(pad_shape, fill, x.dtype), body], axis=axis)
 
 
 def head_mask(loss_mask: jax.Array, segment_ids: jax.Array, num_heads: int) -> jax.Array:

@@ -167,6 +167,15 @@ class Eagle3(nnx.Module):
 
     Uses ``input_ids``, ``segment_ids``, ``positions``, ``aux_hidden`` of the batch (base.py schema).
     """
+    return jnp.stack([self.feature_logits(y, i) for i, y in enumerate(self.features(batch))], axis=0)
+
+  def feature_logits(self, features: jax.Array, k: int) -> jax.Array:
+    """Step k's logits from its pre-norm output ``y`` (every step shares ``norm`` and ``lm_head``)."""
+    del k
+    return self._logits(features)
+
+  def features(self, batch: Mapping[str, jax.Array]) -> list[jax.Array]:
+    """The K TTT steps' pre-norm outputs ``y [B, T, H]`` (see `__call__`)."""
     ids, pos = batch["input_ids"].astype(jnp.int32), batch["positions"].astype(jnp.int32)
     prefix, own = ttt_attention_mask(batch["segment_ids"], self.num_heads - 1)
     g = self._first_hidden(batch["aux_hidden"])
@@ -192,9 +201,9 @@ class Eagle3(nnx.Module):
           step0.append(kv)
         else:
           later[l].append(kv)
-      out.append(self._logits(y))
+      out.append(y)
       g = y
-    return jnp.stack(out, axis=0)
+    return out
 
   # ------------------------------------------------------------------ drafting
   def init_cache(self, batch_size: int, max_len: int) -> dict[str, Any]:

@@ -87,21 +87,33 @@ class Medusa(nnx.Module):
     self.lm_head = partitioned_param(init, (None, "embed", "vocab"), rngs.params(), (K, H, Vd))
     self.draft_vocab = None if ids is None else Frozen(jnp.asarray(ids))
 
-  def head_logits(self, h: jax.Array) -> jax.Array:
-    """All K heads on final hidden states ``h [..., Ht]`` -> logits ``[K, ..., Vd]`` (compute dtype)."""
+  def head_features(self, h: jax.Array) -> list[jax.Array]:
+    """Each head's residual blocks on final hidden states ``h [..., Ht]`` -> K arrays ``[..., Ht]``."""
     if h.shape[-1] != self.hidden_size:
       raise ValueError(f"final_hidden: last dim {h.shape[-1]} != hidden_size {self.hidden_size}")
     dt = self.dtype
-    x = jnp.broadcast_to(h.astype(dt), (self.num_heads,) + h.shape)
-    bshape = (self.num_heads,) + (1,) * (h.ndim - 1) + (self.hidden_size,)
+    xs = [h.astype(dt)] * self.num_heads
     for l in range(self.num_layers):
       w = self.w[...][:, l].astype(dt)
-      y = jnp.stack([matmul(x[k], w[k]) for k in range(self.num_heads)])  # K NN matmuls (models/matmul.py)
-      if self.b is not None:
-        y = y + self.b[...][:, l].astype(dt).reshape(bshape)
-      x = x + jax.nn.silu(y)
-    head = self.lm_head[...].astype(dt)
-    return jnp.stack([matmul(x[k], head[k]) for k in range(self.num_heads)])
+      b = None if self.b is None else self.b[...][:, l].astype(dt)
+      for k in range(self.num_heads):
+        y = matmul(xs[k], w[k])                   # one NN matmul per head (lkjax.models.matmul)
+        if b is not None:
+          y = y + b[k]
+        xs[k] = xs[k] + jax.nn.silu(y)
+    return xs
+
+  def feature_logits(self, features: jax.Array, k: int) -> jax.Array:
+    """Head k's LM head: ``[..., Ht] -> [..., Vd]``."""
+    return matmul(features, self.lm_head[...][k].astype(self.dtype))
+
+  def head_logits(self, h: jax.Array) -> jax.Array:
+    """All K heads on final hidden states ``h [..., Ht]`` -> logits ``[K, ..., Vd]`` (compute dtype)."""
+    return jnp.stack([self.feature_logits(x, k) for k, x in enumerate(self.head_features(h))])
+
+  def features(self, batch: Mapping[str, jax.Array]) -> list[jax.Array]:
+    """The K heads' inputs to their LM heads, ``[B, T, Ht]`` each (see `__call__`)."""
+    return self.head_features(batch["final_hidden"])
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Training forward: ``batch['final_hidden'] [B, T, Ht]`` -> logits ``[K, B, T, Vd]``.

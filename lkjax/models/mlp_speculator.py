@@ -127,6 +127,11 @@ class MLPSpeculator(nnx.Module):
 
   def stage(self, i: int, state: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Stage i: ``state [..., in]``, target ids ``tokens int[...]`` -> (new state ``[..., D]``, logits ``[..., Vd]``)."""
+    state = self.stage_state(i, state, tokens)
+    return state, self.feature_logits(state, i)
+
+  def stage_state(self, i: int, state: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Stage i's new state ``[..., D]`` (`stage` without the head)."""
     dt = self.dtype
     e, p = self._stage_index(i)
     z = jnp.take(self.emb[...][e], tokens, axis=0).astype(dt)
@@ -134,8 +139,7 @@ class MLPSpeculator(nnx.Module):
     proj = self.proj0[...] if i == 0 else self.proj[...][p]
     x = matmul(state, proj.astype(dt)) * jnp.asarray(self.state_weight, dt) + z
     x = speculator_norm(x, self.ln_w[...][e], self.ln_b[...][e])
-    state = jax.nn.gelu(x, approximate=False)
-    return state, matmul(state, self.head[...][e].astype(dt))
+    return jax.nn.gelu(x, approximate=False)
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Teacher-forced training forward -> logits ``[K, B, T, Vd]`` (compute dtype).
@@ -143,13 +147,22 @@ class MLPSpeculator(nnx.Module):
     Reads ``final_hidden [B, T, Ht]`` and ``input_ids [B, T]``; stage i at t reads x[t+1+i] (zero past
     the end of the row, where `head_mask` is False) and predicts x[t+2+i].
     """
+    return jnp.stack([self.feature_logits(s, i) for i, s in enumerate(self.features(batch))], axis=0)
+
+  def features(self, batch: Mapping[str, jax.Array]) -> list[jax.Array]:
+    """The K stages' states ``[B, T, inner_dim]`` (see `__call__`)."""
     state = self.init_state(batch["final_hidden"])
     ids = batch["input_ids"].astype(jnp.int32)
     out = []
     for i in range(self.num_heads):
-      state, logits = self.stage(i, state, shift_left(ids, 1 + i, axis=1))
-      out.append(logits)
-    return jnp.stack(out, axis=0)
+      state = self.stage_state(i, state, shift_left(ids, 1 + i, axis=1))
+      out.append(state)
+    return out
+
+  def feature_logits(self, features: jax.Array, k: int) -> jax.Array:
+    """Stage k's logits from its state (its own head, or the shared one)."""
+    e, _ = self._stage_index(k)
+    return matmul(features, self.head[...][e].astype(self.dtype))
 
   def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
     """Drafting state: last committed final hidden ``hidden f32[B, Ht]`` and token ``token int32[B]``."""

@@ -140,6 +140,10 @@ class MTP(nnx.Module):
 
     Uses ``input_ids``, ``segment_ids``, ``positions``, ``final_hidden`` (base.py schema).
     """
+    return jnp.stack([self.feature_logits(h, k) for k, h in enumerate(self.features(batch))], axis=0)
+
+  def features(self, batch: Mapping[str, jax.Array]) -> list[jax.Array]:
+    """The K depths' normed outputs ``h^k [B, T, Ht]`` (see `__call__`)."""
     ids, pos = batch["input_ids"].astype(jnp.int32), batch["positions"].astype(jnp.int32)
     seg = batch["segment_ids"].astype(jnp.int32)
     self._check_hidden(batch["final_hidden"])
@@ -150,8 +154,13 @@ class MTP(nnx.Module):
     out = []
     for k in range(self.num_heads):
       h, _ = self.module(k)(self._embed(shift_left(ids, k + 1)), h, pos, attend)
-      out.append(self._logits(h))
-    return jnp.stack(out, axis=0)
+      out.append(h)
+    return out
+
+  def feature_logits(self, features: jax.Array, k: int) -> jax.Array:
+    """Depth k's logits from its normed output ``h`` (the shared frozen head)."""
+    del k
+    return self._logits(features)
 
   # ------------------------------------------------------------------ drafting
   def init_cache(self, batch_size: int, max_len: int) -> dict[str, Any]:

@@ -38,7 +38,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lkjax.models.base import head_mask, head_targets
+from lkjax import losses_chunked
+from lkjax.losses import lk_objective
+from lkjax.models.base import head_mask, head_targets, shift_right
 
 PRECISIONS = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -54,25 +56,38 @@ def cast_floating(tree: Any, dtype) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def target_distribution(final_hidden: jax.Array, lm_head: jax.Array, draft_ids: jax.Array | None,
-                        num_heads: int) -> tuple[jax.Array, jax.Array]:
-  """Target logits on the draft vocabulary and the full-vocabulary lse, shifted per head.
+def target_logits(final_hidden: jax.Array, lm_head: jax.Array,
+                  draft_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Target logits on the draft vocabulary and the full-vocabulary lse at every position (unshifted).
 
   Args:
     final_hidden: ``[B, T, Ht]`` target final (post-norm) hidden states.
     lm_head: ``[V, Ht]`` target LM head (torch layout).
     draft_ids: ``int[Vd]`` ascending target ids of the draft vocabulary, or None (Vd = V).
-    num_heads: K.
 
   Returns:
-    ``(y_d [K, B, T, Vd], lse [K, B, T])`` float32, ``y_d[k, b, t] = (h[b, t+k+1] @ lm_head.T)[draft_ids]``,
-    zero past the end (`head_targets`; the mask is False there).
+    ``(y_d [B, T, Vd], lse [B, T])`` float32: ``y_d[b, t] = (h[b, t] @ lm_head.T)[draft_ids]``.
   """
   logits = jnp.einsum("bth,vh->btv", final_hidden.astype(jnp.float32), lm_head.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
   lse = jax.nn.logsumexp(logits, axis=-1)
   sub = logits if draft_ids is None else jnp.take(logits, draft_ids, axis=-1)
+  return sub, lse
+
+
+def target_distribution(final_hidden: jax.Array, lm_head: jax.Array, draft_ids: jax.Array | None,
+                        num_heads: int) -> tuple[jax.Array, jax.Array]:
+  """`target_logits` shifted per head, for the reference loss path on ``[K, B, T, Vd]`` logits.
+
+  Returns:
+    ``(y_d [K, B, T, Vd], lse [K, B, T])`` float32, ``y_d[k, b, t] = (h[b, t+k+1] @ lm_head.T)[draft_ids]``,
+    zero past the end (`head_targets`; the mask is False there).
+  """
+  sub, lse = target_logits(final_hidden, lm_head, draft_ids)
   return head_targets(sub, num_heads), head_targets(lse, num_heads)
+
+
+LOSS_IMPLS = ("per_head", "reference")
 
 
 def loss_kwargs(loss_cfg: ml_collections.ConfigDict, total_steps: int) -> dict[str, Any]:
@@ -87,10 +102,48 @@ def loss_kwargs(loss_cfg: ml_collections.ConfigDict, total_steps: int) -> dict[s
   return kw
 
 
+def loss_impl(loss_cfg: ml_collections.ConfigDict) -> str:
+  """The config's ``loss.impl`` (``per_head`` when absent: configs written before the knob existed)."""
+  impl = str(loss_cfg.get("impl", "per_head") or "per_head")
+  if impl not in LOSS_IMPLS:
+    raise ValueError(f"loss.impl={impl!r}: expected one of {LOSS_IMPLS}")
+  return impl
+
+
+def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, jax.Array], kind: str,
+                  kw: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The LK objective head by head from ``model.features``: no ``[K, B, T, Vd]`` array is built.
+
+  Head k's features are shifted right by k+1 positions (so row t holds the prediction of x[t+1]
+  made at t-k-1), which lines every head up with the UNshifted target logits ``[B, T, Vd]``; its
+  logits feed `lkjax.losses_chunked.token_alpha_kl` (hand-written VJP: one fused pass per direction,
+  vocabulary chunks of ``chunk_size``, default 8192), and `lkjax.losses.lk_objective` reduces the
+  ``[K, B, T]`` per-token terms exactly as `lkjax.losses.lk_loss` does.
+  """
+  feats = model.features(batch)
+  num_heads = len(feats)
+  y_d, lse = target_logits(jax.lax.stop_gradient(batch["final_hidden"]), target["lm_head"],
+                           target.get("draft_ids"))
+  mask = head_mask(batch["loss_mask"], batch["segment_ids"], num_heads)
+  chunk = int(kw.get("chunk_size") or losses_chunked.DEFAULT_CHUNK_SIZE)
+  alphas, kls, masks = [], [], []
+  for k, f in enumerate(feats):
+    z = model.feature_logits(shift_right(f, k + 1, axis=1), k)
+    a, kl = losses_chunked.token_alpha_kl(z, y_d, target_lse=lse, chunk_size=chunk,
+                                          grad_alpha=kind != "kl", grad_kl=kind not in ("tv", "lk_alpha"))
+    alphas.append(a)
+    kls.append(kl)
+    masks.append(shift_right(mask[k], k + 1, axis=1, fill=False))
+  obj_kw = {key: v for key, v in kw.items() if key != "chunk_size"}
+  return lk_objective(jnp.stack(alphas), jnp.stack(kls), jnp.stack(masks), kind, **obj_kw)
+
+
 def _forward_loss(graphdef, loss_fn: Callable, kind: str, kw: Mapping[str, Any], dtype,
-                  params, rest, target, batch, step):
+                  params, rest, target, batch, step, impl: str = "per_head"):
   """Loss and metrics of one (micro-)batch; differentiable in ``params``."""
   model = nnx.merge(graphdef, cast_floating(params, dtype), cast_floating(rest, dtype))
+  if impl == "per_head" and hasattr(model, "features"):
+    return per_head_loss(model, batch, target, kind, dict(kw, step=step))
   logits = model(batch)
   num_heads = logits.shape[0]
   mask = head_mask(batch["loss_mask"], batch["segment_ids"], num_heads)
@@ -134,11 +187,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
   Returns metrics: per head ``alpha``, ``lambda``, ``kl``, ``tv`` ``[K]`` (and the other lk_loss metrics),
   scalars ``loss``, ``tau``, ``grad_norm`` (before clipping), ``lr``-free (the loop logs the schedule).
   """
+  custom_loss = loss_fn
   if loss_fn is None:
     from lkjax.losses import lk_loss as loss_fn
   dtype = compute_dtype(precision)
   kind = loss_cfg.kind
   kw = loss_kwargs(loss_cfg, total_steps)
+  impl = loss_impl(loss_cfg) if custom_loss is None else "reference"
   accum = int(grad_accum)
   batch_axes = None
   if shardings is not None and accum > 1:
@@ -146,7 +201,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     batch_axes = lambda nd: NamedSharding(mesh, P(None, *bspec(nd - 1)))  # noqa: E731
 
   def grads_of(params, rest, target, batch, step):
-    f = lambda p: _forward_loss(graphdef, loss_fn, kind, kw, dtype, p, rest, target, batch, step)  # noqa: E731
+    f = lambda p: _forward_loss(graphdef, loss_fn, kind, kw, dtype, p, rest, target, batch, step, impl)  # noqa: E731
     (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
     return grads, metrics
 
@@ -187,13 +242,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 def make_eval_step(graphdef: nnx.GraphDef, loss_cfg, *, total_steps: int, precision: str = "fp32",
                    shardings: Mapping[str, Any] | None = None, loss_fn: Callable | None = None) -> Callable:
   """Jitted ``eval_step(params, rest, target, batch, step) -> metrics`` (no gradient, no update)."""
+  custom_loss = loss_fn
   if loss_fn is None:
     from lkjax.losses import lk_loss as loss_fn
   dtype = compute_dtype(precision)
   kind, kw = loss_cfg.kind, loss_kwargs(loss_cfg, total_steps)
+  impl = loss_impl(loss_cfg) if custom_loss is None else "reference"
 
   def eval_step(params, rest, target, batch, step):
-    return _forward_loss(graphdef, loss_fn, kind, kw, dtype, params, rest, target, batch, step)[1]
+    return _forward_loss(graphdef, loss_fn, kind, kw, dtype, params, rest, target, batch, step, impl)[1]
 
   if shardings is None:
     return jax.jit(eval_step)
