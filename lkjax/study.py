@@ -204,7 +204,23 @@ def run_overrides(run: RunSpec, plan: ml_collections.ConfigDict, data_dir: str) 
       "batch_size": int(t.batch_size), "num_steps": int(t.num_steps), "optim.warmup_steps": int(t.warmup_steps),
       "eval_every": int(t.eval_every), "eval_steps": int(t.eval_steps), "log_every": int(t.log_every),
       "checkpoint.every": int(t.checkpoint_every), "precision": str(t.precision)})
+  if t.get("lr", 0):
+    o["optim.lr"] = float(t.lr)
+  o.update(_dotted(plan.get("arch_overrides", {}).get(run.arch, {})))
   return o
+
+
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """Nested mapping / ConfigDict -> flat ``{"a.b.c": value}`` overrides."""
+  items = tree.items() if hasattr(tree, "items") else []
+  out: dict[str, Any] = {}
+  for k, v in items:
+    key = f"{prefix}{k}"
+    if hasattr(v, "items"):
+      out.update(_dotted(v, key + "."))
+    else:
+      out[key] = v
+  return out
 
 
 def run_config(run: RunSpec, plan: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
@@ -221,7 +237,8 @@ def eval_settings(plan: ml_collections.ConfigDict) -> dict[str, Any]:
   e = plan.eval
   return dict(benchmarks=list(e.benchmarks), temperatures=[float(t) for t in e.temperatures],
               limit=int(e.limit) or None, max_new_tokens=int(e.max_new_tokens), seed=int(e.seed),
-              n_boot=int(e.n_boot), offline_max_batches=int(e.offline_max_batches) or None)
+              n_boot=int(e.n_boot), offline_max_batches=int(e.offline_max_batches) or None,
+              baseline=bool(e.get("baseline", True)))
 
 
 def data_settings(plan: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -374,7 +391,7 @@ def default_eval(run: RunSpec, config: ml_collections.ConfigDict, train_workdir:
                         max_new_tokens=e["max_new_tokens"], limit=e["limit"], seed=e["seed"], offline=offline,
                         out_dir=out_dir, label=f"{ARCH_TITLES[run.arch]} {run.label} s{run.seed}",
                         num_threads=int(plan.eval.num_threads) or None, n_boot=e["n_boot"], progress=True,
-                        meta=dict(run=run.name, train_step=trained.step))
+                        meta=dict(run=run.name, train_step=trained.step), baseline=e["baseline"])
 
 
 # ----------------------------------------------------------------------------------------------- orchestration

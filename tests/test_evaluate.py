@@ -162,6 +162,23 @@ def test_greedy_speculative_equals_target_only(evaluated):
   assert any(r["speculative"] for r in greedy)
 
 
+def test_without_baseline_tau_is_unchanged_and_target_fields_are_empty(evaluated, tiny):
+  rep, _, _ = evaluated
+  target, draft = tiny
+  quick = run_lib.evaluate_draft(draft, target, benchmarks=("mt_bench", "humaneval", "gsm8k"),
+                                 temperatures=(0.0, 1.0), num_draft=K, max_new_tokens=12, max_context=64,
+                                 seed=3, label="tiny", prompts=prompts(), num_threads=THREADS, progress=False,
+                                 n_boot=200, commit_chunk=8, baseline=False)
+  assert quick["meta"]["baseline"] is False and rep["meta"]["baseline"] is True
+  for a, b in zip(quick["prompts"], rep["prompts"]):
+    assert a["accept_lengths"] == b["accept_lengths"] and a["new_tokens"] == b["new_tokens"]
+    assert a["target_seconds"] is None and a["target_new_tokens"] is None
+  for t, g in quick["temperatures"].items():
+    for b, s in g["benchmarks"].items():
+      assert s["tau"] == rep["temperatures"][t]["benchmarks"][b]["tau"]
+      assert s["speedup"] is None and s["target_tokens_per_s"] is None and s["spec_tokens_per_s"] > 0
+
+
 def test_mt_bench_second_turn_sees_own_first_answer(evaluated, tiny):
   rep, calls, out = evaluated
   target = tiny[0]

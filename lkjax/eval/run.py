@@ -252,7 +252,7 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
                    label: str = "draft", prompts: Mapping[str, Sequence[EvalPrompt]] | None = None,
                    num_threads: int | None = None, jit: bool = True, warmup: bool = True,
                    progress: bool = True, n_boot: int = 2000, commit_chunk: int = COMMIT_CHUNK,
-                   meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   meta: Mapping[str, Any] | None = None, baseline: bool = True) -> dict[str, Any]:
   """Measure tau (and speed) of ``draft`` against ``target``; write and return the report.
 
   Args:
@@ -277,6 +277,8 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
     n_boot: bootstrap replicates for the 95% CIs.
     commit_chunk: largest ctx chunk of the jitted draft (`JittedDraft`).
     meta: extra entries for ``report["meta"]``.
+    baseline: also decode every prompt with the target alone (interleaved, same seeds) for tokens/s and
+      the speed-up; False skips it (tau only, about a third less decoding time; target fields are None).
 
   Returns:
     The `lkjax.eval.report.build_report` dict plus ``"prompts"`` (one record per prompt and turn:
@@ -331,7 +333,7 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
         first = prompt_sets[benchmarks[0]][0]
         ids = list(target.encode_prompt(first.turns[0]))
         for t in temperatures:
-          for fn in (spec, plain):
+          for fn in (spec, plain) if baseline else (spec,):
             fn(ids, t, seed, min(max_new_tokens, WARMUP_MAX_NEW_TOKENS))
         timings["warmup_s"] = time.perf_counter() - t0
       t_run = time.perf_counter()
@@ -342,9 +344,11 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
           for pi, p in enumerate(bar):
             # Interleaved per prompt: both modes see the same machine load (shared CPUs drift).
             s_turns = run_conversation(target, p, lambda ids, j: spec(ids, t, _prompt_seed(seed, bi, pi, j)))
-            t_turns = run_conversation(target, p, lambda ids, j: plain(ids, t, _prompt_seed(seed, bi, pi, j)))
+            t_turns = (run_conversation(target, p, lambda ids, j: plain(ids, t, _prompt_seed(seed, bi, pi, j)))
+                       if baseline else [None] * len(s_turns))
             spec_res.append(MergedResult.of(s_turns, num_draft))
-            tgt_res.append(MergedResult.of(t_turns, num_draft))
+            if baseline:
+              tgt_res.append(MergedResult.of(t_turns, num_draft))
             for j, (st, tt) in enumerate(zip(s_turns, t_turns)):
               r = st.result
               records.append(dict(
@@ -352,10 +356,11 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
                   truncated_prompt_tokens=r.truncated_prompt_tokens, accept_lengths=list(r.accept_lengths),
                   tau=report_lib.tau(r.accepted, r.drafted, num_draft) if r.drafted else None,
                   new_tokens=r.num_new_tokens, seconds=r.seconds, stopped_by_eos=r.stopped_by_eos,
-                  target_prompt_tokens=tt.result.prompt_tokens, target_new_tokens=tt.result.num_new_tokens,
-                  target_seconds=tt.result.seconds))
+                  target_prompt_tokens=tt.result.prompt_tokens if tt else None,
+                  target_new_tokens=tt.result.num_new_tokens if tt else None,
+                  target_seconds=tt.result.seconds if tt else None))
               answers.append(dict(benchmark=bench, temperature=t, id=p.id, turn=j, prompt_tokens=len(st.prompt_ids),
-                                  speculative=st.answer, target=tt.answer))
+                                  speculative=st.answer, target=tt.answer if tt else None))
             acc = sum(sum(m.accept_lengths) for m in spec_res)
             rounds = sum(len(m.accept_lengths) for m in spec_res)
             if rounds:
@@ -364,7 +369,8 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
           off = None
           if offline is not None and t == 1.0:
             off = float(offline["tau"])
-          runs.append(report_lib.BenchmarkRun.from_results(bench, t, spec_res, tgt_res, offline_tau=off))
+          runs.append(report_lib.BenchmarkRun.from_results(bench, t, spec_res, tgt_res if baseline else None,
+                                                           offline_tau=off))
       timings["decode_s"] = time.perf_counter() - t_run
   finally:
     verifier.close()
@@ -379,7 +385,7 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
       num_turns={b: sum(len(x.turns) for x in p) for b, p in prompt_sets.items()},
       truncated_turns=sum(int(r["truncated_prompt_tokens"] > 0) for r in records),
       gsm_symbolic_seed=GSM_SEED, eos_token_id=eos, chat_template=bool(getattr(target, "has_chat_template", False)),
-      torch_threads=threads, jit=bool(jit), warmup=bool(warmup), timings=timings,
+      torch_threads=threads, jit=bool(jit), warmup=bool(warmup), baseline=bool(baseline), timings=timings,
       offline=None if offline is None else dict(offline),
       host=dict(machine=platform.machine(), cpus=os.cpu_count(), jax_backend=jax.default_backend()))
   meta_out.update(meta or {})
