@@ -14,42 +14,33 @@ turns this config into the run list:
 GSM-Symbolic with K = 7 (EAGLE-3, MTP) or 6 (MEDUSA, MLP-Speculator), bootstrap 95% CIs over prompts,
 and the offline tau_off on the validation shards.
 
-Budget arithmetic for the default (CPU) variant -- 2-core CPU, about 6 hours in all
--------------------------------------------------------------------------------------
-Unit costs were measured (``MEASURED`` below; ``python experiments/reproduce.py --measure`` re-measures,
-`lkjax.study.time_costs`) on this machine WHILE ~6 other jobs shared its 2 cores (load average ~8):
-the measuring process got cpu_share = 0.47 CPU-seconds per second. The study itself is meant to run
-alone, so the estimate rescales the measured wall times by 0.47 / 1.7 (1.7 effective cores of 2) =
-x0.28. That is fair for the compute-bound parts (training: XLA matmuls; data: batched generation and
-the hidden-state forward) and optimistic-to-unknown for evaluation, which is latency-bound (one target
-forward per round at batch 1) and suffers more than linearly from oversubscription.
+Budget for the default (CPU) variant -- 2-core CPU, at most ~6 hours in all
+------------------------------------------------------------------------------
+Unit costs on this 2-core machine (2026-11-22; ``python experiments/reproduce.py --measure`` re-measures):
+  * data: regenerating the 480 prompts took 24 min and the hidden-state pass ~10 min, both while other
+    jobs shared the machine (generation ~1.1 s/prompt alone, batch 16, <= 128 new tokens).
+  * evaluation, one turn at one temperature, 32 new tokens, SmolLM2 verifying on CPU: ~5-6 s of
+    speculative decoding for a barely trained draft (a round per token; fewer rounds as tau grows) and
+    ~2.6 s more when the target-only baseline is also decoded.  The study skips the baseline
+    (``eval.baseline = False``): tau does not need it and CPU speed-ups of a 135M target say nothing.
+    Per run ~1 min of compile + warm-up + the offline tau_off on the validation split.
+  * training: the EAGLE-3 step at batch 8 x 256 is 6-10 s (the train step's speed is issue 9's subject;
+    docs/bench_train.md), the other drafts 4-8 s.
 
-  unit (measured wall, shared machine -> x0.28)     value
-  train step, batch 8 x 256 tokens (compile excluded)
-      EAGLE-3 32.9 s -> 9.1 s; MEDUSA 18.2 -> 5.0; MLP-Speculator 29.1 -> 8.1; MTP 24.9 -> 6.9
-      (916 / 485 / 503 / 782 GFLOP per step; K unrolled heads over an 8192-token draft vocabulary plus the
-      target's 49152-way log-sum-exp on every token)
-  data, per prompt: generation 20.7 s at <= 96 new tokens (batch 16) + hidden states 2.3 s
-  evaluation, one single-turn prompt at one temperature, 64 new tokens, speculative AND target-only
-      decoding (`evaluate_draft` always times both): 261 s -> 72 s (of which target-only 87 s -> 24 s);
-      per-run compile + warm-up + offline estimate: 230 s -> 64 s. The measuring draft was barely
-      trained (tau ~1, a round per token); a trained draft needs fewer rounds, so this is pessimistic.
+  stage   plan                                                 estimate (machine to itself)
+  data    480 prompts x <= 128 new tokens, prompts <= 800 chars ~0.6 h
+  train   19 runs x 60 steps x batch 8 x 256 tokens            ~2.1 h
+          (~1 epoch of the ~456 training sequences)
+  eval    19 runs x 2 temperatures x 3 prompts per benchmark   ~1.2 h
+          (MT-bench 3 questions x 2 turns + 3 HumanEval + 3 GSM8K = 12 turns), <= 32 new tokens per turn
+  total                                                        ~3.8 h
 
-  stage   plan                                               arithmetic (machine to itself)
-  data    320 prompts x 128 new tokens (2x the trainer's     320 x (20.7 x 128/96 + 2.3) x 0.28 = 0.7 h
-          default 160 x 128), prompts <= 800 characters
-  train   19 runs x 50 steps x batch 8 x 256 tokens          50 x (10 x 9.1 + 3 x 5.0 + 3 x 8.1 + 3 x 6.9)
-          (~1.3 epochs of the 304 training sequences)          = 50 x 151 s = 2.1 h
-  eval    19 runs x 2 temperatures x 2 prompts per benchmark 19 x (64 + 2 x 8 x 72 x 32/64) = 3.4 h
-          (MT-bench 2 questions x 2 turns + 2 HumanEval +
-          2 GSM8K = 8 turns), <= 32 new tokens per turn
-  total                                                      ~6.2 h  (as measured on the shared
-                                                             machine: ~22 h)
-
-Evaluation dominates and is the thinnest part of the plan (2 prompts per benchmark give wide CIs). It
-shrinks by a third to a half if `evaluate_draft` can skip the target-only decoding (only needed for
-speed-ups, not for tau); then ``limit=3`` or ``limit=4`` fits the same budget. Re-measure on an idle machine (``--measure``), update ``MEASURED``,
-and check ``--dry_run`` before launching; ``--max_hours`` bounds any overrun, and the key comparisons
+Budget adaptations (documented in docs/results.md): with ~120k training tokens per run instead of the
+paper's hundreds of millions, the recipe's lr 4e-4 barely moves the drafts.  20-step EAGLE-3 pilots on the trainer's default data
+(validation first-head alpha): 0.052 at lr 4e-4; with the draft LM head initialised from the target's,
+0.064 at 4e-4, 0.084 at 1e-3 and 0.076 at 3e-3.  So the study uses lr ``train.lr`` with a short warmup, and EAGLE-3's
+draft LM head starts from the target head's draft-vocabulary rows (MTP shares the target head and
+MEDUSA's heads start as it already).  ``--max_hours`` bounds any overrun, and the key comparisons
 (every arch's KL and L_lambda) run first.
 
 Variants (``--plan=configs/study.py:<args>``):
@@ -71,21 +62,26 @@ from lkjax.config_args import parse_arg
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Raw wall-clock timings behind the budget (seconds unless named otherwise), from `lkjax.study.time_costs`
-# (train, eval) and the data-preparation log (generation, hidden states) on the shared 2-core machine.
+# Raw wall-clock timings behind the budget (seconds unless named otherwise) on this 2-core machine,
+# 2026-11-22, while the developer's own jobs shared it (so pessimistic; cpu_share = the 1.7 effective
+# cores the study gets alone means no rescaling).  Re-measure: ``experiments/reproduce.py --measure``.
 MEASURED = dict(
-    when="2026-11-22, 2-vCPU AMD EPYC (AVX-512), load average ~8 from other engineers' jobs",
-    cpu_share=0.47,                  # CPU-seconds per wall-second the measuring process got (ps, 3 runs)
-    gen_s_per_prompt=20.7,           # 32 ShareGPT prompts <= 1500 chars, <= 96 new tokens, batch 16: 662 s
-    gen_max_new_tokens=96,
-    precompute_s_per_prompt=2.27,    # the same 32 replies: 4890 tokens in 72.7 s
-    train_step_s=dict(eagle3=32.85, medusa=18.18, mlp_speculator=29.12, mtp=24.92),
+    when="2026-11-22, 2-vCPU AMD EPYC (AVX-512), shared with 1-2 other jobs",
+    cpu_share=1.7,
+    gen_s_per_prompt=3.07,           # the study's 480 prompts, <= 128 new tokens, batch 16: 24.6 min
+    gen_max_new_tokens=128,
+    precompute_s_per_prompt=1.3,     # the same 480 replies (hidden states + shard writes)
+    train_step_s=dict(eagle3=7.6, medusa=4.5, mlp_speculator=6.0, mtp=6.5),  # batch 8 x 256, bf16; EAGLE-3
+                                     # from 20-step pilots, the others scaled by docs/bench_train.json
     train_tokens_per_step=8 * 256,
-    eval_prompt_s=261.1,             # one HumanEval prompt (170 tokens), mean of T = 0 (235 s) and T = 1 (287 s),
-                                     # both modes; a 3-step EAGLE-3 draft (tau ~1: 62 rounds for 64 tokens)
-    eval_max_new_tokens=64,
-    eval_overhead_s=229.9,           # compile 48 s + warm-up 159 s + offline estimate 23 s, per run
+    eval_prompt_s=5.9,               # one 32-token turn, speculative only (eval.baseline = False), idle
+                                     # machine, a 30-step EAGLE-3 (tau ~1.07); +2.6 s with the baseline
+    eval_max_new_tokens=32,
+    eval_overhead_s=75.0,            # model + target load, compile 15 s, warm-up 31 s, offline tau ~20 s
 )
+
+LR = 1e-3  # the study's learning rate (the recipe's 4e-4 barely moves a draft in 60 steps)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The study plan; ``arg``: ``gpu`` | ``tiny`` and ``steps=``, ``limit=``, ``prompts=``, ``data_dir=``."""
@@ -111,20 +107,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.extra_seeds = (1,)               # EAGLE-3 KL and L_lambda only
   c.extra_seed_losses = ("kl", "lk_hybrid")
 
-  # The study's own data set: larger than the trainer's embedded default (160 x 128), same recipe.
+  # The study's own data set: larger than the trainer's embedded default (128 x 128), same recipe.
   c.data = ml_collections.ConfigDict(dict(
       dir=a.data_dir,                # "": <root>/data, prepared by the study
       num_prompts=480, max_new_tokens=128, max_length=256, temperature=0.0, seed=0, gen_batch_size=16,
       max_prompt_chars=800, val_fraction=0.05))
 
-  # Training knobs applied to every run on top of configs/<arch>.py (recipe: lr 4e-4, cosine, clip 0.5).
+  # Training knobs applied to every run on top of configs/<arch>.py (recipe: lr 4e-4, cosine, clip 0.5;
+  # lr raised for the tiny token budget, see the docstring).
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=8, num_steps=50, warmup_steps=5, eval_every=25, eval_steps=4, log_every=5,
+      batch_size=8, num_steps=60, warmup_steps=5, lr=LR, eval_every=30, eval_steps=4, log_every=5,
       checkpoint_every=10, precision="bf16"))
+  # Per-architecture config overrides (nested = dotted keys of configs/<arch>.py).
+  c.arch_overrides = ml_collections.ConfigDict(dict(eagle3=dict(model=dict(init_lm_head_from_target=True))))
 
   c.eval = ml_collections.ConfigDict(dict(
-      benchmarks=("mt_bench", "humaneval", "gsm8k"), temperatures=(0.0, 1.0), limit=2, max_new_tokens=32,
-      seed=0, n_boot=2000, offline_max_batches=0, num_threads=0))  # 0: all val batches / all cores
+      benchmarks=("mt_bench", "humaneval", "gsm8k"), temperatures=(0.0, 1.0), limit=3, max_new_tokens=32,
+      seed=0, n_boot=2000, offline_max_batches=0, num_threads=0,  # 0: all val batches / all cores
+      baseline=False))                                           # tau only: no target-only decoding
 
   c.docs = ml_collections.ConfigDict(dict(dir=os.path.join(os.path.dirname(_HERE), "docs"), name="results"))
 
@@ -144,6 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 20
     c.train.checkpoint_every = 100
     c.eval.limit = 20                # 20 MT-bench questions (2 turns), 20 HumanEval, 20 GSM8K-style
+    c.eval.baseline = True           # speed-ups are worth measuring with the draft on an accelerator
     c.eval.max_new_tokens = 128
     c.docs.name = "results_gpu"
   if variant == "tiny":

@@ -78,7 +78,9 @@ def test_every_run_config_shares_data_budget_and_eval(tmp_path):
     shared.add((c.data.dir, c.data.max_length, c.data.val_fraction, c.batch_size, c.num_steps,
                 c.optim.warmup_steps, c.optim.lr, c.precision))
   assert shared == {(data_dir, plan.data.max_length, plan.data.val_fraction, plan.train.batch_size,
-                     plan.train.num_steps, plan.train.warmup_steps, 4e-4, plan.train.precision)}
+                     plan.train.num_steps, plan.train.warmup_steps, plan.train.lr, plan.train.precision)}
+  eagle = [study.run_config(r, plan, data_dir) for r in study.build_runs(plan) if r.arch == "eagle3"]
+  assert eagle and all(c.model.init_lm_head_from_target for c in eagle)   # the plan's arch_overrides
 
 
 def test_plan_is_larger_than_the_default_data_and_variants():
