@@ -4,9 +4,10 @@ Per draft architecture at SmolLM2-135M dims (target hidden 576, 30 layers, 3 aux
 vocabulary 8192, EAGLE-3 = one 576-wide layer with 9 heads / 3 kv heads / intermediate 1536; K = 7 for
 EAGLE-3/MTP, 6 for MEDUSA/MLP-Speculator; batch 4 x 512 tokens; bf16 compute, fp32 params) it prints
   tokens/s           B*T / median step time (compiled step, data already on device)
-  GFLOP/step         XLA's cost analysis of the compiled train step
+  GFLOP/step         XLA's cost analysis of the compiled train step (all devices of the mesh)
   utilisation        achieved FLOP/s / a bf16-input, f32-accumulate matmul ceiling measured in this run
-  LK / KL            step time with lk_hybrid over step time with the KL objective
+  LK / KL            median over pairs of the L_lambda step time / the KL step time, the two steps timed
+                     alternately (LK, KL, LK, KL, ...) so that both see the same machine load
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
 Random weights and inputs: the step's cost does not depend on their values.
@@ -30,6 +31,7 @@ flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
 flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices.")
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
+flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty).")
 FLAGS = flags.FLAGS
 
 K = {"eagle3": 7, "mtp": 7, "medusa": 6, "mlp_speculator": 6}
@@ -64,8 +66,9 @@ def matmul_ceiling(small: bool, repeats: int = 5) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def bench_arch(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape,
-               precision: str, profile_dir: str = "") -> dict:
+def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
+               precision: str) -> dict:
+  """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
   import jax
   import ml_collections
   import ml_dtypes
@@ -119,25 +122,48 @@ def bench_arch(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  state, m = compiled(state, rest, target, dev_batch)  # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
+  flops *= mesh.size  # an SPMD-partitioned step reports the cost of one device's program
+  box = {"state": state}
+
+  def run() -> float:
     t = time.perf_counter()
-    state, m = compiled(state, rest, target, dev_batch)
+    box["state"], m = compiled(box["state"], rest, target, dev_batch)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  if profile_dir:  # one more step under the profiler (not timed): a perfetto trace per (arch, kind)
-    os.makedirs(profile_dir, exist_ok=True)
-    with open(os.path.join(profile_dir, f"{arch}_{kind}.hlo.txt"), "w") as f:
-      f.write(compiled.as_text())  # the optimized HLO: fusion names match the trace's events
-    with jax.profiler.trace(os.path.join(profile_dir, f"{arch}_{kind}"), create_perfetto_trace=True):
-      state, m = compiled(state, rest, target, dev_batch)
-      jax.block_until_ready(m)
-  step_s = float(np.median(times))
-  return dict(arch=arch, kind=kind, step_s=step_s, tokens_per_s=batch * seq / step_s, gflop_per_step=flops / 1e9,
-              gflops=flops / step_s / 1e9, compile_s=compile_s, loss=float(m["loss"]),
+    box["loss"] = float(m["loss"])
+    return time.perf_counter() - t
+
+  run()  # warm-up
+  return dict(arch=arch, kind=kind, run=run, compiled=compiled, args=(rest, target, dev_batch), box=box,
+              gflop_per_step=flops / 1e9, compile_s=compile_s,
               num_params=int(sum(x.size for x in jax.tree.leaves(params))))
+
+
+def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
+               profile_dir: str = "") -> dict:
+  """L_lambda and KL steps of ``arch``, timed interleaved (LK, KL, LK, ...) so both see the same load."""
+  import numpy as np
+  lk, kl = (build_step(arch, kind, info, small=small, batch=batch, seq=seq, mesh_shape=mesh_shape,
+                       precision=precision) for kind in ("lk_hybrid", "kl"))
+  t_lk, t_kl = [], []
+  for _ in range(steps):
+    t_lk.append(lk["run"]())
+    t_kl.append(kl["run"]())
+  if profile_dir:  # one more step each under the profiler (not timed): perfetto traces + optimized HLO
+    import jax
+    os.makedirs(profile_dir, exist_ok=True)
+    for s in (lk, kl):
+      name = f"{arch}_{s['kind']}"
+      with open(os.path.join(profile_dir, name + ".hlo.txt"), "w") as f:
+        f.write(s["compiled"].as_text())  # fusion names match the trace's events
+      with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
+        s["run"]()
+  step_s, kl_s = float(np.median(t_lk)), float(np.median(t_kl))
+  ratios = [a / b for a, b in zip(t_lk, t_kl)]
+  return dict(arch=arch, kind="lk_hybrid", step_s=step_s, tokens_per_s=batch * seq / step_s,
+              gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
+              compile_s=lk["compile_s"], loss=lk["box"]["loss"], num_params=lk["num_params"],
+              kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
+              lk_times=t_lk, kl_times=t_kl)
 
 
 def main(argv):
@@ -158,12 +184,9 @@ def main(argv):
         f"precision {FLAGS.precision}; bf16 matmul ceiling {ceiling:.1f} GFLOP/s", flush=True)
   rows = []
   for arch in archs:
-    lk = bench_arch(arch, "lk_hybrid", info, small=small, batch=batch, seq=seq, steps=FLAGS.steps,
-                    mesh_shape=mesh_shape, precision=FLAGS.precision)
-    kl = bench_arch(arch, "kl", info, small=small, batch=batch, seq=seq, steps=FLAGS.steps,
-                    mesh_shape=mesh_shape, precision=FLAGS.precision)
-    row = dict(lk, kl_step_s=kl["step_s"], lk_over_kl=lk["step_s"] / kl["step_s"],
-               utilisation=lk["gflops"] / ceiling)
+    row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps, mesh_shape=mesh_shape,
+                     precision=FLAGS.precision, profile_dir=FLAGS.profile)
+    row["utilisation"] = row["gflops"] / ceiling
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   header = f"{'arch':<16}{'params':>10}{'tok/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'util':>8}{'LK s':>9}{'KL s':>9}{'LK/KL':>8}"

@@ -289,7 +289,7 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
                      f"{draft_logits.shape[:-1]}")
   _check_positive_float(eta, "eta", strict=False)
   num_heads = draft_logits.shape[0]
-  weights = head_weights(num_heads, gamma)
+  head_weights(num_heads, gamma)  # validates gamma (the weights are applied in lk_objective)
   if lam is not None and kind != "fixed_lambda":
     raise ValueError(f"lam={lam!r} is only used by kind='fixed_lambda' (kind={kind!r})")
   if schedule is not None and kind != "lambda_schedule":

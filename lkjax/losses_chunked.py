@@ -90,12 +90,16 @@ def _online_lse(x, n: int, cs: int, get):
 
 
 def _chunk_probs(zc, yc, lse_q, lse_t, lse_p, mode):
-  """Per-chunk f32 (log q, q, log p~, p~, p) from raw logits chunks."""
+  """Per-chunk f32 (log q, q, log p~, p~, p) from raw logits chunks.
+
+  ``p = p~ * exp(lse~ - lse)`` (a per-row factor <= 1: the draft columns are a subset of the target
+  vocabulary), which saves one exponential per element over ``exp(y - lse)``.
+  """
   log_q = zc.astype(jnp.float32) - lse_q[..., None]
   yc = yc.astype(jnp.float32)
   log_pt = yc - lse_t[..., None]
   pt = jnp.exp(log_pt)
-  p = pt if mode == "identity" else jnp.exp(yc - lse_p[..., None])
+  p = pt if mode == "identity" else pt * jnp.exp(jnp.minimum(lse_t - lse_p, 0.0))[..., None]
   return log_q, jnp.exp(log_q), log_pt, pt, p
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lkjax.config_args import apply_overrides, load_config, load_config_module, parse_arg
+from lkjax.config_args import apply_overrides, load_config, parse_arg
 
 ARCHS = {"eagle3": (7, 3.0), "medusa": (6, 10.0), "mlp_speculator": (6, 3.0), "mtp": (7, 3.0)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

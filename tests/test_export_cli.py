@@ -74,7 +74,7 @@ def test_cli_exports_the_trained_draft_and_prints_serving_commands(run, tmp_path
   out = tmp_path / "eagle3"
   res = _cli(f"--workdir={workdir}", f"--out={out}", "--target_model=HuggingFaceTB/SmolLM2-135M-Instruct")
   assert res.returncode == 0, res.stderr[-3000:]
-  assert f"exported eagle3 draft (step 2" in res.stdout
+  assert "exported eagle3 draft (step 2" in res.stdout
   spec = {"method": "eagle3", "model": str(out), "num_speculative_tokens": 2}
   assert f"speculative_config={json.dumps(spec)}" in res.stdout
   assert "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --speculative-config" in res.stdout
