@@ -1,0 +1,36 @@
+"""The train-step and matmul benchmark scripts run end to end at tiny sizes and write their tables."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
+  res = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return res
+
+
+def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
+  out = tmp_path / "bench_train.json"
+  res = _run(["experiments/bench_train.py", "--small", "--archs=eagle3,medusa", "--steps=2", f"--out={out}"],
+             tmp_path)
+  table = json.loads(out.read_text())
+  assert [r["arch"] for r in table["rows"]] == ["eagle3", "medusa"]
+  for r in table["rows"]:
+    assert len(r["lk_times"]) == len(r["kl_times"]) == 2
+    assert r["tokens_per_s"] > 0 and r["gflop_per_step"] > 0 and r["lk_over_kl"] > 0
+  assert "LK/KL" in res.stdout
+
+
+def test_bench_matmul_small(tmp_path):
+  out = tmp_path / "bench_matmul.json"
+  _run(["experiments/bench_matmul.py", "--m=64", "--k=32", "--n=128", "--repeats=1", f"--out={out}"], tmp_path)
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["form"] for r in rows} >= {"fwd NN f32 out", "dX materialised", "dW materialised"}
+  assert all(r["gflops"] > 0 for r in rows)
