@@ -916,8 +916,12 @@ def plan_lines(plan) -> list[str]:
       f"at temperature {d.temperature:g}, sequences ≤ {d.max_length} tokens, {100 * d.val_fraction:g}% held out "
       "for validation / offline τ. Sizes are scaled to the compute budget (`configs/study.py` docstring).",
       f"- Training (every run): {t.num_steps} steps of batch {t.batch_size} × {d.max_length} tokens, "
-      f"warm-up {t.warmup_steps}, the recipe of `configs/base.py` (AdamW 4e-4 cosine, clip 0.5, γ = 0.8), "
-      f"{t.precision}; seeds {list(plan.seeds)} (+{list(plan.extra_seeds)} for EAGLE-3 "
+      f"warm-up {t.warmup_steps}, the recipe of `configs/base.py` (AdamW, cosine, clip 0.5, γ = 0.8) at "
+      f"lr {float(t.get('lr', 0) or 4e-4):g}"
+      + ("" if not t.get("lr", 0) else " (the recipe's 4e-4 raised for the small budget)")
+      + "".join(f"; {ARCH_TITLES.get(a, a)}: " + ", ".join(f"`{k} = {v}`" for k, v in _dotted(o).items())
+                for a, o in (plan.get("arch_overrides", {}) or {}).items())
+      + f"; {t.precision}; seeds {list(plan.seeds)} (+{list(plan.extra_seeds)} for EAGLE-3 "
       f"{', '.join(loss_label(l, float(plan.eta[plan.ablation.arch])) for l in plan.extra_seed_losses)}).",
       f"- Evaluation: {lim} ({', '.join(BENCH_TITLES.get(b, b) for b in e.benchmarks)}; MT-bench with both "
       f"turns), ≤ {e.max_new_tokens} new tokens per turn, T ∈ {{{', '.join(f'{x:g}' for x in e.temperatures)}}}, "
