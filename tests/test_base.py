@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lkjax.models.base import head_mask, head_targets, shift_left
+from lkjax.models.base import head_mask, head_targets, shift_left, shift_right
 from lkjax.targets.info import TargetInfo, eagle3_aux_layer_ids
 
 
@@ -11,6 +11,14 @@ def test_shift_left_pads_with_fill():
   np.testing.assert_array_equal(shift_left(x, 2, axis=1, fill=-1), [[2, 3, 4, -1, -1], [7, 8, 9, -1, -1]])
   np.testing.assert_array_equal(shift_left(x, 0), x)
   np.testing.assert_array_equal(shift_left(x, 7, fill=3), np.full_like(x, 3))
+
+
+def test_shift_right_pads_with_fill_and_undoes_shift_left():
+  x = np.arange(10).reshape(2, 5)
+  np.testing.assert_array_equal(shift_right(x, 2, axis=1, fill=-1), [[-1, -1, 0, 1, 2], [-1, -1, 5, 6, 7]])
+  np.testing.assert_array_equal(shift_right(x, 0), x)
+  np.testing.assert_array_equal(shift_right(x, 5, fill=3), np.full_like(x, 3))
+  np.testing.assert_array_equal(shift_right(shift_left(x, 2), 2)[:, 2:], x[:, 2:])
 
 
 def test_head_mask_hand_example():

@@ -67,30 +67,28 @@ class DraftModel(Protocol):
     """Commit ctx, draft num_tokens tokens -> (cache, tokens [B, n] target ids, logits [B, n, Vd])."""
 
 
-def shift_left(x: jax.Array, n: int, axis: int = 1, fill=0) -> jax.Array:
-  """``y[..., t, ...] = x[..., t+n, ...]``, padded with ``fill`` past the end (n >= 0)."""
+def _shift(x: jax.Array, n: int, axis: int, fill, *, left: bool) -> jax.Array:
+  """Move ``x`` by ``n >= 0`` slots along ``axis`` (left: towards index 0), padding with ``fill``."""
   if n == 0:
     return x
   size = x.shape[axis]
   if n >= size:
     return jnp.full_like(x, fill)
-  body = jax.lax.slice_in_dim(x, n, size, axis=axis)
+  body = jax.lax.slice_in_dim(x, n, size, axis=axis) if left else jax.lax.slice_in_dim(x, 0, size - n, axis=axis)
   pad_shape = list(x.shape)
   pad_shape[axis] = n
-  return jnp.concatenate([body, jnp.full(pad_shape, fill, x.dtype)], axis=axis)
+  pad = jnp.full(pad_shape, fill, x.dtype)
+  return jnp.concatenate([body, pad] if left else [pad, body], axis=axis)
+
+
+def shift_left(x: jax.Array, n: int, axis: int = 1, fill=0) -> jax.Array:
+  """``y[..., t, ...] = x[..., t+n, ...]``, padded with ``fill`` past the end (n >= 0)."""
+  return _shift(x, n, axis, fill, left=True)
 
 
 def shift_right(x: jax.Array, n: int, axis: int = 1, fill=0) -> jax.Array:
   """``y[..., t, ...] = x[..., t-n, ...]``, padded with ``fill`` before the start (n >= 0)."""
-  if n == 0:
-    return x
-  size = x.shape[axis]
-  if n >= size:
-    return jnp.full_like(x, fill)
-  body = jax.lax.slice_in_dim(x, 0, size - n, axis=axis)
-  pad_shape = list(x.shape)
-  pad_shape[axis] = n
-  return jnp.concatenate([jnp.full(pad_shape, fill, x.dtype), body], axis=axis)
+  return _shift(x, n, axis, fill, left=False)
 
 
 def head_mask(loss_mask: jax.Array, segment_ids: jax.Array, num_heads: int) -> jax.Array:
