@@ -288,8 +288,7 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
     raise ValueError(f"mask shape {jnp.shape(mask)} != draft_logits shape without vocab "
                      f"{draft_logits.shape[:-1]}")
   _check_positive_float(eta, "eta", strict=False)
-  num_heads = draft_logits.shape[0]
-  head_weights(num_heads, gamma)  # validates gamma (the weights are applied in lk_objective)
+  head_weights(draft_logits.shape[0], gamma)  # validates gamma before any work (lk_objective applies them)
   if lam is not None and kind != "fixed_lambda":
     raise ValueError(f"lam={lam!r} is only used by kind='fixed_lambda' (kind={kind!r})")
   if schedule is not None and kind != "lambda_schedule":
@@ -319,9 +318,15 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
     # Only the gradients this objective uses are computed by the custom VJP's backward pass.
     alpha, kl = losses_chunked.token_alpha_kl(
         draft_logits, target_logits, draft_vocab=draft_vocab, target_lse=lse, chunk_size=int(chunk_size),
-        grad_alpha=kind != "kl", grad_kl=kind not in ("tv", "lk_alpha"))
+        **needed_grads(kind))
 
   return lk_objective(alpha, kl, mask, kind, eta=eta, lam=lam, gamma=gamma, step=step, schedule=schedule)
+
+
+def needed_grads(kind: str) -> dict[str, bool]:
+  """Which per-token terms ``kind``'s objective differentiates: ``grad_alpha`` / ``grad_kl`` flags of
+  `lkjax.losses_chunked.token_alpha_kl` (KL needs no alpha gradient; TV and L_alpha need no KL one)."""
+  return dict(grad_alpha=kind != "kl", grad_kl=kind not in ("tv", "lk_alpha"))
 
 
 def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *, eta: float = 3.0,
@@ -376,4 +381,4 @@ def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *,
 
 
 __all__ = ["LOSS_KINDS", "ALPHA_EPS", "LambdaSchedule", "head_weights", "acceptance_rate",
-           "token_divergences", "lk_loss", "lk_objective"]
+           "token_divergences", "lk_loss", "lk_objective", "needed_grads"]

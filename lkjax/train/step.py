@@ -39,7 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lkjax import losses_chunked
-from lkjax.losses import lk_objective
+from lkjax.losses import lk_objective, needed_grads
 from lkjax.models.base import head_mask, head_targets, shift_right
 
 PRECISIONS = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
@@ -110,6 +110,14 @@ def loss_impl(loss_cfg: ml_collections.ConfigDict) -> str:
   return impl
 
 
+def _loss_fn_and_impl(loss_cfg, loss_fn: Callable | None) -> tuple[Callable, str]:
+  """``(lk_loss, loss.impl)``, or a caller's ``loss_fn`` on the reference path (it takes stacked logits)."""
+  if loss_fn is not None:
+    return loss_fn, "reference"
+  from lkjax.losses import lk_loss
+  return lk_loss, loss_impl(loss_cfg)
+
+
 def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, jax.Array], kind: str,
                   kw: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The LK objective head by head from ``model.features``: no ``[K, B, T, Vd]`` array is built.
@@ -129,8 +137,7 @@ def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, ja
   alphas, kls, masks = [], [], []
   for k, f in enumerate(feats):
     z = model.feature_logits(shift_right(f, k + 1, axis=1), k)
-    a, kl = losses_chunked.token_alpha_kl(z, y_d, target_lse=lse, chunk_size=chunk,
-                                          grad_alpha=kind != "kl", grad_kl=kind not in ("tv", "lk_alpha"))
+    a, kl = losses_chunked.token_alpha_kl(z, y_d, target_lse=lse, chunk_size=chunk, **needed_grads(kind))
     alphas.append(a)
     kls.append(kl)
     masks.append(shift_right(mask[k], k + 1, axis=1, fill=False))
@@ -187,13 +194,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
   Returns metrics: per head ``alpha``, ``lambda``, ``kl``, ``tv`` ``[K]`` (and the other lk_loss metrics),
   scalars ``loss``, ``tau``, ``grad_norm`` (before clipping), ``lr``-free (the loop logs the schedule).
   """
-  custom_loss = loss_fn
-  if loss_fn is None:
-    from lkjax.losses import lk_loss as loss_fn
+  loss_fn, impl = _loss_fn_and_impl(loss_cfg, loss_fn)
   dtype = compute_dtype(precision)
   kind = loss_cfg.kind
   kw = loss_kwargs(loss_cfg, total_steps)
-  impl = loss_impl(loss_cfg) if custom_loss is None else "reference"
   accum = int(grad_accum)
   batch_axes = None
   if shardings is not None and accum > 1:
@@ -242,12 +246,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 def make_eval_step(graphdef: nnx.GraphDef, loss_cfg, *, total_steps: int, precision: str = "fp32",
                    shardings: Mapping[str, Any] | None = None, loss_fn: Callable | None = None) -> Callable:
   """Jitted ``eval_step(params, rest, target, batch, step) -> metrics`` (no gradient, no update)."""
-  custom_loss = loss_fn
-  if loss_fn is None:
-    from lkjax.losses import lk_loss as loss_fn
+  loss_fn, impl = _loss_fn_and_impl(loss_cfg, loss_fn)
   dtype = compute_dtype(precision)
   kind, kw = loss_cfg.kind, loss_kwargs(loss_cfg, total_steps)
-  impl = loss_impl(loss_cfg) if custom_loss is None else "reference"
 
   def eval_step(params, rest, target, batch, step):
     return _forward_loss(graphdef, loss_fn, kind, kw, dtype, params, rest, target, batch, step, impl)[1]
