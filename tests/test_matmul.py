@@ -73,3 +73,19 @@ def test_bad_arguments():
     M.set_impl("fast")
   with pytest.raises(ValueError, match="do not contract"):
     M.matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
+
+
+@pytest.mark.parametrize("rows", [1, 3, M.MIN_ROWS_TO_TRANSPOSE + 5])
+def test_matmul_t_equals_dot_with_transpose_for_few_and_many_rows(nn_impl, rows):
+  kx, kw, kg = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(kx, (rows, 8), jnp.float32)
+  w_rows = jax.random.normal(kw, (10, 8), jnp.float32)
+  g = jax.random.normal(kg, (rows, 10), jnp.float32)
+  np.testing.assert_allclose(M.matmul_t(x, w_rows), jnp.matmul(x, w_rows.T, precision="highest"),
+                             rtol=1e-5, atol=1e-5)
+  got = jax.grad(lambda x, w: jnp.sum(M.matmul_t(x, w) * g), (0, 1))(x, w_rows)
+  ref = jax.grad(lambda x, w: jnp.sum(jnp.matmul(x, w.T, precision="highest") * g), (0, 1))(x, w_rows)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="do not contract"):
+    M.matmul_t(x, jnp.ones((10, 9)))

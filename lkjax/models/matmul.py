@@ -82,6 +82,29 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   return y.reshape(*lead, w.shape[1])
 
 
+# Below this many rows, `matmul_t` keeps XLA's transposed-operand dot: materialising an [N, K] weight costs
+# about as much as ~100 rows of the slower dot (docs/bench_matmul.json: 120 vs 278 GFLOP/s at N = 8192,
+# K = 576), so drafting (one row per call) should not pay a weight copy per call.
+MIN_ROWS_TO_TRANSPOSE = 128
+
+
+def matmul_t(x: jax.Array, w_rows: jax.Array) -> jax.Array:
+  """``x [..., K] @ w_rows.T`` for a weight stored as rows ``[N, K]`` (PyTorch layout) -> ``[..., N]``.
+
+  Many rows (training): the transpose is materialised once and the dot runs as an NN `matmul`.  Few rows
+  (drafting) or a non-CPU backend: XLA's dot with the transposed operand.
+  """
+  if w_rows.ndim != 2 or x.shape[-1] != w_rows.shape[1]:
+    raise ValueError(f"matmul_t: x {x.shape} and w_rows {w_rows.shape} do not contract (need x[-1] == w_rows[1])")
+  rows = 1
+  for d in x.shape[:-1]:
+    rows *= d
+  if use_nn() and rows >= MIN_ROWS_TO_TRANSPOSE:
+    return matmul(x, physical_transpose(w_rows))
+  return jnp.einsum("...k,nk->...n", x, w_rows, preferred_element_type=jnp.float32).astype(
+      jnp.result_type(x, w_rows))
+
+
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                       out_sharding=None):
   """``lax.dot_general`` drop-in for ``nnx.Linear`` (its ``x @ kernel`` form only) using `matmul`."""

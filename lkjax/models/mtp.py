@@ -39,7 +39,7 @@ from flax import nnx
 
 from lkjax.models import layers as L
 from lkjax.models.base import shift_left
-from lkjax.models.matmul import matmul, physical_transpose
+from lkjax.models.matmul import matmul_t
 from lkjax.targets.info import TargetInfo
 
 
@@ -127,8 +127,7 @@ class MTP(nnx.Module):
 
   def _logits(self, h: jax.Array) -> jax.Array:
     """``h [..., Ht] -> [..., Vd]`` with the frozen shared head."""
-    # The rows are [Vd, Ht] (PyTorch layout); a materialised transpose keeps the dot in NN form.
-    return matmul(h, physical_transpose(self.lm_head[...].astype(self.dtype)))
+    return matmul_t(h, self.lm_head[...].astype(self.dtype))   # rows [Vd, Ht], PyTorch layout
 
   def _check_hidden(self, h: jax.Array) -> None:
     if h.shape[-1] != self.hidden_size:
