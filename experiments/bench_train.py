@@ -133,7 +133,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
     return time.perf_counter() - t
 
   run()  # warm-up
-  return dict(arch=arch, kind=kind, run=run, compiled=compiled, args=(rest, target, dev_batch), box=box,
+  return dict(arch=arch, kind=kind, run=run, compiled=compiled, last=box,
               gflop_per_step=flops / 1e9, compile_s=compile_s,
               num_params=int(sum(x.size for x in jax.tree.leaves(params))))
 
@@ -161,7 +161,7 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   ratios = [a / b for a, b in zip(t_lk, t_kl)]
   return dict(arch=arch, kind="lk_hybrid", step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
-              compile_s=lk["compile_s"], loss=lk["box"]["loss"], num_params=lk["num_params"],
+              compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],
               kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
               lk_times=t_lk, kl_times=t_kl)
 
