@@ -94,6 +94,7 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
   c.data.val_fraction = 0.05
   c.data.seed = 0
   c.data.worker_count = 0            # grain worker processes (0: in-process; workers pay off on big data)
+  c.data.target_lse = True           # use the shards' precomputed target lse when they have it (faster step)
   c.data.auto_prepare = True         # missing data -> generate + precompute it with the packaged target
   c.data.prepare = ml_collections.ConfigDict(dict(num_prompts=128, max_new_tokens=128))
 

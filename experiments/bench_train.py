@@ -8,6 +8,10 @@ EAGLE-3/MTP, 6 for MEDUSA/MLP-Speculator; batch 4 x 512 tokens; bf16 compute, fp
   utilisation        achieved FLOP/s / a bf16-input, f32-accumulate matmul ceiling measured in this run
   LK / KL            median over pairs of the L_lambda step time / the KL step time, the two steps timed
                      alternately (LK, KL, LK, KL, ...) so that both see the same machine load
+The batch carries the precomputed full-vocabulary target lse, as batches from shards written by
+`experiments/precompute.py` do (``--target_lse=off``: the step computes the full-vocabulary head itself, as
+for older shards; ``--target_lse=both``: also times that L_lambda step in the same interleaved loop, column
+"no-lse s" and ``lse_speedup`` = its time / the L_lambda step time, median over the rounds).
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
 Random weights and inputs: the step's cost does not depend on their values.
@@ -31,6 +35,8 @@ flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
 flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices.")
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
+flags.DEFINE_enum("target_lse", "on", ["on", "off", "both"], "Batches carry the precomputed target lse "
+                  "(on), do not (off), or time both L_lambda steps side by side (both).")
 flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty).")
 FLAGS = flags.FLAGS
 
@@ -67,7 +73,7 @@ def matmul_ceiling(small: bool, repeats: int = 5) -> float:
 
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
-               precision: str) -> dict:
+               precision: str, target_lse: bool = True) -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
   import jax
   import ml_collections
@@ -109,6 +115,9 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
                     positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
                     aux_hidden=r.standard_normal((batch, seq, info.num_aux * h)).astype(bf16),
                     final_hidden=r.standard_normal((batch, seq, h)).astype(bf16))
+  if target_lse:  # what precompute stores: the full-vocabulary lse of the stored (bf16) hidden states
+    host_batch["target_lse"] = np.asarray(jax.jit(step_lib.target_logits)(
+        host_batch["final_hidden"], target["lm_head"], target["draft_ids"])[1])
   bsh = shd.batch_shardings(host_batch, mesh, rules)
   sh = dict(mesh=mesh, state=ssh, rest=rsh, target=jax.tree.map(lambda _: rep, target), batch=bsh,
             batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, batch))
@@ -133,21 +142,24 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
     return time.perf_counter() - t
 
   run()  # warm-up
-  return dict(arch=arch, kind=kind, run=run, compiled=compiled, last=box,
+  return dict(arch=arch, kind=kind, target_lse=target_lse, run=run, compiled=compiled, last=box,
               gflop_per_step=flops / 1e9, compile_s=compile_s,
               num_params=int(sum(x.size for x in jax.tree.leaves(params))))
 
 
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
-               profile_dir: str = "") -> dict:
+               profile_dir: str = "", target_lse: str = "on") -> dict:
   """L_lambda and KL steps of ``arch``, timed interleaved (LK, KL, LK, ...) so both see the same load."""
   import numpy as np
-  lk, kl = (build_step(arch, kind, info, small=small, batch=batch, seq=seq, mesh_shape=mesh_shape,
-                       precision=precision) for kind in ("lk_hybrid", "kl"))
-  t_lk, t_kl = [], []
+  kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision)
+  lk, kl = (build_step(arch, kind, info, target_lse=target_lse != "off", **kw) for kind in ("lk_hybrid", "kl"))
+  no_lse = build_step(arch, "lk_hybrid", info, target_lse=False, **kw) if target_lse == "both" else None
+  t_lk, t_kl, t_no = [], [], []
   for _ in range(steps):
     t_lk.append(lk["run"]())
     t_kl.append(kl["run"]())
+    if no_lse is not None:
+      t_no.append(no_lse["run"]())
   if profile_dir:  # one more step each under the profiler (not timed): perfetto traces + optimized HLO
     import jax
     os.makedirs(profile_dir, exist_ok=True)
@@ -159,11 +171,16 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
         s["run"]()
   step_s, kl_s = float(np.median(t_lk)), float(np.median(t_kl))
   ratios = [a / b for a, b in zip(t_lk, t_kl)]
-  return dict(arch=arch, kind="lk_hybrid", step_s=step_s, tokens_per_s=batch * seq / step_s,
+  extra = {}
+  if no_lse is not None:
+    extra = dict(no_lse_step_s=float(np.median(t_no)), no_lse_times=t_no,
+                 no_lse_gflop_per_step=no_lse["gflop_per_step"],
+                 lse_speedup=float(np.median([a / b for a, b in zip(t_no, t_lk)])))
+  return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse != "off", step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
               compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],
               kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
-              lk_times=t_lk, kl_times=t_kl)
+              lk_times=t_lk, kl_times=t_kl, **extra)
 
 
 def main(argv):
@@ -185,18 +202,21 @@ def main(argv):
   rows = []
   for arch in archs:
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps, mesh_shape=mesh_shape,
-                     precision=FLAGS.precision, profile_dir=FLAGS.profile)
+                     precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse)
     row["utilisation"] = row["gflops"] / ceiling
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
+  both = FLAGS.target_lse == "both"
   header = f"{'arch':<16}{'params':>10}{'tok/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'util':>8}{'LK s':>9}{'KL s':>9}{'LK/KL':>8}"
-  print(header)
+  print(header + (f"{'no-lse s':>10}{'lse x':>7}" if both else ""))
   for r in rows:
     print(f"{r['arch']:<16}{r['num_params']:>10}{r['tokens_per_s']:>10.0f}{r['gflop_per_step']:>12.2f}"
-          f"{r['gflops']:>10.1f}{r['utilisation']:>8.1%}{r['step_s']:>9.3f}{r['kl_step_s']:>9.3f}{r['lk_over_kl']:>8.3f}")
+          f"{r['gflops']:>10.1f}{r['utilisation']:>8.1%}{r['step_s']:>9.3f}{r['kl_step_s']:>9.3f}{r['lk_over_kl']:>8.3f}"
+          + (f"{r['no_lse_step_s']:>10.3f}{r['lse_speedup']:>7.2f}" if both else ""))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
+                   target_lse=FLAGS.target_lse,
                    matmul_ceiling_gflops=ceiling, rows=rows), f, indent=2)
   print(f"wrote {FLAGS.out}")
 

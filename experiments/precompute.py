@@ -20,6 +20,8 @@ _MAX_LEN = flags.DEFINE_integer("max_length", 2048, "Longest sequence kept (long
 _SHARD = flags.DEFINE_integer("shard_size", 256, "Replies per shard.")
 _BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 4096, "Padded tokens per target forward.")
 _MAX_SHARDS = flags.DEFINE_integer("max_shards", None, "Stop after this many shards (resume later).")
+_TARGET_LSE = flags.DEFINE_boolean("target_lse", True, "Store each position's full-vocabulary target "
+                                   "logsumexp (the train step then skips the full-vocabulary head).")
 _THREADS = flags.DEFINE_integer("threads", None, "torch CPU threads (default: all cores).")
 flags.mark_flags_as_required(["replies", "out_dir"])
 
@@ -35,7 +37,7 @@ def main(argv):
     torch.set_num_threads(_THREADS.value)
   target = TargetModel.load(_TARGET.value)
   precompute.precompute(target, _REPLIES.value, _OUT.value, max_length=_MAX_LEN.value, shard_size=_SHARD.value,
-                        batch_tokens=_BATCH_TOKENS.value, max_shards=_MAX_SHARDS.value)
+                        batch_tokens=_BATCH_TOKENS.value, max_shards=_MAX_SHARDS.value, target_lse=_TARGET_LSE.value)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,8 @@ def test_precompute_matches_target_and_manifest(target, tmp_path):
   assert [s["num_records"] for s in man["shards"]] == [4, 4, 1]
   freqs = np.zeros(64, np.int64)
   n_tok = n_loss = 0
+  w = shards.load_target_weights(out)
+  assert man["target_lse"] is True
   for s, chunk in zip(man["shards"], [items[0:4], items[4:8], items[8:]]):
     recs = shards.read_shard(out / s["file"])
     assert sum(len(r["input_ids"]) for r in recs) == s["num_tokens"]
@@ -205,6 +207,11 @@ def test_precompute_matches_target_and_manifest(target, tmp_path):
       np.testing.assert_allclose(r["final_hidden"].astype(np.float32), f.final_hidden[0].numpy(), rtol=1e-2,
                                  atol=1e-2)
       assert r["aux_hidden"].dtype == np.dtype(ml_dtypes.bfloat16)
+      # target_lse: the full-vocabulary logsumexp of the logits from the STORED (bf16) final hidden state.
+      logits = r["final_hidden"].astype(np.float64) @ w["lm_head"].astype(np.float64).T
+      mx = logits.max(-1)
+      np.testing.assert_allclose(r["target_lse"], mx + np.log(np.exp(logits - mx[:, None]).sum(-1)),
+                                 rtol=1e-5, atol=1e-5)
       freqs += np.bincount(ids[mask == 1], minlength=64)
       n_tok += len(ids)
       n_loss += int(mask.sum())
@@ -212,7 +219,6 @@ def test_precompute_matches_target_and_manifest(target, tmp_path):
   assert (man["num_records"], man["num_tokens"], man["num_loss_tokens"]) == (9, n_tok, n_loss)
   assert man["target"] == target.info.to_dict() and man["dtype"] == "bfloat16"
   assert (man["truncated"], man["skipped_empty"]) == (0, 0)
-  w = shards.load_target_weights(out)
   np.testing.assert_array_equal(w["norm"], target.model.model.norm.weight.detach().numpy())
 
 
@@ -242,6 +248,20 @@ def test_precompute_resume_skips_finished_shards(target, tmp_path):
   # different settings against the same directory: refused, naming the progress file
   with pytest.raises(ValueError, match="precompute_progress.json"):
     precompute.precompute(target, src, out, max_length=32, shard_size=3, progress=False)
+
+
+def test_precompute_started_without_target_lse_finishes_without_it(target, tmp_path):
+  """A directory begun without target_lse (or by a version without it) is finished the same way: no mixed shards."""
+  src = tmp_path / "replies.jsonl"
+  _write_replies(src, _items(6, seed=2))
+  out = tmp_path / "shards"
+  assert precompute.precompute(target, src, out, max_length=64, shard_size=3, max_shards=1, progress=False,
+                               target_lse=False) is None
+  with pytest.warns(UserWarning, match="started without target_lse"):
+    man = precompute.precompute(target, src, out, max_length=64, shard_size=3, progress=False)
+  assert man["target_lse"] is False
+  for s in man["shards"]:
+    assert all("target_lse" not in r for r in shards.read_shard(out / s["file"]))
 
 
 def test_truncation_and_empty_counts(target, tmp_path):

@@ -33,12 +33,16 @@ def _record(rng, length: int, tag: int) -> dict[str, np.ndarray]:
           "final_hidden": rng.standard_normal((length, H)).astype(BF16)}
 
 
-def make_shards(directory: pathlib.Path, shard_sizes=(7, 9, 8), seed: int = 0, min_len=3, max_len=40):
+def make_shards(directory: pathlib.Path, shard_sizes=(7, 9, 8), seed: int = 0, min_len=3, max_len=40,
+                target_lse=False):
   """Write a shard directory; returns the records in global order."""
   rng = np.random.default_rng(seed)
   records, entries = [], []
   for s, n in enumerate(shard_sizes):
     recs = [_record(rng, int(rng.integers(min_len, max_len + 1)), len(records) + i) for i in range(n)]
+    if target_lse:
+      for r in recs:
+        r["target_lse"] = (5 + rng.random(len(r["input_ids"]))).astype(np.float32)
     name = shards.SHARD_PATTERN.format(s)
     shards.write_shard(directory / name, [shards.encode_record(r) for r in recs])
     entries.append({"file": name, "num_records": n, "num_tokens": sum(len(r["input_ids"]) for r in recs)})
@@ -49,7 +53,7 @@ def make_shards(directory: pathlib.Path, shard_sizes=(7, 9, 8), seed: int = 0, m
   shards.write_manifest(directory, {
       "target": _info().to_dict(), "max_length": max_len, "num_records": len(records),
       "num_tokens": sum(e["num_tokens"] for e in entries), "num_loss_tokens": int(freqs.sum()),
-      "shards": entries, "token_freqs": freqs.tolist()})
+      "shards": entries, "token_freqs": freqs.tolist(), "target_lse": target_lse})
   keys = [tuple(r["input_ids"].tolist()) for r in records]
   assert len(set(keys)) == len(keys)   # rows are matched back to records by their token ids
   return records
@@ -83,9 +87,10 @@ def _docs(batches):
       for j in range(len(starts)):
         s, e = bounds[j], bounds[j + 1]
         np.testing.assert_array_equal(b["positions"][r, s:e], np.arange(e - s))
-        out.append({k: b[k][r, s:e] for k in ("input_ids", "loss_mask", "aux_hidden", "final_hidden")})
+        out.append({k: b[k][r, s:e] for k in ("input_ids", "loss_mask", "aux_hidden", "final_hidden",
+                                                "target_lse") if k in b})
       # Padding is all zeros.
-      for k in BATCH_KEYS:
+      for k in b:
         assert not np.any(b[k][r, n_used:].astype(np.float32)), k
       assert t == b["input_ids"].shape[1]
   return out
@@ -322,6 +327,31 @@ def test_missing_and_truncated_shards(data, tmp_path):
     _loader(extra)
   with pytest.raises(FileNotFoundError, match="manifest"):
     _loader(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_target_lse_rides_along_when_the_manifest_has_it(tmp_path, packing):
+  records = make_shards(tmp_path, target_lse=True)
+  loader = _loader(tmp_path, packing=packing, drop_remainder=False)
+  assert loader.info.target_lse
+  batches = list(loader)
+  for b in batches:
+    assert tuple(sorted(b)) == tuple(sorted(BATCH_KEYS + ("target_lse",)))
+    assert b["target_lse"].dtype == np.float32 and b["target_lse"].shape == b["input_ids"].shape
+  seen = _match(_docs(batches), records, 40)   # every document's target_lse equals its record's
+  assert sorted(seen) == pipeline.split_indices(len(records), "train", 0.2).tolist()
+  off = _loader(tmp_path, packing=packing, drop_remainder=False, target_lse=False)
+  assert not off.info.target_lse
+  assert all("target_lse" not in b for b in off)
+
+
+def test_record_without_the_promised_target_lse_names_file_and_record(tmp_path):
+  make_shards(tmp_path, shard_sizes=(3, 4), target_lse=True)
+  recs = shards.read_shard(tmp_path / "shard-00001.array_record")
+  del recs[1]["target_lse"]
+  shards.write_shard(tmp_path / "shard-00001.array_record", [shards.encode_record(r) for r in recs])
+  with pytest.raises(shards.ShardError, match=r"shard-00001.array_record record 1: missing fields \['target_lse'\]"):
+    list(_loader(tmp_path, val_fraction=0.0, global_batch_size=1))
 
 
 def test_wrong_schema_record_names_file_and_record(tmp_path):

@@ -108,12 +108,24 @@ def test_encode_rejects_unstorable_dtype():
     (lambda r: r.__setitem__("final_hidden", r["final_hidden"].astype(np.float32)), "'final_hidden' is float32"),
     (lambda r: r.__setitem__("loss_mask", r["loss_mask"][:5]), "'loss_mask' has 5 positions"),
     (lambda r: r.__setitem__("aux_hidden", r["aux_hidden"][None]), "expected bfloat16 with 2 dims"),
+    (lambda r: r.__setitem__("target_lse", np.zeros(6, np.float16)), "'target_lse' is float16"),
+    (lambda r: r.__setitem__("target_lse", np.zeros(5, np.float32)), "'target_lse' has 5 positions"),
 ])
 def test_validate_record_errors(mutate, message):
   rec = _record(np.random.default_rng(3))
   mutate(rec)
   with pytest.raises(shards.ShardError, match=f"^rec 9: .*{message}"):
     shards.validate_record(rec, where="rec 9")
+
+
+def test_validate_record_accepts_the_optional_target_lse():
+  rec = _record(np.random.default_rng(3))
+  n = rec["input_ids"].shape[0]
+  rec["target_lse"] = np.zeros(n, np.float32)
+  assert shards.validate_record(rec) == n
+  back = shards.decode_record(shards.encode_record(rec))
+  np.testing.assert_array_equal(back["target_lse"], rec["target_lse"])
+  assert shards.has_target_lse({"target_lse": True}) and not shards.has_target_lse({})
 
 
 def test_validate_record_sizes():

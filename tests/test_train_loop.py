@@ -83,6 +83,26 @@ def test_kill_and_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
              for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
 
 
+def test_shards_with_target_lse_train_like_shards_without(data_dir, tmp_path):
+  """The same records plus precomputed target_lse (draft-vocabulary head only in the step) give the same run."""
+  lse_dir = tmp_path / "lse_shards"
+  write_synthetic_shards(lse_dir, num_records=40, vocab_size=64, hidden_size=16, num_layers=8,
+                         min_len=10, max_len=16, seed=0, target_lse=True)
+  assert shards.read_manifest(lse_dir)["target_lse"]
+  over = {"num_steps": 3, "checkpoint.every": 3}
+  ref = loop.train_and_evaluate(tiny_config(data_dir, **over), tmp_path / "ref")
+  got = loop.train_and_evaluate(tiny_config(lse_dir, **over), tmp_path / "lse")
+  assert ref["step"] == got["step"] == 3
+  assert got["target_lse"] and not ref["target_lse"]   # the second run took the draft-vocabulary-only path
+  for split in ("train", "val"):
+    a, b = _records(tmp_path / "ref", split), _records(tmp_path / "lse", split)
+    assert sorted(a) == sorted(b)
+    for st in a:
+      for key in a[st]:
+        if key not in ("tokens_per_s", "step_time_s", "split"):
+          assert b[st][key] == pytest.approx(a[st][key], rel=1e-4, abs=1e-6), (split, st, key)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
   # An absurd learning rate: step 1 is finite, its update overflows the parameters, step 2's loss is not.
   cfg = tiny_config(data_dir, **{"optim.lr": 1e38, "optim.clip": 0.0, "optim.warmup_steps": 0,

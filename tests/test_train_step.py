@@ -52,6 +52,13 @@ def make_batch(seed=0, b=B, full_mask=False):
       final_hidden=r.standard_normal((b, T, H)).astype(jnp.bfloat16))
 
 
+def add_target_lse(batch, target):
+  """The shards' ``target_lse`` for a batch (what precompute stores), computed in float64 numpy."""
+  full = np.asarray(batch["final_hidden"], np.float64) @ target["lm_head"].astype(np.float64).T
+  m = full.max(-1)
+  return dict(batch, target_lse=(np.log(np.exp(full - m[..., None]).sum(-1)) + m).astype(np.float32))
+
+
 def make_target(seed=1):
   r = np.random.default_rng(seed)
   return dict(lm_head=(r.standard_normal((V, H)) * 0.7).astype(np.float32),
@@ -70,7 +77,7 @@ def optim_cfg(**kw):
   return ml_collections.ConfigDict(d)
 
 
-def setup(mesh_shape=None, kind="lk_hybrid", accum=1, precision="fp32"):
+def setup(mesh_shape=None, kind="lk_hybrid", accum=1, precision="fp32", with_lse=False):
   model = make_model()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optim.make_optimizer(optim_cfg(grad_accum=accum), total_steps=10)
@@ -84,7 +91,8 @@ def setup(mesh_shape=None, kind="lk_hybrid", accum=1, precision="fp32"):
     rep = shd.replicated(mesh)
     sh = dict(mesh=mesh, state=step_lib.state_shardings(psh, tx, pure_params, mesh),
               rest=shd.state_shardings(rest, mesh, RULES), target=jax.tree.map(lambda _: rep, target),
-              batch=shd.batch_shardings(make_batch(), mesh, RULES),
+              batch=shd.batch_shardings(add_target_lse(make_batch(), target) if with_lse else make_batch(),
+                                        mesh, RULES),
               batch_spec=lambda nd: shd.batch_spec(nd, mesh, RULES, B))
     state = jax.device_put(state, sh["state"])
     pure_rest = jax.device_put(pure_rest, sh["rest"])
@@ -94,11 +102,13 @@ def setup(mesh_shape=None, kind="lk_hybrid", accum=1, precision="fp32"):
   return fn, state, pure_rest, target, sh, graphdef
 
 
-def run_steps(mesh_shape, n=2, **kw):
-  fn, state, rest, target, sh, _ = setup(mesh_shape, **kw)
+def run_steps(mesh_shape, n=2, with_lse=False, **kw):
+  fn, state, rest, target, sh, _ = setup(mesh_shape, with_lse=with_lse, **kw)
   out = []
   for i in range(n):
     batch = make_batch(seed=10 + i)
+    if with_lse:
+      batch = add_target_lse(batch, make_target())
     if sh is not None:
       batch = jax.device_put(batch, sh["batch"])
     state, m = fn(state, rest, target, batch)
@@ -108,22 +118,34 @@ def run_steps(mesh_shape, n=2, **kw):
 
 def test_target_distribution_matches_numpy():
   batch, target = make_batch(), make_target()
-  y_d, lse = step_lib.target_distribution(jnp.asarray(batch["final_hidden"]), target["lm_head"],
-                                          target["draft_ids"], K)
   h = np.asarray(batch["final_hidden"], np.float64)
   full = h @ target["lm_head"].astype(np.float64).T                     # [B, T, V]
   ref_lse = np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1)) + full.max(-1)
-  for k in range(K):
-    np.testing.assert_allclose(np.asarray(y_d[k, :, : T - k - 1]), full[:, k + 1:, target["draft_ids"]],
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(lse[k, :, : T - k - 1]), ref_lse[:, k + 1:], rtol=1e-5, atol=1e-5)
-    assert np.all(np.asarray(y_d[k, :, T - k - 1:]) == 0)
+  # Without target_lse the step computes the full head; with it, only the draft rows.
+  for b in (batch, dict(batch, target_lse=ref_lse.astype(np.float32))):
+    y_d, lse = step_lib.target_distribution(jax.tree.map(jnp.asarray, b), target, K)
+    for k in range(K):
+      np.testing.assert_allclose(np.asarray(y_d[k, :, : T - k - 1]), full[:, k + 1:, target["draft_ids"]],
+                                 rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(lse[k, :, : T - k - 1]), ref_lse[:, k + 1:], rtol=1e-5, atol=1e-5)
+      assert np.all(np.asarray(y_d[k, :, T - k - 1:]) == 0)
 
 
 @pytest.fixture(scope="module")
 def reference_run():
   """Two fp32 single-device steps (compiled once, shared by the tests below)."""
   return run_steps(None)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (8, 1, 1)])
+def test_precomputed_target_lse_gives_the_same_step(mesh_shape, reference_run):
+  """Batches carrying the shards' target_lse (draft-vocabulary head only) train exactly like the full head."""
+  ref_state, ref_metrics = reference_run
+  state, metrics = run_steps(mesh_shape, with_lse=True)
+  for m, r in zip(metrics, ref_metrics):
+    for key in r:
+      np.testing.assert_allclose(m[key], r[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), state, ref_state)
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (8, 1, 1)])
@@ -269,18 +291,20 @@ def test_per_head_loss_equals_reference(arch, kind):
   step = jnp.asarray(3, jnp.int32)
   from lkjax.losses import lk_loss
 
-  def f(impl):
+  def f(impl, b=batch):
     def loss(p):
-      return step_lib._forward_loss(graphdef, lk_loss, kind, kw, jnp.float32, p, rest, target, batch, step, impl)
+      return step_lib._forward_loss(graphdef, lk_loss, kind, kw, jnp.float32, p, rest, target, b, step, impl)
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   (l_ref, m_ref), g_ref = f("reference")
-  (l_new, m_new), g_new = f("per_head")
-  np.testing.assert_allclose(l_new, l_ref, rtol=1e-5, atol=1e-6)
-  for key in m_ref:
-    np.testing.assert_allclose(m_new[key], m_ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  # The per-head path, with the full-vocabulary head and with the shards' precomputed target_lse.
+  for b in (batch, add_target_lse(batch, target)):
+    (l_new, m_new), g_new = f("per_head", b)
+    np.testing.assert_allclose(l_new, l_ref, rtol=1e-5, atol=1e-6)
+    for key in m_ref:
+      np.testing.assert_allclose(m_new[key], m_ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=2e-4, atol=1e-6), g_new, g_ref)
   assert float(m_ref["tokens"].sum()) > 0
-  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=2e-4, atol=1e-6), g_new, g_ref)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_ref)) > 0
 
 

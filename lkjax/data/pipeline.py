@@ -13,6 +13,9 @@ A batch is a dict of numpy arrays with exactly `lkjax.models.base.BATCH_KEYS`, T
   input_ids int32[B, T], loss_mask uint8[B, T], segment_ids int32[B, T] (0 = padding, 1..n = document),
   positions int32[B, T] (restart at 0 per document, 0 on padding), aux_hidden bf16[B, T, A*H],
   final_hidden bf16[B, T, H].  Padding positions hold zeros everywhere.
+When the manifest says the shards carry ``target_lse`` (and ``target_lse=True``, the default), batches
+also hold ``target_lse f32[B, T]`` (`lkjax.data.shards.OPTIONAL_SCHEMA`; `lkjax.train.step` then skips the
+full-vocabulary target head).
 
 Per process and epoch, each process reads ``N // process_count`` records of the split's N (a fresh global
 permutation each epoch, strided across processes); the ``N % process_count`` left over are skipped for that
@@ -214,8 +217,10 @@ class _SplitSource(grain.sources.RandomAccessDataSource):
 class _Decode(grain.transforms.Map):
   """``(global_index, bytes)`` -> validated record dict, truncated to ``max_length`` (+ ``orig_len``)."""
 
-  def __init__(self, names, offsets, *, hidden_size: int, num_aux: int, max_length: int):
+  def __init__(self, names, offsets, *, hidden_size: int, num_aux: int, max_length: int,
+               optional: tuple[str, ...] = ()):
     self._names = list(names)
+    self._optional = tuple(optional)
     self._offsets = np.asarray(offsets, np.int64)
     self._hidden_size = hidden_size
     self._num_aux = num_aux
@@ -228,7 +233,10 @@ class _Decode(grain.transforms.Map):
     rec = shards.decode_record(data, where=where)
     length = shards.validate_record(rec, hidden_size=self._hidden_size, num_aux=self._num_aux, where=where)
     keep = min(length, self._max_length)
-    out = {k: rec[k][:keep] for k in shards.RECORD_SCHEMA}
+    missing = [k for k in self._optional if k not in rec]
+    if missing:
+      raise shards.ShardError(f"{where}: missing fields {missing}, which the manifest says every record has")
+    out = {k: rec[k][:keep] for k in (*shards.RECORD_SCHEMA, *self._optional)}
     out["orig_len"] = length
     return out
 
@@ -248,7 +256,8 @@ class _Collate:
   `LoaderIterator` strips them in the main process.
   """
 
-  def __init__(self, *, max_length: int, aux_width: int, hidden_size: int):
+  def __init__(self, *, max_length: int, aux_width: int, hidden_size: int, optional: tuple[str, ...] = ()):
+    self._optional = tuple(optional)
     self._max_length = max_length
     self._aux_width = aux_width
     self._hidden_size = hidden_size
@@ -264,6 +273,10 @@ class _Collate:
         "aux_hidden": np.zeros((b, t, self._aux_width), np.uint16),
         "final_hidden": np.zeros((b, t, self._hidden_size), np.uint16),
     }
+    for k in self._optional:
+      dt, ndim = shards.OPTIONAL_SCHEMA[k]
+      assert ndim == 1, k
+      out[k] = np.zeros((b, t), dt)
     stats = {k: np.zeros(b, np.int64) for k in _ROW_STATS}
     for r, docs in enumerate(rows):
       start = 0
@@ -272,7 +285,7 @@ class _Collate:
         if start + n > t:
           raise AssertionError(f"row {r}: documents hold {start + n} tokens > max_length {t}")
         sl = slice(start, start + n)
-        for k in shards.RECORD_SCHEMA:
+        for k in (*shards.RECORD_SCHEMA, *self._optional):
           out[k][r, sl] = doc[k].view(out[k].dtype) if k in _HIDDEN_KEYS else doc[k]
         out["segment_ids"][r, sl] = seg
         out["positions"][r, sl] = np.arange(n, dtype=np.int32)
@@ -455,6 +468,7 @@ class LoaderInfo:
   max_length: int
   process_index: int
   process_count: int
+  target_lse: bool = False    # batches carry ``target_lse f32[B, T]``
 
 
 class Loader(grain.IterDataset):
@@ -495,7 +509,8 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, global_batch_size: i
                 val_fraction: float = 0.05, worker_count: int = 0, drop_remainder: bool = True,
                 process_index: int | None = None, process_count: int | None = None,
                 pack_bins: int | None = None, read_threads: int = 4,
-                prefetch_buffer_size: int | None = None, worker_buffer_size: int = 2) -> Loader:
+                prefetch_buffer_size: int | None = None, worker_buffer_size: int = 2,
+                target_lse: bool = True) -> Loader:
   """Build the input pipeline over a shard directory (see the module docstring for the stages).
 
   Args:
@@ -514,6 +529,8 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, global_batch_size: i
     pack_bins: rows open at once when packing (default: the local batch size).
     read_threads, prefetch_buffer_size: grain ReadOptions for record reads (buffer default: 2 batches).
     worker_buffer_size: batches each worker keeps ready.
+    target_lse: include the shards' ``target_lse`` in the batches when the manifest has it
+      (``loader.info.target_lse`` says whether it does).
   """
   if split not in SPLITS:
     raise ValueError(f"split={split!r}: expected one of {SPLITS}")
@@ -534,10 +551,12 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, global_batch_size: i
     raise ValueError(f"{shard_set.directory}: split {split!r} has {indices.size} records, fewer than "
                      f"process_count={pc}")
   hidden, num_aux = shard_set.hidden_size, shard_set.num_aux
+  use_lse = bool(target_lse) and shards.has_target_lse(shard_set.manifest)
+  optional = ("target_lse",) if use_lse else ()
   info = LoaderInfo(split=split, num_records=int(indices.size), records_per_epoch=per_process,
                     skipped_per_epoch=int(indices.size - per_process * pc), batch_size=batch_size,
                     global_batch_size=global_batch_size, max_length=max_length, process_index=pi,
-                    process_count=pc)
+                    process_count=pc, target_lse=use_lse)
 
   ds = grain.MapDataset.source(_SplitSource(shard_set.files, indices))
   if shuffle:
@@ -547,7 +566,7 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, global_batch_size: i
   ds = ds[pi:per_process * pc:pc]
   ds = ds.repeat(num_epochs)
   ds = ds.map(_Decode([f.name for f in shard_set.files], shard_set.offsets, hidden_size=hidden,
-                      num_aux=num_aux, max_length=max_length))
+                      num_aux=num_aux, max_length=max_length, optional=optional))
   if not packing:
     ds = ds.map(_Single())
   read = grain.ReadOptions(num_threads=read_threads,
@@ -557,7 +576,8 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, global_batch_size: i
     it_ds = _PackIterDataset(it_ds, max_length=max_length, num_bins=pack_bins or batch_size)
   # Rows are lists of documents until here; collating copies each document once into the batch arrays.
   it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder,
-                      batch_fn=_Collate(max_length=max_length, aux_width=num_aux * hidden, hidden_size=hidden))
+                      batch_fn=_Collate(max_length=max_length, aux_width=num_aux * hidden, hidden_size=hidden,
+                                        optional=optional))
   if worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                            per_worker_buffer_size=worker_buffer_size))

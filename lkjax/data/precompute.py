@@ -3,6 +3,7 @@
 Input: a replies JSONL from `lkjax.data.generate` (``{"id", "prompt", "reply", "finished"}`` per line).
 Output directory:
   shard-00000.array_record ...    records of `shards.RECORD_SCHEMA` (int32 ids, uint8 mask, bf16 states)
+                                  + ``target_lse`` f32[T] (`shards.OPTIONAL_SCHEMA`) unless disabled
   target_head.safetensors         the target's embedding / LM head / final norm (`TargetModel.export_head`)
   manifest.json                   written last, when every shard is done (`shards.write_manifest`)
   precompute_progress.json        per finished shard: counts and sparse token counts (resume state)
@@ -57,9 +58,30 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
   return groups
 
 
-def compute_records(target, seqs: Sequence[tuple[np.ndarray, np.ndarray]], *,
-                    batch_tokens: int = 4096) -> list[dict[str, np.ndarray]]:
-  """Shard records for ``(input_ids int32[T], loss_mask uint8[T])`` pairs, in input order."""
+def lse_from_stored(final_bf16: np.ndarray, lm_head: torch.Tensor, *, rows: int = 1024) -> np.ndarray:
+  """``logsumexp(f32(final_bf16) @ lm_head.T)`` per position -> float32 ``[...]``.
+
+  Computed from the bf16-ROUNDED final hidden state the shard stores, in float32, so that it is the
+  normaliser of exactly the logits the train step computes from the same record (`lkjax.train.step`).
+  ``rows`` positions at a time bound the ``[rows, V]`` logits.
+  """
+  lead = final_bf16.shape[:-1]
+  h = torch.from_numpy(np.asarray(final_bf16, np.float32).reshape(-1, final_bf16.shape[-1]))
+  w = lm_head.to(torch.float32)
+  out = torch.empty(h.shape[0], dtype=torch.float32)
+  with torch.no_grad():
+    for s in range(0, h.shape[0], rows):
+      out[s:s + rows] = torch.logsumexp(h[s:s + rows] @ w.T, dim=-1)
+  return out.numpy().reshape(lead)
+
+
+def compute_records(target, seqs: Sequence[tuple[np.ndarray, np.ndarray]], *, batch_tokens: int = 4096,
+                    lm_head: torch.Tensor | None = None) -> list[dict[str, np.ndarray]]:
+  """Shard records for ``(input_ids int32[T], loss_mask uint8[T])`` pairs, in input order.
+
+  With ``lm_head`` (the target's ``[V, H]`` float32 LM head) every record also gets ``target_lse``
+  (`lse_from_stored`).
+  """
   out: list[dict[str, np.ndarray] | None] = [None] * len(seqs)
   for group in length_batches([len(s[0]) for s in seqs], batch_tokens):
     width = max(len(seqs[i][0]) for i in group)
@@ -74,6 +96,8 @@ def compute_records(target, seqs: Sequence[tuple[np.ndarray, np.ndarray]], *,
       t = len(seqs[i][0])
       out[i] = {"input_ids": np.asarray(seqs[i][0], np.int32), "loss_mask": np.asarray(seqs[i][1], np.uint8),
                 "aux_hidden": aux[r, :t].copy(), "final_hidden": final[r, :t].copy()}
+      if lm_head is not None:
+        out[i]["target_lse"] = lse_from_stored(out[i]["final_hidden"], lm_head)
   return out  # type: ignore[return-value]
 
 
@@ -105,7 +129,7 @@ def _prepare_lines(target, lines: Sequence[dict], *, max_length: int, first_line
 
 def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLike, *, max_length: int = 2048,
                shard_size: int = 256, batch_tokens: int = 4096, max_shards: int | None = None,
-               progress: bool = True) -> dict[str, Any] | None:
+               progress: bool = True, target_lse: bool = True) -> dict[str, Any] | None:
   """Write (or finish writing) the shard directory for a replies JSONL.
 
   Args:
@@ -116,6 +140,8 @@ def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLi
     shard_size: JSONL lines per shard.
     batch_tokens: padded tokens per target forward.
     max_shards: stop after computing this many shards (a time box; rerun to finish).
+    target_lse: also store each position's full-vocabulary target logsumexp (`lse_from_stored`); the
+      train step then computes only the draft-vocabulary columns of the target head.
 
   Returns:
     The manifest dict once all shards are done, else None (``max_shards`` stopped it).
@@ -129,6 +155,8 @@ def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLi
   info = target.info
   config = {"replies": str(replies_path.resolve()), "replies_sha256": shards.file_sha256(replies_path),
             "weights_sha256": info.weights_sha256, "max_length": int(max_length), "shard_size": int(shard_size)}
+  if target_lse:   # absent (not False) when off: progress files written before the option still resume
+    config["target_lse"] = True
   progress_path = out_dir / PROGRESS_FILE
   state = {"config": config, "shards": {}}
   if progress_path.exists():
@@ -136,12 +164,18 @@ def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLi
       state = json.loads(progress_path.read_text())
     except json.JSONDecodeError as e:
       raise shards.ShardError(f"{progress_path}: not valid JSON ({e}); delete it to start over") from e
+    old = state.get("config") or {}
+    if target_lse and "target_lse" not in old and dict(config, target_lse=None) == dict(old, target_lse=None):
+      # Started by a version without target_lse: finish it the same way (mixed shards would be unusable).
+      warnings.warn(f"{progress_path}: this directory was started without target_lse; finishing it without")
+      config, target_lse = old, False
     if state.get("config") != config:
       raise ValueError(f"{progress_path}: was written for {state.get('config')}, this run is {config}; "
                        f"use another output directory or delete {out_dir} to start over")
   out_dir.mkdir(parents=True, exist_ok=True)
   shards.write_json_atomic(progress_path, state)
   target.export_head(out_dir)
+  lm_head = torch.from_numpy(target.head_weights()["lm_head"]) if target_lse else None
 
   num_shards = (len(lines) + shard_size - 1) // shard_size
   todo = [i for i in range(num_shards)
@@ -159,7 +193,7 @@ def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLi
     t0 = time.perf_counter()
     seqs, ids, stats, skipped = _prepare_lines(target, chunk, max_length=max_length, first_line=i * shard_size,
                                                source=str(replies_path))
-    records = compute_records(target, seqs, batch_tokens=batch_tokens)
+    records = compute_records(target, seqs, batch_tokens=batch_tokens, lm_head=lm_head)
     fname = shards.SHARD_PATTERN.format(i)
     encoded = []
     counts = collections.Counter()
@@ -186,7 +220,8 @@ def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLi
   if todo:
     print(f"precompute: {done_tokens} tokens in {elapsed:.1f}s = {done_tokens / max(elapsed, 1e-9):.1f} tokens/s")
 
-  manifest = build_manifest(info, state, max_length=max_length, replies_path=replies_path)
+  manifest = build_manifest(info, state, max_length=max_length, replies_path=replies_path,
+                            target_lse=bool(state["config"].get("target_lse", False)))
   shards.write_manifest(out_dir, manifest)
   print(f"precompute: {manifest['num_records']} records, {manifest['num_tokens']} tokens "
         f"({manifest['truncated']} truncated, {manifest['skipped_empty']} empty skipped, "
@@ -194,7 +229,8 @@ def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLi
   return shards.read_manifest(out_dir)
 
 
-def build_manifest(info, state: dict, *, max_length: int, replies_path: pathlib.Path) -> dict[str, Any]:
+def build_manifest(info, state: dict, *, max_length: int, replies_path: pathlib.Path,
+                   target_lse: bool = False) -> dict[str, Any]:
   """Manifest dict (keys of `shards.MANIFEST_REQUIRED` + counts) from the finished progress state."""
   per = [state["shards"][k] for k in sorted(state["shards"], key=int)]
   freqs = np.zeros(info.vocab_size, dtype=np.int64)
@@ -220,4 +256,5 @@ def build_manifest(info, state: dict, *, max_length: int, replies_path: pathlib.
       "skipped": [x for s in per for x in s["skipped"]],
       "source": {"replies": str(replies_path), "replies_sha256": state["config"]["replies_sha256"]},
       "target_weights_file": shards.TARGET_WEIGHTS_FILE,
+      "target_lse": bool(target_lse),
   }

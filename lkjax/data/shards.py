@@ -11,6 +11,11 @@ Record schema (one training sequence, T tokens, target hidden H, A aux layers):
   loss_mask    uint8[T]         1 on assistant tokens
   aux_hidden   bfloat16[T, A*H]  EAGLE-3 aux states [low | mid | high]
   final_hidden bfloat16[T, H]    target last hidden state after its final norm
+Optional (`OPTIONAL_SCHEMA`; present in every record when the manifest says ``"target_lse": true``):
+  target_lse   float32[T]        logsumexp over the FULL target vocabulary of the logits the trainer would
+                                 compute from the stored (bf16-rounded) ``final_hidden``:
+                                 ``logsumexp(f32(final_hidden) @ lm_head.T)``; lets the train step skip
+                                 the full-vocabulary head (it then only needs the draft-vocabulary columns)
 
 Arrays are stored as msgpack maps ``{dtype, shape, data}`` (raw little-endian bytes); msgpack rather than
 ``np.load`` because a threaded ``np.load`` crash was seen on these machines (STYLE.md).
@@ -43,6 +48,10 @@ RECORD_SCHEMA: dict[str, tuple[np.dtype, int]] = {
     "loss_mask": (np.dtype(np.uint8), 1),
     "aux_hidden": (np.dtype(ml_dtypes.bfloat16), 2),
     "final_hidden": (np.dtype(ml_dtypes.bfloat16), 2),
+}
+
+OPTIONAL_SCHEMA: dict[str, tuple[np.dtype, int]] = {
+    "target_lse": (np.dtype(np.float32), 1),
 }
 
 _DTYPES = {"int32": np.dtype(np.int32), "uint8": np.dtype(np.uint8), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -94,15 +103,17 @@ def decode_record(data: bytes, *, where: str = "record") -> dict[str, np.ndarray
 
 def validate_record(record: Mapping[str, np.ndarray], *, hidden_size: int | None = None,
                     num_aux: int | None = None, where: str = "record") -> int:
-  """Check a record against `RECORD_SCHEMA` (and the target's sizes); returns its length T."""
+  """Check a record against `RECORD_SCHEMA` / `OPTIONAL_SCHEMA` (and the target's sizes); returns its length T."""
   missing = [k for k in RECORD_SCHEMA if k not in record]
   if missing:
     raise ShardError(f"{where}: missing fields {missing} (schema: {list(RECORD_SCHEMA)})")
-  extra = [k for k in record if k not in RECORD_SCHEMA]
+  extra = [k for k in record if k not in RECORD_SCHEMA and k not in OPTIONAL_SCHEMA]
   if extra:
-    raise ShardError(f"{where}: unexpected fields {extra} (schema: {list(RECORD_SCHEMA)})")
+    raise ShardError(f"{where}: unexpected fields {extra} (schema: {list(RECORD_SCHEMA)}, optional: "
+                     f"{list(OPTIONAL_SCHEMA)})")
   length = None
-  for name, (dt, ndim) in RECORD_SCHEMA.items():
+  fields = dict(RECORD_SCHEMA, **{k: v for k, v in OPTIONAL_SCHEMA.items() if k in record})
+  for name, (dt, ndim) in fields.items():
     arr = record[name]
     if arr.dtype != dt or arr.ndim != ndim:
       raise ShardError(f"{where}: field {name!r} is {arr.dtype}{list(arr.shape)}, expected {dt} with {ndim} dims")
@@ -224,6 +235,11 @@ def read_manifest(directory: str | os.PathLike, *, check_files: bool = True) -> 
       if not f.exists():
         raise ShardError(f"{path}: lists {s['file']} but {f} is missing")
   return manifest
+
+
+def has_target_lse(manifest: Mapping[str, Any]) -> bool:
+  """Whether every record of the manifest's shards carries ``target_lse`` (`OPTIONAL_SCHEMA`)."""
+  return bool(manifest.get("target_lse", False))
 
 
 def target_info(manifest: Mapping[str, Any]):

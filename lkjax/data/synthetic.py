@@ -42,13 +42,14 @@ def synthetic_target_info(*, vocab_size: int, hidden_size: int, num_layers: int,
 
 def write_synthetic_shards(directory: str | os.PathLike, *, num_records: int = 40, vocab_size: int = 64,
                            hidden_size: int = 16, num_layers: int = 8, min_len: int = 10, max_len: int = 16,
-                           seed: int = 0, predictable: float = 0.0) -> pathlib.Path:
+                           seed: int = 0, predictable: float = 0.0, target_lse: bool = False) -> pathlib.Path:
   """Write ``num_records`` random records (lengths ``min_len..max_len`` inclusive) to ``directory``.
 
   The target has ``num_layers`` layers (>= 4: EAGLE-3's aux layers ``(2, N//2, N-3)``), so ``aux_hidden`` is
   ``[T, 3 * hidden_size]``; the first `PROMPT_TOKENS` tokens of each record are outside the loss mask and
   ``manifest["token_freqs"]`` counts the tokens under it. ``predictable``: the probability that a token is
-  its predecessor's fixed successor (see the module docstring; 0 = i.i.d. tokens). Deterministic in
+  its predecessor's fixed successor (see the module docstring; 0 = i.i.d. tokens). ``target_lse``: also
+  store each position's full-vocabulary target logsumexp, as precompute does. Deterministic in
   ``seed``. Returns the directory.
   """
   if not 1 <= min_len <= max_len:
@@ -81,6 +82,10 @@ def write_synthetic_shards(directory: str | os.PathLike, *, num_records: int = 4
     recs.append({"input_ids": ids, "loss_mask": mask,
                  "aux_hidden": rng.standard_normal((n, info.num_aux * h)).astype(_BF16),
                  "final_hidden": fin.astype(_BF16)})
+    if target_lse:
+      logits = recs[-1]["final_hidden"].astype(np.float64) @ emb.astype(np.float64).T
+      m = logits.max(-1)
+      recs[-1]["target_lse"] = (m + np.log(np.exp(logits - m[:, None]).sum(-1))).astype(np.float32)
     np.add.at(freqs, ids[mask > 0], 1)
     tokens += n
   name = shards.SHARD_PATTERN.format(0)
@@ -89,6 +94,6 @@ def write_synthetic_shards(directory: str | os.PathLike, *, num_records: int = 4
       "target": info.to_dict(), "max_length": max_len, "num_records": num_records, "num_tokens": tokens,
       "num_loss_tokens": int(freqs.sum()),
       "shards": [{"file": name, "num_records": num_records, "num_tokens": tokens}],
-      "token_freqs": freqs.tolist()})
+      "token_freqs": freqs.tolist(), "target_lse": bool(target_lse)})
   shards.save_target_weights(directory, embed_tokens=emb, lm_head=emb, norm=np.ones(h, np.float32))
   return directory

@@ -105,6 +105,7 @@ class DraftSetup:
   target_info: Any              # TargetInfo
   draft_vocab: Any              # DraftVocab or None (Vd = V)
   target_weights: dict[str, np.ndarray]
+  target_lse: bool = False      # batches carry the shards' precomputed target lse (`data.target_lse`)
 
 
 def build_setup(config: ml_collections.ConfigDict, manifest: Mapping[str, Any], *,
@@ -127,7 +128,12 @@ def build_setup(config: ml_collections.ConfigDict, manifest: Mapping[str, Any], 
     model = registry.build_draft(model_cfg, info, draft_vocab=ids, target_weights=weights,
                                  rngs=nnx.Rngs(params=config.seed))
   return DraftSetup(model=model, model_config=model_cfg, target_info=info, draft_vocab=vocab,
-                    target_weights=weights)
+                    target_weights=weights, target_lse=_use_target_lse(config) and shards.has_target_lse(manifest))
+
+
+def _use_target_lse(config) -> bool:
+  """``data.target_lse`` (default True: configs written before the knob existed)."""
+  return bool(config.data.get("target_lse", True))
 
 
 def _total_steps(config, steps_per_epoch: int) -> int:
@@ -148,7 +154,7 @@ def _loader(config, split: str, *, num_epochs, shuffle: bool, drop_remainder: bo
                      max_length=config.data.max_length, seed=config.data.seed, num_epochs=num_epochs,
                      shuffle=shuffle, packing=config.data.packing, val_fraction=config.data.val_fraction,
                      worker_count=config.data.worker_count if split == "train" else 0,
-                     drop_remainder=drop_remainder)
+                     drop_remainder=drop_remainder, target_lse=_use_target_lse(config))
 
 
 def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -218,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     target["draft_ids"] = setup.draft_vocab.token_ids.astype(np.int32)
   rep = shd.replicated(mesh)
   target_sh = jax.tree.map(lambda _: rep, target)
-  example = _example_batch(config, setup.target_info)
+  example = _example_batch(config, setup.target_info, target_lse=setup.target_lse)
   batch_sh = shd.batch_shardings(example, mesh, rules)
   shardings = dict(mesh=mesh, state=state_sh, rest=rest_sh, target=target_sh, batch=batch_sh,
                    batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, config.batch_size))
@@ -326,7 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   summary = dict(status=status, step=step, total_steps=total_steps, workdir=workdir,
                  checkpoint=os.path.join(ckpt.directory, str(step)),
                  metrics=os.path.join(workdir, metrics_lib.METRICS_FILE),
-                 tensorboard=os.path.join(workdir, metrics_lib.TB_DIR), train=last_train, val=last_val)
+                 tensorboard=os.path.join(workdir, metrics_lib.TB_DIR), train=last_train, val=last_val,
+                 target_lse=setup.target_lse)
   if is_main:
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     tau = last_val.get("tau", last_train.get("tau", float("nan")))
@@ -335,15 +342,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   return summary
 
 
-def _example_batch(config, info) -> dict[str, np.ndarray]:
+def _example_batch(config, info, *, target_lse: bool = False) -> dict[str, np.ndarray]:
   """Zeros with the global batch's shapes and dtypes (`lkjax.models.base` schema)."""
   import ml_dtypes
   b, t, h = config.batch_size, config.data.max_length, info.hidden_size
   i32 = np.int32
-  return dict(input_ids=np.zeros((b, t), i32), loss_mask=np.zeros((b, t), np.uint8),
-              segment_ids=np.zeros((b, t), i32), positions=np.zeros((b, t), i32),
-              aux_hidden=np.zeros((b, t, info.num_aux * h), ml_dtypes.bfloat16),
-              final_hidden=np.zeros((b, t, h), ml_dtypes.bfloat16))
+  out = dict(input_ids=np.zeros((b, t), i32), loss_mask=np.zeros((b, t), np.uint8),
+             segment_ids=np.zeros((b, t), i32), positions=np.zeros((b, t), i32),
+             aux_hidden=np.zeros((b, t, info.num_aux * h), ml_dtypes.bfloat16),
+             final_hidden=np.zeros((b, t, h), ml_dtypes.bfloat16))
+  if target_lse:
+    out["target_lse"] = np.zeros((b, t), np.float32)
+  return out
 
 
 def _print_compile_report(compiled, seconds: float, config, total_steps: int) -> None:

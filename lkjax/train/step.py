@@ -14,7 +14,10 @@ Per batch, once (outside the gradient): ``y = final_hidden @ lm_head.T`` in floa
 ``lse = logsumexp_V(y)`` ``[B, T]`` and the draft-vocabulary columns ``y[..., draft_ids]`` ``[B, T, Vd]``;
 both are shifted per head with `head_targets` (head k compares with the target at t+k+1) so the loss sees
 ``[K, B, T, Vd]`` target logits plus ``[K, B, T]`` lse and never a ``[K, B, T, V]`` array. The mask is
-`head_mask`. Every reduction is a plain masked mean over the global (sharded) batch, so lambda_k of
+`head_mask`. When the batch carries the shards' precomputed ``target_lse`` (`lkjax.data.shards`), only the
+draft-vocabulary rows of the head are multiplied (``final_hidden @ lm_head[draft_ids].T``, ``[B, T, Vd]``)
+and the stored lse is used: the same numbers up to float32 rounding, without the ``[B, T, V]`` matmul.
+Every reduction is a plain masked mean over the global (sharded) batch, so lambda_k of
 ``lk_hybrid`` is computed from the global batch without any explicit collective.
 
 Mixed precision (``precision="bf16"``): the float32 parameters (and floating ``rest``) are cast to bf16
@@ -75,15 +78,35 @@ def target_logits(final_hidden: jax.Array, lm_head: jax.Array,
   return sub, lse
 
 
-def target_distribution(final_hidden: jax.Array, lm_head: jax.Array, draft_ids: jax.Array | None,
+def draft_target_logits(final_hidden: jax.Array, lm_head: jax.Array, draft_ids: jax.Array | None) -> jax.Array:
+  """Only the draft-vocabulary columns of the target logits: ``h @ lm_head[draft_ids].T`` -> f32 ``[B, T, Vd]``.
+
+  Equal to ``target_logits(...)[0]`` (the same float32 products; no ``[B, T, V]`` array).
+  """
+  w = lm_head if draft_ids is None else jnp.take(lm_head, draft_ids, axis=0)
+  return jnp.einsum("bth,vh->btv", final_hidden.astype(jnp.float32), w.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def batch_target(batch: Mapping[str, jax.Array], target: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """``(y_d [B, T, Vd], lse [B, T])`` float32 for a batch: from the precomputed ``target_lse`` when the
+  batch has it (`draft_target_logits`), else from the full-vocabulary head (`target_logits`)."""
+  h = jax.lax.stop_gradient(batch["final_hidden"])
+  if "target_lse" in batch:
+    return (draft_target_logits(h, target["lm_head"], target.get("draft_ids")),
+            jax.lax.stop_gradient(batch["target_lse"]).astype(jnp.float32))
+  return target_logits(h, target["lm_head"], target.get("draft_ids"))
+
+
+def target_distribution(batch: Mapping[str, jax.Array], target: Mapping[str, jax.Array],
                         num_heads: int) -> tuple[jax.Array, jax.Array]:
-  """`target_logits` shifted per head, for the reference loss path on ``[K, B, T, Vd]`` logits.
+  """`batch_target` shifted per head, for the reference loss path on ``[K, B, T, Vd]`` logits.
 
   Returns:
     ``(y_d [K, B, T, Vd], lse [K, B, T])`` float32, ``y_d[k, b, t] = (h[b, t+k+1] @ lm_head.T)[draft_ids]``,
     zero past the end (`head_targets`; the mask is False there).
   """
-  sub, lse = target_logits(final_hidden, lm_head, draft_ids)
+  sub, lse = batch_target(batch, target)
   return head_targets(sub, num_heads), head_targets(lse, num_heads)
 
 
@@ -130,8 +153,7 @@ def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, ja
   """
   feats = model.features(batch)
   num_heads = len(feats)
-  y_d, lse = target_logits(jax.lax.stop_gradient(batch["final_hidden"]), target["lm_head"],
-                           target.get("draft_ids"))
+  y_d, lse = batch_target(batch, target)
   mask = head_mask(batch["loss_mask"], batch["segment_ids"], num_heads)
   chunk = int(kw.get("chunk_size") or losses_chunked.DEFAULT_CHUNK_SIZE)
   alphas, kls, masks = [], [], []
@@ -154,8 +176,7 @@ def _forward_loss(graphdef, loss_fn: Callable, kind: str, kw: Mapping[str, Any],
   logits = model(batch)
   num_heads = logits.shape[0]
   mask = head_mask(batch["loss_mask"], batch["segment_ids"], num_heads)
-  y_d, lse = target_distribution(jax.lax.stop_gradient(batch["final_hidden"]), target["lm_head"],
-                                 target.get("draft_ids"), num_heads)
+  y_d, lse = target_distribution(batch, target, num_heads)
   return loss_fn(logits, y_d, mask, kind, step=step, target_lse=lse, **kw)
 
 
