@@ -104,6 +104,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   psh, rsh = shd.state_shardings(params, mesh, rules), shd.state_shardings(rest, mesh, rules)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  rest = step_lib.precast_rest(rest, precision)
   tx = optim.make_optimizer(cfg.optim, total_steps=1000)
   ssh = step_lib.state_shardings(psh, tx, params, mesh)
   rep = shd.replicated(mesh)

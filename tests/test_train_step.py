@@ -313,3 +313,15 @@ def test_unknown_loss_impl_is_rejected():
   cfg.impl = "fast"
   with pytest.raises(ValueError, match="loss.impl"):
     step_lib.loss_impl(cfg)
+
+
+def test_precast_rest_changes_nothing_but_the_per_step_cast():
+  """Handing the bf16 step an already-cast ``rest`` gives bit-identical results (the step's cast is a no-op)."""
+  fn, state, rest, target, _, _ = setup(None, precision="bf16")
+  cast = step_lib.precast_rest(rest, "bf16")
+  assert {str(x.dtype) for x in jax.tree.leaves(cast)} == {"bfloat16"}
+  batch = make_batch(seed=3)
+  s1, m1 = fn(state, rest, target, batch)
+  s2, m2 = fn(state, cast, target, batch)
+  jax.tree.map(np.testing.assert_array_equal, m1, m2)
+  jax.tree.map(np.testing.assert_array_equal, s1, s2)

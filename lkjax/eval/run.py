@@ -437,6 +437,7 @@ def offline_estimate(draft: Any, config: Any, data_dir: str | os.PathLike | None
     target["draft_ids"] = jnp.asarray(ids.astype(np.int32))
   graphdef, params, rest = nnx.split(draft, nnx.Param, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  rest = step_lib.precast_rest(rest, config.precision)
   eval_step = step_lib.make_eval_step(graphdef, config.loss, total_steps=max(int(config.get("num_steps", 0)), 1),
                                       precision=config.precision)
   loader = make_loader(data_dir, split="val", global_batch_size=rows, max_length=int(config.data.max_length),

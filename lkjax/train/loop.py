@@ -218,6 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   param_sh = shd.state_shardings(params, mesh, rules)
   rest_sh = shd.state_shardings(rest, mesh, rules)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  rest = step_lib.precast_rest(rest, config.precision)
   state_sh = step_lib.state_shardings(param_sh, tx, params, mesh)
   target = {"lm_head": setup.target_weights["lm_head"]}
   if setup.draft_vocab is not None:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -57,6 +58,18 @@ def compute_dtype(precision: str):
 def cast_floating(tree: Any, dtype) -> Any:
   """Cast floating leaves of ``tree`` to ``dtype`` (integer / bool leaves untouched)."""
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def precast_rest(rest: Any, precision: str) -> Any:
+  """``rest`` (never updated) cast ONCE to the compute dtype, as host numpy arrays.
+
+  The steps cast ``rest`` to the compute dtype on every call; handing them an already-cast copy makes
+  that cast a no-op (identical values) instead of, e.g., a ``[V, H]`` f32 -> bf16 conversion of the
+  target embedding per step.
+  """
+  dtype = compute_dtype(precision)
+  return jax.tree.map(lambda x: np.asarray(x).astype(dtype) if jnp.issubdtype(np.asarray(x).dtype, jnp.floating)
+                      else x, rest)
 
 
 def target_logits(final_hidden: jax.Array, lm_head: jax.Array,
