@@ -5,13 +5,17 @@ vocabulary 8192, EAGLE-3 = one 576-wide layer with 9 heads / 3 kv heads / interm
 EAGLE-3/MTP, 6 for MEDUSA/MLP-Speculator; batch 4 x 512 tokens; bf16 compute, fp32 params) it prints
   tokens/s           B*T / median step time (compiled step, data already on device)
   GFLOP/step         XLA's cost analysis of the compiled train step (all devices of the mesh)
-  utilisation        achieved FLOP/s / a bf16-input, f32-accumulate matmul ceiling measured in this run
+  utilisation        achieved FLOP/s / a bf16-input, f32-accumulate 2048^2 matmul ceiling, both measured in
+                     the same round (a ceiling sample is taken before every timed round: these machines'
+                     speed drifts by 2x within minutes), median over the rounds
   LK / KL            median over pairs of the L_lambda step time / the KL step time, the two steps timed
                      alternately (LK, KL, LK, KL, ...) so that both see the same machine load
 The batch carries the precomputed full-vocabulary target lse, as batches from shards written by
 `experiments/precompute.py` do (``--target_lse=off``: the step computes the full-vocabulary head itself, as
-for older shards; ``--target_lse=both``: also times that L_lambda step in the same interleaved loop, column
-"no-lse s" and ``lse_speedup`` = its time / the L_lambda step time, median over the rounds).
+for older shards).  ``--ab=NAME`` also compiles a variant "B" of the L_lambda step and times it in the same
+interleaved loop (LK, KL, B, LK, ...): ``no_target_lse`` (batches without the precomputed lse) or
+``autodiff_attention`` (attention differentiated by autodiff instead of its custom VJP); columns "B s" and
+"B/LK" (median over the rounds of B's time / the L_lambda step's).
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
 Random weights and inputs: the step's cost does not depend on their values.
@@ -35,8 +39,9 @@ flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
 flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices.")
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
-flags.DEFINE_enum("target_lse", "on", ["on", "off", "both"], "Batches carry the precomputed target lse "
-                  "(on), do not (off), or time both L_lambda steps side by side (both).")
+flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
+flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention"],
+                  "Also time this variant of the L_lambda step, interleaved with the others.")
 flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty).")
 FLAGS = flags.FLAGS
 
@@ -55,15 +60,21 @@ def target_info(small: bool):
                     tie_word_embeddings=True)
 
 
+_CEILING_FN = {}
+
+
 def matmul_ceiling(small: bool, repeats: int = 5) -> float:
   """GFLOP/s of a square bf16 x bf16 -> f32 matmul (the best of ``repeats``)."""
   import jax
   import jax.numpy as jnp
   n = 512 if small else 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  f(a, b).block_until_ready()
+  if n not in _CEILING_FN:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    _CEILING_FN[n] = (f, a, b)
+  f, a, b = _CEILING_FN[n]
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
@@ -73,7 +84,7 @@ def matmul_ceiling(small: bool, repeats: int = 5) -> float:
 
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
-               precision: str, target_lse: bool = True) -> dict:
+               precision: str, target_lse: bool = True, attention: str = "custom_vjp") -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
   import jax
   import ml_collections
@@ -127,7 +138,12 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   dev_batch = jax.device_put(host_batch, bsh)
   fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh)
   t0 = time.perf_counter()
-  compiled = fn.lower(state, rest, target, dev_batch).compile()
+  from lkjax.models import layers
+  layers.set_attention_impl(attention)     # read while tracing
+  try:
+    compiled = fn.lower(state, rest, target, dev_batch).compile()
+  finally:
+    layers.set_attention_impl("custom_vjp")
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -149,18 +165,23 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
 
 
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
-               profile_dir: str = "", target_lse: str = "on") -> dict:
+               profile_dir: str = "", target_lse: bool = True, ab: str = "") -> dict:
   """L_lambda and KL steps of ``arch``, timed interleaved (LK, KL, LK, ...) so both see the same load."""
   import numpy as np
   kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision)
-  lk, kl = (build_step(arch, kind, info, target_lse=target_lse != "off", **kw) for kind in ("lk_hybrid", "kl"))
-  no_lse = build_step(arch, "lk_hybrid", info, target_lse=False, **kw) if target_lse == "both" else None
-  t_lk, t_kl, t_no = [], [], []
+  lk, kl = (build_step(arch, kind, info, target_lse=target_lse, **kw) for kind in ("lk_hybrid", "kl"))
+  variant = None
+  if ab == "no_target_lse":
+    variant = build_step(arch, "lk_hybrid", info, target_lse=False, **kw)
+  elif ab == "autodiff_attention":
+    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, attention="autodiff", **kw)
+  t_lk, t_kl, t_b, ceil = [], [], [], []
   for _ in range(steps):
+    ceil.append(matmul_ceiling(small, repeats=3))   # the machine's speed drifts: sample it every round
     t_lk.append(lk["run"]())
     t_kl.append(kl["run"]())
-    if no_lse is not None:
-      t_no.append(no_lse["run"]())
+    if variant is not None:
+      t_b.append(variant["run"]())
   if profile_dir:  # one more step each under the profiler (not timed): perfetto traces + optimized HLO
     import jax
     os.makedirs(profile_dir, exist_ok=True)
@@ -173,11 +194,12 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   step_s, kl_s = float(np.median(t_lk)), float(np.median(t_kl))
   ratios = [a / b for a, b in zip(t_lk, t_kl)]
   extra = {}
-  if no_lse is not None:
-    extra = dict(no_lse_step_s=float(np.median(t_no)), no_lse_times=t_no,
-                 no_lse_gflop_per_step=no_lse["gflop_per_step"],
-                 lse_speedup=float(np.median([a / b for a, b in zip(t_no, t_lk)])))
-  return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse != "off", step_s=step_s, tokens_per_s=batch * seq / step_s,
+  if variant is not None:
+    extra = dict(ab=ab, b_step_s=float(np.median(t_b)), b_times=t_b, b_gflop_per_step=variant["gflop_per_step"],
+                 b_over_lk=float(np.median([a / b for a, b in zip(t_b, t_lk)])))
+  util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
+  extra.update(ceiling_samples=ceil, utilisation=float(np.median(util)))
+  return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
               compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],
               kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
@@ -197,28 +219,27 @@ def main(argv):
   unknown = sorted(set(archs) - set(K))
   if unknown:
     raise app.UsageError(f"--archs: unknown {unknown}; expected {sorted(K)}")
-  ceiling = matmul_ceiling(small)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {batch} x {seq}; "
-        f"precision {FLAGS.precision}; bf16 matmul ceiling {ceiling:.1f} GFLOP/s", flush=True)
+        f"precision {FLAGS.precision}; bf16 matmul ceiling at start {matmul_ceiling(small):.1f} GFLOP/s", flush=True)
   rows = []
   for arch in archs:
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps, mesh_shape=mesh_shape,
-                     precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse)
-    row["utilisation"] = row["gflops"] / ceiling
+                     precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse == "on",
+                     ab=FLAGS.ab)
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
-  both = FLAGS.target_lse == "both"
+  both = bool(FLAGS.ab)
   header = f"{'arch':<16}{'params':>10}{'tok/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'util':>8}{'LK s':>9}{'KL s':>9}{'LK/KL':>8}"
-  print(header + (f"{'no-lse s':>10}{'lse x':>7}" if both else ""))
+  print(header + (f"{'B s':>9}{'B/LK':>7}" if both else "") + (f"   (B = {FLAGS.ab})" if both else ""))
   for r in rows:
     print(f"{r['arch']:<16}{r['num_params']:>10}{r['tokens_per_s']:>10.0f}{r['gflop_per_step']:>12.2f}"
           f"{r['gflops']:>10.1f}{r['utilisation']:>8.1%}{r['step_s']:>9.3f}{r['kl_step_s']:>9.3f}{r['lk_over_kl']:>8.3f}"
-          + (f"{r['no_lse_step_s']:>10.3f}{r['lse_speedup']:>7.2f}" if both else ""))
+          + (f"{r['b_step_s']:>9.3f}{r['b_over_lk']:>7.2f}" if both else ""))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
-                   target_lse=FLAGS.target_lse,
-                   matmul_ceiling_gflops=ceiling, rows=rows), f, indent=2)
+                   target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab,
+                   rows=rows), f, indent=2)
   print(f"wrote {FLAGS.out}")
 
 

@@ -82,6 +82,41 @@ def test_gqa_attention_dense_and_own_position_keys():
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_self", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_gqa_attention_custom_vjp_equals_autodiff(with_self, dtype):
+  """The hand-written backward (scores recomputed, dS = P (dP - delta)) against autodiff of the same forward."""
+  rng = np.random.default_rng(5)
+  b, t, n, nkv, d, s = 2, 7, 6, 2, 8, 3
+  cast = lambda x: jnp.asarray(x.astype(np.float32)).astype(dtype)
+  q, k, v = (cast(rng.normal(size=sh)) for sh in [(b, t, n, d), (b, t, nkv, d), (b, t, nkv, d)])
+  mask = np.tril(np.ones((t, t), bool))[None].repeat(b, 0) & (rng.random((b, t, t)) < 0.8)
+  mask[1, 3] = False                       # a fully masked row (padding): zero output, zero gradient
+  kw = {}
+  if with_self:
+    smask = rng.random((b, t, s)) < 0.7
+    smask[1, 3] = False
+    kw = dict(self_k=cast(rng.normal(size=(b, t, s, nkv, d))), self_v=cast(rng.normal(size=(b, t, s, nkv, d))),
+              self_mask=jnp.asarray(smask))
+  w = jnp.asarray(rng.normal(size=(b, t, n, d)).astype(np.float32))
+
+  def loss(fn, q, k, v, sk=None, sv=None):
+    extra = dict(kw, self_k=sk, self_v=sv) if with_self else {}
+    return jnp.sum(fn(q, k, v, jnp.asarray(mask), **extra).astype(jnp.float32) * w)
+
+  args = (q, k, v) + ((kw["self_k"], kw["self_v"]) if with_self else ())
+  argnums = tuple(range(len(args)))
+  got = jax.grad(lambda *a: loss(L.gqa_attention, *a), argnums)(*args)
+  want = jax.grad(lambda *a: loss(L.gqa_attention_reference, *a), argnums)(*args)
+  np.testing.assert_array_equal(np.asarray(L.gqa_attention(q, k, v, jnp.asarray(mask), **kw), np.float32),
+                                np.asarray(L.gqa_attention_reference(q, k, v, jnp.asarray(mask), **kw), np.float32))
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=0.05, atol=0.05)
+  for g, r in zip(got, want):
+    assert g.dtype == r.dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), **tol)
+  assert np.all(np.asarray(got[0], np.float32)[1, 3] == 0)   # the padding row's query gets no gradient
+
+
 def test_segment_causal_mask_hand_example():
   seg = jnp.array([[1, 1, 2, 2, 0]])
   idx = jnp.arange(5)[None]

@@ -128,6 +128,11 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   optionally over extra keys that only their own query position sees (EAGLE-3 test-time-training
   steps 1..i: the keys of position t at earlier speculative steps).
 
+  The gradient is hand-written (`_attention` custom VJP, flash-attention style): the backward pass
+  recomputes the scores from q and k instead of keeping ``[B, N, Tq, Tk]`` residuals, and forms
+  ``dS = P * (dP - rowsum(dO * O))`` in one elementwise pass; `gqa_attention_reference` is the same
+  forward under plain autodiff (the tests compare the two).
+
   Args:
     q: ``[B, Tq, N, D]``.
     k, v: ``[B, Tk, Nkv, D]`` shared keys/values.
@@ -137,39 +142,119 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   Returns:
     ``[B, Tq, N, D]`` in q's dtype; rows with no visible key (padding) are 0, never NaN.
   """
+  sk, sv, smask = _attention_args(q, k, v, mask, self_k, self_v, self_mask)
+  if _attention_impl == "autodiff":
+    return _attention_forward(q, k, v, mask, sk, sv, smask)[0]
+  return _attention(q, k, v, mask, sk, sv, smask)
+
+
+ATTENTION_IMPLS = ("custom_vjp", "autodiff")
+_attention_impl = "custom_vjp"
+
+
+def set_attention_impl(impl: str) -> None:
+  """``"custom_vjp"`` (default) or ``"autodiff"`` for `gqa_attention`'s gradient (read at trace time;
+  the forward is the same); for A/B benchmarks."""
+  global _attention_impl
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+  _attention_impl = impl
+
+
+def gqa_attention_reference(q, k, v, mask, *, self_k=None, self_v=None, self_mask=None) -> jax.Array:
+  """`gqa_attention` differentiated by plain autodiff (the reference its custom VJP is tested against)."""
+  sk, sv, smask = _attention_args(q, k, v, mask, self_k, self_v, self_mask)
+  return _attention_forward(q, k, v, mask, sk, sv, smask)[0]
+
+
+def _attention_args(q, k, v, mask, self_k, self_v, self_mask):
+  """Checks shapes; no extra keys -> zero-size ``[B, Tq, 0, Nkv, D]`` ones (one code path)."""
   b, tq, n, d = q.shape
   nkv = k.shape[2]
   if n % nkv:
     raise ValueError(f"num_heads={n} is not a multiple of num_key_value_heads={nkv}")
   if mask.shape != (b, tq, k.shape[1]):
     raise ValueError(f"mask: expected shape {(b, tq, k.shape[1])}, got {mask.shape}")
+  if self_k is None:
+    self_k = jnp.zeros((b, tq, 0, nkv, d), k.dtype)
+    self_v = jnp.zeros((b, tq, 0, nkv, v.shape[-1]), v.dtype)
+  if self_mask is None:
+    self_mask = jnp.ones((b, tq, self_k.shape[2]), bool)
+  return self_k, self_v, self_mask
+
+
+def _scores(qg, k, sk, scale):
+  """Shared-key and own-position-key scores, f32 ``[B, Nkv, G, Tq, Tk]`` and ``[B, Nkv, G, Tq, S]``."""
+  s0 = jnp.einsum("bqhgd,bshd->bhgqs", qg, k, preferred_element_type=jnp.float32) * scale
+  s1 = jnp.einsum("bqhgd,bqshd->bhgqs", qg, sk, preferred_element_type=jnp.float32) * scale
+  return s0, s1
+
+
+def _attention_forward(q, k, v, mask, sk, sv, smask):
+  """-> ``(out [B, Tq, N, D] q.dtype, o f32 [B, Tq, Nkv, G, D], lse f32 [B, Nkv, G, Tq])``."""
+  b, tq, n, d = q.shape
+  nkv = k.shape[2]
   qg = q.reshape(b, tq, nkv, n // nkv, d)
   scale = 1.0 / np.sqrt(d)
   # The softmax is taken over the shared keys and the extra keys without concatenating their scores,
   # and normalised after the value product ([B, Tq, N, D] instead of the [B, N, Tq, Tk] probabilities):
   # fewer passes over the big score arrays, which dominate this function's cost on CPU.
-  parts = [(jnp.einsum("bqhgd,bshd->bhgqs", qg, k, preferred_element_type=jnp.float32) * scale,
-            mask[:, None, None])]                                                   # [B, Nkv, G, Tq, Tk]
-  if self_k is not None:
-    if self_mask is None:
-      self_mask = jnp.ones((b, tq, self_k.shape[2]), bool)
-    parts.append((jnp.einsum("bqhgd,bqshd->bhgqs", qg, self_k, preferred_element_type=jnp.float32) * scale,
-                  self_mask[:, None, None]))
-  mx = parts[0][0].max(axis=-1, where=parts[0][1], initial=_MASKED)
-  for sc, m in parts[1:]:
-    mx = jnp.maximum(mx, sc.max(axis=-1, where=m, initial=_MASKED))
+  s0, s1 = _scores(qg, k, sk, scale)
+  m0, m1 = mask[:, None, None], smask[:, None, None]
+  mx = jnp.maximum(s0.max(axis=-1, where=m0, initial=_MASKED), s1.max(axis=-1, where=m1, initial=_MASKED))
   mx = jax.lax.stop_gradient(mx)[..., None]
   # exp of a safe value where masked (no inf * 0 in the gradient), then zeroed.
-  ex = [jnp.where(m, jnp.exp(jnp.where(m, sc, mx) - mx), 0.0) for sc, m in parts]
-  denom = sum(e.sum(axis=-1) for e in ex)                                           # [B, Nkv, G, Tq]
-  out = jnp.einsum("bhgqs,bshd->bqhgd", ex[0].astype(v.dtype), v, preferred_element_type=jnp.float32)
-  if self_k is not None:
-    out = out + jnp.einsum("bhgqs,bqshd->bqhgd", ex[1].astype(self_v.dtype), self_v,
-                           preferred_element_type=jnp.float32)
+  e0 = jnp.where(m0, jnp.exp(jnp.where(m0, s0, mx) - mx), 0.0)
+  e1 = jnp.where(m1, jnp.exp(jnp.where(m1, s1, mx) - mx), 0.0)
+  denom = e0.sum(axis=-1) + e1.sum(axis=-1)                                          # [B, Nkv, G, Tq]
+  out = jnp.einsum("bhgqs,bshd->bqhgd", e0.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out + jnp.einsum("bhgqs,bqshd->bqhgd", e1.astype(sv.dtype), sv, preferred_element_type=jnp.float32)
   # Rows with no visible key (padding) have denom 0 and out 0: they stay 0.
   denom = jnp.where(denom > 0, denom, 1.0)
-  out = out / jnp.transpose(denom, (0, 3, 1, 2))[..., None]                          # [B, Tq, Nkv, G, D]
-  return out.reshape(b, tq, n, d).astype(q.dtype)
+  o = out / jnp.transpose(denom, (0, 3, 1, 2))[..., None]                            # [B, Tq, Nkv, G, D]
+  lse = mx[..., 0] + jnp.log(denom)
+  return o.reshape(b, tq, n, d).astype(q.dtype), o, lse
+
+
+@jax.custom_vjp
+def _attention(q, k, v, mask, sk, sv, smask):
+  return _attention_forward(q, k, v, mask, sk, sv, smask)[0]
+
+
+def _attention_fwd(q, k, v, mask, sk, sv, smask):
+  out, o, lse = _attention_forward(q, k, v, mask, sk, sv, smask)
+  return out, (q, k, v, mask, sk, sv, smask, o, jax.lax.stop_gradient(lse))
+
+
+def _attention_bwd(res, g):
+  """``dS = P * (dP - delta)`` with P recomputed from q, k and the saved row lse; delta = rowsum(dO * O)."""
+  q, k, v, mask, sk, sv, smask, o, lse = res
+  b, tq, n, d = q.shape
+  nkv = k.shape[2]
+  qg = q.reshape(b, tq, nkv, n // nkv, d)
+  do = g.reshape(qg.shape)
+  scale = 1.0 / np.sqrt(d)
+  s0, s1 = _scores(qg, k, sk, scale)
+  lse_ = lse[..., None]
+  p0 = jnp.where(mask[:, None, None], jnp.exp(s0 - lse_), 0.0)                       # [B, Nkv, G, Tq, Tk]
+  p1 = jnp.where(smask[:, None, None], jnp.exp(s1 - lse_), 0.0)                      # [B, Nkv, G, Tq, S]
+  delta = jnp.transpose(jnp.sum(do.astype(jnp.float32) * o, axis=-1), (0, 2, 3, 1))[..., None]
+  dp0 = jnp.einsum("bqhgd,bshd->bhgqs", do, v, preferred_element_type=jnp.float32)
+  dp1 = jnp.einsum("bqhgd,bqshd->bhgqs", do, sv, preferred_element_type=jnp.float32)
+  ds0 = (p0 * (dp0 - delta) * scale).astype(q.dtype)
+  ds1 = (p1 * (dp1 - delta) * scale).astype(q.dtype)
+  f32 = dict(preferred_element_type=jnp.float32)
+  dq = (jnp.einsum("bhgqs,bshd->bqhgd", ds0, k, **f32)
+        + jnp.einsum("bhgqs,bqshd->bqhgd", ds1, sk, **f32)).reshape(q.shape)
+  dk = jnp.einsum("bhgqs,bqhgd->bshd", ds0, qg, **f32)
+  dsk = jnp.einsum("bhgqs,bqhgd->bqshd", ds1, qg, **f32)
+  dv = jnp.einsum("bhgqs,bqhgd->bshd", p0.astype(v.dtype), do, **f32)
+  dsv = jnp.einsum("bhgqs,bqhgd->bqshd", p1.astype(sv.dtype), do, **f32)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dsk.astype(sk.dtype),
+          dsv.astype(sv.dtype), None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def segment_causal_mask(q_segments: jax.Array, k_segments: jax.Array, q_idx: jax.Array,
