@@ -426,6 +426,7 @@ def offline_estimate(draft: Any, config: Any, data_dir: str | os.PathLike | None
   from lkjax.data import shards
   from lkjax.data.pipeline import make_loader
   from lkjax.train import step as step_lib
+  from lkjax.train.loop import use_target_lse
 
   data_dir = os.fspath(data_dir or config.data.dir)
   shards.read_manifest(data_dir)
@@ -443,7 +444,7 @@ def offline_estimate(draft: Any, config: Any, data_dir: str | os.PathLike | None
   loader = make_loader(data_dir, split="val", global_batch_size=rows, max_length=int(config.data.max_length),
                        seed=int(config.data.seed), num_epochs=1, shuffle=False, packing=bool(config.data.packing),
                        val_fraction=float(config.data.val_fraction), worker_count=0, drop_remainder=False,
-                       process_index=0, process_count=1)
+                       process_index=0, process_count=1, target_lse=use_target_lse(config))
   ms = []
   for i, batch in enumerate(loader):
     if max_batches is not None and i >= max_batches:

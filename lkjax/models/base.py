@@ -7,7 +7,7 @@ Batch (numpy from the input pipeline, jax arrays inside the step), all ``[B, T, 
   positions    int32[B, T]        position of the token inside its document (RoPE)
   aux_hidden   bf16[B, T, A*Ht]   EAGLE-3 aux target states, A = len(aux_layer_ids), [low|mid|high]
   final_hidden bf16[B, T, Ht]     target last hidden state after its final norm
-Optional (`OPTIONAL_BATCH_KEYS`; models never read it, the train step does):
+Optional (models never read it; `lkjax.train.step.batch_target` does):
   target_lse   f32[B, T]          full-vocabulary target logsumexp precomputed into the shards
 
 Alignment (the same for all four architectures): ``logits[k, b, t]`` (head / step / stage / depth k,
@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "aux_hidden", "final_hidden")
-OPTIONAL_BATCH_KEYS = ("target_lse",)
 
 
 class Frozen(nnx.Variable):

@@ -128,10 +128,10 @@ def build_setup(config: ml_collections.ConfigDict, manifest: Mapping[str, Any], 
     model = registry.build_draft(model_cfg, info, draft_vocab=ids, target_weights=weights,
                                  rngs=nnx.Rngs(params=config.seed))
   return DraftSetup(model=model, model_config=model_cfg, target_info=info, draft_vocab=vocab,
-                    target_weights=weights, target_lse=_use_target_lse(config) and shards.has_target_lse(manifest))
+                    target_weights=weights, target_lse=use_target_lse(config) and shards.has_target_lse(manifest))
 
 
-def _use_target_lse(config) -> bool:
+def use_target_lse(config) -> bool:
   """``data.target_lse`` (default True: configs written before the knob existed)."""
   return bool(config.data.get("target_lse", True))
 
@@ -154,7 +154,7 @@ def _loader(config, split: str, *, num_epochs, shuffle: bool, drop_remainder: bo
                      max_length=config.data.max_length, seed=config.data.seed, num_epochs=num_epochs,
                      shuffle=shuffle, packing=config.data.packing, val_fraction=config.data.val_fraction,
                      worker_count=config.data.worker_count if split == "train" else 0,
-                     drop_remainder=drop_remainder, target_lse=_use_target_lse(config))
+                     drop_remainder=drop_remainder, target_lse=use_target_lse(config))
 
 
 def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

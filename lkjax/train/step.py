@@ -67,9 +67,7 @@ def precast_rest(rest: Any, precision: str) -> Any:
   that cast a no-op (identical values) instead of, e.g., a ``[V, H]`` f32 -> bf16 conversion of the
   target embedding per step.
   """
-  dtype = compute_dtype(precision)
-  return jax.tree.map(lambda x: np.asarray(x).astype(dtype) if jnp.issubdtype(np.asarray(x).dtype, jnp.floating)
-                      else x, rest)
+  return cast_floating(jax.tree.map(np.asarray, rest), compute_dtype(precision))
 
 
 def target_logits(final_hidden: jax.Array, lm_head: jax.Array,
@@ -84,8 +82,7 @@ def target_logits(final_hidden: jax.Array, lm_head: jax.Array,
   Returns:
     ``(y_d [B, T, Vd], lse [B, T])`` float32: ``y_d[b, t] = (h[b, t] @ lm_head.T)[draft_ids]``.
   """
-  logits = jnp.einsum("bth,vh->btv", final_hidden.astype(jnp.float32), lm_head.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+  logits = draft_target_logits(final_hidden, lm_head, None)                       # all V columns
   lse = jax.nn.logsumexp(logits, axis=-1)
   sub = logits if draft_ids is None else jnp.take(logits, draft_ids, axis=-1)
   return sub, lse
