@@ -42,7 +42,8 @@ flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes."
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
 flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
-flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty).")
+flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty); "
+                    "the JSON row gets a summary of each trace (op time per fusion kind, longest ops).")
 FLAGS = flags.FLAGS
 
 K = {"eagle3": 7, "mtp": 7, "medusa": 6, "mlp_speculator": 6}
@@ -81,6 +82,36 @@ def matmul_ceiling(small: bool, repeats: int = 5) -> float:
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best / 1e9
+
+
+def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
+  """Op time of one profiled step from its perfetto trace: summed per fusion kind (the name without its
+  ``.N`` suffix) and the ``top`` longest ops with their result shape and op_name from the optimized HLO.
+
+  Op times add up to more than the step's wall time when independent thunks run concurrently.
+  """
+  import glob
+  import gzip
+  import re
+  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not paths:
+    raise FileNotFoundError(f"{trace_dir}: no perfetto_trace.json.gz")
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  skip = ("$", "ThunkExecutor", "SlinkyThreadPool")
+  ops = [(e["dur"] / 1e3, e["name"]) for e in events
+         if e.get("ph") == "X" and not e["name"].startswith(skip)]
+  kinds: dict[str, float] = {}
+  for ms, name in ops:
+    kind = re.sub(r"\.\d+$", "", name)
+    kinds[kind] = kinds.get(kind, 0.0) + ms
+  longest = []
+  for ms, name in sorted(ops, reverse=True)[:top]:
+    m = re.search(r"\n\s*(?:ROOT )?%" + re.escape(name) + r" = (\S+) [^\n]*?op_name=\"([^\"]*)\"", hlo_text)
+    longest.append(dict(name=name, ms=ms, shape=m.group(1) if m else "", op_name=m.group(2) if m else ""))
+  return dict(op_ms_total=sum(ms for ms, _ in ops),
+              op_ms_by_kind=dict(sorted(kinds.items(), key=lambda kv: -kv[1])), longest_ops=longest)
 
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
@@ -185,18 +216,23 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   if profile_dir:  # one more step each under the profiler (not timed): perfetto traces + optimized HLO
     import jax
     os.makedirs(profile_dir, exist_ok=True)
+    profiles = {}
     for s in (lk, kl):
       name = f"{arch}_{s['kind']}"
+      hlo = s["compiled"].as_text()
       with open(os.path.join(profile_dir, name + ".hlo.txt"), "w") as f:
-        f.write(s["compiled"].as_text())  # fusion names match the trace's events
+        f.write(hlo)  # fusion names match the trace's events
       with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
-        s["run"]()
+        wall_s = s["run"]()
+      profiles[s["kind"]] = dict(wall_ms=wall_s * 1e3, **summarise_trace(os.path.join(profile_dir, name), hlo))
   step_s, kl_s = float(np.median(t_lk)), float(np.median(t_kl))
   ratios = [a / b for a, b in zip(t_lk, t_kl)]
   extra = {}
   if variant is not None:
     extra = dict(ab=ab, b_step_s=float(np.median(t_b)), b_times=t_b, b_gflop_per_step=variant["gflop_per_step"],
                  b_over_lk=float(np.median([a / b for a, b in zip(t_b, t_lk)])))
+  if profile_dir:
+    extra["profile"] = profiles
   util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
   extra.update(ceiling_samples=ceil, utilisation=float(np.median(util)))
   return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,7 +21,7 @@ def _run(args, tmp_path):
 def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
   out = tmp_path / "bench_train.json"
   res = _run(["experiments/bench_train.py", "--small", "--archs=eagle3,medusa", "--steps=2", "--ab=no_target_lse",
-              f"--out={out}"], tmp_path)
+              f"--profile={tmp_path / 'prof'}", f"--out={out}"], tmp_path)
   table = json.loads(out.read_text())
   assert [r["arch"] for r in table["rows"]] == ["eagle3", "medusa"]
   for r in table["rows"]:
@@ -28,6 +30,12 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
     # Without the precomputed lse the step multiplies the full-vocabulary head: more FLOPs.
     assert r["ab"] == "no_target_lse" and r["b_gflop_per_step"] > r["gflop_per_step"]
   assert "LK/KL" in res.stdout and "B/LK" in res.stdout
+  # --profile: each step's trace is summarised into the row (op time per fusion kind, longest ops).
+  for r in table["rows"]:
+    for kind in ("lk_hybrid", "kl"):
+      p = r["profile"][kind]
+      assert p["op_ms_total"] > 0 and p["op_ms_by_kind"] and p["longest_ops"][0]["ms"] > 0
+      assert sum(p["op_ms_by_kind"].values()) == pytest.approx(p["op_ms_total"])
 
 
 def test_bench_matmul_small(tmp_path):
