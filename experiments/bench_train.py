@@ -13,8 +13,10 @@ EAGLE-3/MTP, 6 for MEDUSA/MLP-Speculator; batch 4 x 512 tokens; bf16 compute, fp
 The batch carries the precomputed full-vocabulary target lse, as batches from shards written by
 `experiments/precompute.py` do (``--target_lse=off``: the step computes the full-vocabulary head itself, as
 for older shards).  ``--ab=NAME`` also compiles a variant "B" of the L_lambda step and times it in the same
-interleaved loop (LK, KL, B, LK, ...): ``no_target_lse`` (batches without the precomputed lse) or
-``autodiff_attention`` (attention differentiated by autodiff instead of its custom VJP); columns "B s" and
+interleaved loop (LK, KL, B, LK, ...): ``no_target_lse`` (batches without the precomputed lse),
+``autodiff_attention`` (attention differentiated by autodiff instead of its custom VJP) or
+``full_attention`` (training attention over all keys instead of causal query blocks that skip the keys
+after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``); columns "B s" and
 "B/LK" (median over the rounds of B's time / the L_lambda step's).
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
@@ -40,7 +42,7 @@ flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the vi
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
-flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention"],
+flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
 flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty); "
                     "the JSON row gets a summary of each trace (op time per fusion kind, longest ops).")
@@ -115,7 +117,8 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
 
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
-               precision: str, target_lse: bool = True, attention: str = "custom_vjp") -> dict:
+               precision: str, target_lse: bool = True, attention: str = "custom_vjp",
+               causal_block: int | None = None) -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
   import jax
   import ml_collections
@@ -170,11 +173,15 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh)
   t0 = time.perf_counter()
   from lkjax.models import layers
-  layers.set_attention_impl(attention)     # read while tracing
+  layers.set_attention_impl(attention)     # both read while tracing
+  saved_block = layers.ATTENTION_CAUSAL_BLOCK
+  if causal_block is not None:
+    layers.ATTENTION_CAUSAL_BLOCK = causal_block
   try:
     compiled = fn.lower(state, rest, target, dev_batch).compile()
   finally:
     layers.set_attention_impl("custom_vjp")
+    layers.ATTENTION_CAUSAL_BLOCK = saved_block
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -206,6 +213,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     variant = build_step(arch, "lk_hybrid", info, target_lse=False, **kw)
   elif ab == "autodiff_attention":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, attention="autodiff", **kw)
+  elif ab == "full_attention":
+    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, causal_block=0, **kw)
   t_lk, t_kl, t_b, ceil = [], [], [], []
   for _ in range(steps):
     ceil.append(matmul_ceiling(small, repeats=3))   # the machine's speed drifts: sample it every round

@@ -36,13 +36,23 @@ DEFAULT_CHUNK_SIZE = 8192
 
 class _Static(NamedTuple):
   chunk: int        # columns per chunk (<= Vd)
-  mode: str         # "identity" (Vd == V), "gather" (draft_vocab into [..., V]), "restricted" (target_lse)
+  # "identity" (Vd == V), "gather" (draft_vocab into [..., V]), "restricted" (target_lse),
+  # "probs" (a precomputed `TargetProbs`: y is (log p~, p~), the lse argument is the p / p~ ratio)
+  mode: str
   grad_alpha: bool
   grad_kl: bool
 
 
 def _num_chunks(n: int, cs: int) -> int:
   return -(-n // cs)
+
+
+def _chunk_loop(n: int, body, init):
+  """``fori_loop(0, n, body, init)``; a single chunk is traced inline instead (no while loop), which
+  lets XLA fuse the chunk's elementwise work with its producers (e.g. the cast of the logits)."""
+  if n == 1:
+    return body(jnp.int32(0), init)
+  return jax.lax.fori_loop(0, n, body, init)
 
 
 def _window(i, n: int, cs: int):
@@ -57,7 +67,10 @@ def _cols(x, start, cs: int):
 
 
 def _target_cols(y, dv, start, cs: int, mode: str):
-  """Target logits of draft columns ``[start, start+cs)`` -> ``[..., cs]`` (native dtype)."""
+  """Target logits of draft columns ``[start, start+cs)`` -> ``[..., cs]`` (native dtype); in "probs" mode
+  the ``(log p~, p~)`` columns."""
+  if mode == "probs":
+    return tuple(_cols(a, start, cs) for a in y)
   if mode == "gather":
     ids = jax.lax.dynamic_slice_in_dim(dv, start, cs)
     return jnp.take(y, ids, axis=-1, mode="clip")
@@ -86,7 +99,7 @@ def _online_lse(x, n: int, cs: int, get):
     return _lse_update(*carry, jnp.where(valid, get(start), -jnp.inf))
 
   init = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32))
-  return _lse_finish(*jax.lax.fori_loop(0, _num_chunks(n, cs), body, init))
+  return _lse_finish(*_chunk_loop(_num_chunks(n, cs), body, init))
 
 
 def _chunk_probs(zc, yc, lse_q, lse_t, lse_p, mode):
@@ -96,6 +109,9 @@ def _chunk_probs(zc, yc, lse_q, lse_t, lse_p, mode):
   vocabulary), which saves one exponential per element over ``exp(y - lse)``.
   """
   log_q = zc.astype(jnp.float32) - lse_q[..., None]
+  if mode == "probs":   # precomputed target side; lse_p holds the p / p~ ratio
+    log_pt, pt = yc
+    return log_q, jnp.exp(log_q), log_pt, pt, pt * lse_p[..., None]
   yc = yc.astype(jnp.float32)
   log_pt = yc - lse_t[..., None]
   pt = jnp.exp(log_pt)
@@ -117,14 +133,18 @@ def _forward(st: _Static, z, y, dv, lse_given):
     mz, sz, mt, s_t = carry
     start, valid = _window(i, vd, cs)
     zc = jnp.where(valid, _cols(z, start, cs).astype(f32), -jnp.inf)
+    if st.mode == "probs":   # the target side is precomputed: only the draft's lse
+      return _lse_update(mz, sz, zc) + (mt, s_t)
     yc = jnp.where(valid, _target_cols(y, dv, start, cs, st.mode).astype(f32), -jnp.inf)
     return _lse_update(mz, sz, zc) + _lse_update(mt, s_t, yc)
 
   neg = jnp.full(lead, -jnp.inf, f32)
   zero = jnp.zeros(lead, f32)
-  mz, sz, mt, s_t = jax.lax.fori_loop(0, _num_chunks(vd, cs), pass1, (neg, zero, neg, zero))
+  mz, sz, mt, s_t = _chunk_loop(_num_chunks(vd, cs), pass1, (neg, zero, neg, zero))
   lse_q, lse_t = _lse_finish(mz, sz), _lse_finish(mt, s_t)
-  if st.mode == "identity":
+  if st.mode == "probs":
+    lse_p = lse_given.astype(f32)
+  elif st.mode == "identity":
     lse_p = lse_t
   elif st.mode == "restricted":
     lse_p = jnp.where(jnp.isfinite(lse_given), lse_given.astype(f32), 0.0)
@@ -144,7 +164,7 @@ def _forward(st: _Static, z, y, dv, lse_given):
     eg = eg + jnp.sum(jnp.where(valid, q * _min_grad(q, p), 0.0), axis=-1)
     return alpha, kl, eg
 
-  alpha, kl, eg = jax.lax.fori_loop(0, _num_chunks(vd, cs), pass2, (zero, zero, zero))
+  alpha, kl, eg = _chunk_loop(_num_chunks(vd, cs), pass2, (zero, zero, zero))
   return (alpha, kl), (lse_q, lse_t, lse_p, eg)
 
 
@@ -175,7 +195,7 @@ def _alpha_kl_bwd(st, res, cts):
     # Overlapping columns of the last chunk are rewritten with identical values.
     return jax.lax.dynamic_update_slice_in_dim(dz, d.astype(z.dtype), start, axis=z.ndim - 1)
 
-  dz = jax.lax.fori_loop(0, _num_chunks(vd, cs), body, jnp.zeros_like(z))
+  dz = _chunk_loop(_num_chunks(vd, cs), body, jnp.zeros_like(z))
   return dz, None, None, None
 
 
@@ -221,3 +241,50 @@ def token_alpha_kl(draft_logits: jax.Array, target_logits: jax.Array, *, draft_v
   y = jax.lax.stop_gradient(target_logits)
   lse = None if target_lse is None else jax.lax.stop_gradient(target_lse)
   return _alpha_kl(st, draft_logits, y, draft_vocab, lse)
+
+
+class TargetProbs(NamedTuple):
+  """The target side of the per-token terms, computed once and shared by every draft head (`target_probs`).
+
+  ``log_pt`` / ``pt``: float32 ``[..., Vd]`` log p~ and p~ (the target renormalised over the draft
+  vocabulary; -inf / 0 where the target logit is -inf); ``ratio``: float32 ``[...]`` p / p~ =
+  exp(min(lse~ - lse, 0)) <= 1, so the TRUE target probability is ``p = pt * ratio``.
+  """
+
+  log_pt: jax.Array
+  pt: jax.Array
+  ratio: jax.Array
+
+
+def target_probs(target_logits: jax.Array, target_lse: jax.Array) -> TargetProbs:
+  """`TargetProbs` from draft-vocabulary target logits ``[..., Vd]`` and the full-vocabulary lse ``[...]``.
+
+  Heads that compare with the same target positions (`lkjax.train.step.per_head_loss`) then skip the
+  target's logsumexp and one exponential per element in every pass of `token_alpha_kl_probs`; the values
+  are those `token_alpha_kl` computes from ``(target_logits, target_lse)`` with one vocabulary chunk.
+  """
+  if target_lse.shape != target_logits.shape[:-1]:
+    raise ValueError(f"target_lse shape {target_lse.shape} != target_logits leading shape {target_logits.shape[:-1]}")
+  f32 = jnp.float32
+  y = jax.lax.stop_gradient(target_logits).astype(f32)
+  lead = y.shape[:-1]
+  lse_t = _lse_finish(*_lse_update(jnp.full(lead, -jnp.inf, f32), jnp.zeros(lead, f32), y))
+  lse_given = jax.lax.stop_gradient(target_lse)
+  lse_p = jnp.where(jnp.isfinite(lse_given), lse_given.astype(f32), 0.0)
+  log_pt = y - lse_t[..., None]
+  return TargetProbs(log_pt, jnp.exp(log_pt), jnp.exp(jnp.minimum(lse_t - lse_p, 0.0)))
+
+
+def token_alpha_kl_probs(draft_logits: jax.Array, probs: TargetProbs, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         grad_alpha: bool = True, grad_kl: bool = True) -> tuple[jax.Array, jax.Array]:
+  """`token_alpha_kl` against a precomputed `TargetProbs` (arguments otherwise as there)."""
+  vd = draft_logits.shape[-1]
+  if probs.log_pt.shape != draft_logits.shape or probs.pt.shape != draft_logits.shape:
+    raise ValueError(f"TargetProbs shapes {probs.log_pt.shape} / {probs.pt.shape} != draft_logits {draft_logits.shape}")
+  if probs.ratio.shape != draft_logits.shape[:-1]:
+    raise ValueError(f"TargetProbs.ratio shape {probs.ratio.shape}: expected {draft_logits.shape[:-1]}")
+  if int(chunk_size) < 1:
+    raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
+  st = _Static(min(int(chunk_size), vd), "probs", bool(grad_alpha), bool(grad_kl))
+  y = (jax.lax.stop_gradient(probs.log_pt), jax.lax.stop_gradient(probs.pt))
+  return _alpha_kl(st, draft_logits, y, None, jax.lax.stop_gradient(probs.ratio))

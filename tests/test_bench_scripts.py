@@ -38,6 +38,15 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
       assert sum(p["op_ms_by_kind"].values()) == pytest.approx(p["op_ms_total"])
 
 
+def test_bench_train_full_attention_ab_costs_more_flops(tmp_path):
+  """--ab=full_attention: with 2 causal query blocks (seq 256) the default step skips score work."""
+  out = tmp_path / "bench_train.json"
+  _run(["experiments/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--seq=256", "--ab=full_attention",
+        f"--out={out}"], tmp_path)
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["ab"] == "full_attention" and row["b_gflop_per_step"] > row["gflop_per_step"]
+
+
 def test_bench_matmul_small(tmp_path):
   out = tmp_path / "bench_matmul.json"
   _run(["experiments/bench_matmul.py", "--m=64", "--k=32", "--n=128", "--repeats=1", f"--out={out}"], tmp_path)

@@ -117,6 +117,43 @@ def test_gqa_attention_custom_vjp_equals_autodiff(with_self, dtype):
   assert np.all(np.asarray(got[0], np.float32)[1, 3] == 0)   # the padding row's query gets no gradient
 
 
+@pytest.mark.parametrize("impl", ["custom_vjp", "autodiff"])
+@pytest.mark.parametrize("block", [3, 4])
+def test_gqa_attention_causal_blocks_equal_full(monkeypatch, impl, block):
+  """causal=True (query blocks attend to their key prefix only) against the full attention: packed
+  segments, padding, own-position keys, a length that the block does not divide; values and gradients."""
+  monkeypatch.setattr(L, "ATTENTION_CAUSAL_BLOCK", block)
+  monkeypatch.setattr(L, "_attention_impl", impl)
+  rng = np.random.default_rng(11)
+  b, t, n, nkv, d, s = 2, 11, 4, 2, 8, 2
+  q, k, v = (jnp.asarray(rng.normal(size=sh).astype(np.float32)) for sh in [(b, t, n, d), (b, t, nkv, d),
+                                                                            (b, t, nkv, d)])
+  sk, sv = (jnp.asarray(rng.normal(size=(b, t, s, nkv, d)).astype(np.float32)) for _ in range(2))
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0], [1] * 11])
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = L.segment_causal_mask(seg, seg, idx, idx)
+  smask = jnp.asarray(rng.random((b, t, s)) < 0.7)
+  w = jnp.asarray(rng.normal(size=(b, t, n, d)).astype(np.float32))
+
+  def loss(causal, *a):
+    out = L.gqa_attention(*a[:3], mask, self_k=a[3], self_v=a[4], self_mask=smask, causal=causal)
+    return jnp.sum(out * w), out
+
+  args = (q, k, v, sk, sv)
+  (_, got), g_got = jax.value_and_grad(lambda *a: loss(True, *a), range(5), has_aux=True)(*args)
+  (_, want), g_want = jax.value_and_grad(lambda *a: loss(False, *a), range(5), has_aux=True)(*args)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  for x, y in zip(g_got, g_want):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+  # The blocking really happened: a key after its query (which causal=True promises away) is ignored.
+  leaky = mask.at[:, 0, t - 1].set(True)
+  full = L.gqa_attention(q, k, v, leaky)
+  blocked = L.gqa_attention(q, k, v, leaky, causal=True)
+  assert not np.allclose(np.asarray(full)[:, 0], np.asarray(blocked)[:, 0])
+  with pytest.raises(ValueError, match="causal=True needs as many keys"):
+    L.gqa_attention(q, k[:, :5], v[:, :5], mask[:, :, :5], causal=True)
+
+
 def test_segment_causal_mask_hand_example():
   seg = jnp.array([[1, 1, 2, 2, 0]])
   idx = jnp.arange(5)[None]

@@ -46,6 +46,48 @@ def test_values_and_vjp_match_float64(mode):
     np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-4, atol=1e-7, err_msg=f"vjp cs={cs}")
 
 
+def test_precomputed_target_probs_match_float64_and_token_alpha_kl():
+  """`target_probs` + `token_alpha_kl_probs` (the per-head trainer's path): values and VJP against the
+  float64 oracle for several chunk sizes; with one chunk, bit-identical to `token_alpha_kl`; -inf target
+  logits (p~ = 0) and an all -inf row stay finite."""
+  z, y, _, lse, oracle_args = _case("restricted")
+  y = y.copy()
+  y[0, 1, :5] = -np.inf                      # tokens the target rules out
+  y_full = oracle_args[1].copy()
+  y_full[0, 1][oracle_args[2][:5]] = -np.inf
+  lse = np.asarray(jax.nn.logsumexp(y_full, axis=-1))
+  t = np_terms(z, y_full, oracle_args[2])
+  c_a, c_k = (jnp.asarray(RNG.normal(size=z.shape[:-1]), jnp.float32) for _ in range(2))
+  want_g = -np.asarray(c_a)[..., None] * t["g_tv"] + np.asarray(c_k)[..., None] * t["g_kl"]
+
+  def run(z_):
+    probs = losses_chunked.target_probs(jnp.asarray(y), jnp.asarray(lse))
+    out = {}
+    for cs in (5, 8, 24):
+      (alpha, kl), vjp = jax.vjp(lambda a, cs=cs: losses_chunked.token_alpha_kl_probs(a, probs, chunk_size=cs), z_)
+      out[f"probs {cs}"] = (alpha, kl, vjp((c_a, c_k))[0])
+    (alpha, kl), vjp = jax.vjp(lambda a: losses_chunked.token_alpha_kl(a, jnp.asarray(y), target_lse=jnp.asarray(lse),
+                                                                       chunk_size=24), z_)
+    out["logits"] = (alpha, kl, vjp((c_a, c_k))[0])
+    return out
+
+  res = jax.jit(run)(jnp.asarray(z))
+  for cs, (alpha, kl, g) in res.items():
+    np.testing.assert_allclose(np.asarray(alpha), t["alpha"], rtol=1e-5, err_msg=f"alpha cs={cs}")
+    np.testing.assert_allclose(np.asarray(kl), t["kl"], rtol=1e-5, atol=1e-7, err_msg=f"kl cs={cs}")
+    np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-4, atol=1e-7, err_msg=f"vjp cs={cs}")
+  for a, b in zip(res["probs 24"], res["logits"]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # An all -inf target row: p = p~ = 0, alpha = 0, KL = 0, finite gradient.
+  dead = losses_chunked.target_probs(jnp.full((1, 6), -jnp.inf), jnp.full((1,), -jnp.inf))
+  alpha, kl = losses_chunked.token_alpha_kl_probs(jnp.zeros((1, 6)), dead)
+  assert float(alpha[0]) == 0.0 and float(kl[0]) == 0.0
+  g = jax.grad(lambda a: jnp.sum(jnp.stack(losses_chunked.token_alpha_kl_probs(a, dead))))(jnp.zeros((1, 6)))
+  assert np.all(np.isfinite(np.asarray(g)))
+  with pytest.raises(ValueError, match="TargetProbs shapes"):
+    losses_chunked.token_alpha_kl_probs(jnp.zeros((1, 5)), dead)
+
+
 def test_grad_flags_drop_only_their_term():
   z, y, _ = rand_case((4,), 30)
   t = np_terms(z, y)

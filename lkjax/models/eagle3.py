@@ -185,12 +185,12 @@ class Eagle3(nnx.Module):
 
     def ttt_attend(layer: int, i: int) -> L.Attend:
       if i == 0:
-        return lambda q, k, v: L.gqa_attention(q, k, v, prefix)
+        return lambda q, k, v: L.gqa_attention(q, k, v, prefix, causal=True)
       def attend(q, k, v):
         ks = jnp.stack([kv[0] for kv in later[layer]] + [k], axis=2)    # [B, T, i, Nkv, D]
         vs = jnp.stack([kv[1] for kv in later[layer]] + [v], axis=2)
         k0, v0 = step0[layer]
-        return L.gqa_attention(q, k0, v0, prefix, self_k=ks, self_v=vs, self_mask=own[:, :, :i])
+        return L.gqa_attention(q, k0, v0, prefix, self_k=ks, self_v=vs, self_mask=own[:, :, :i], causal=True)
       return attend
 
     out = []

@@ -121,7 +121,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                   self_k: jax.Array | None = None, self_v: jax.Array | None = None,
-                  self_mask: jax.Array | None = None) -> jax.Array:
+                  self_mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
   """Grouped-query softmax attention with an explicit boolean mask.
 
   ``o[b,t,n] = sum_s softmax_s(q[b,t,n] . k[b,s,n//G] / sqrt(D))[mask] v[b,s,n//G]`` with G = N / Nkv,
@@ -139,10 +139,35 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     mask: bool ``[B, Tq, Tk]``, True = query t may attend to key s.
     self_k, self_v: optional ``[B, Tq, S, Nkv, D]``: S extra keys per query position.
     self_mask: bool ``[B, Tq, S]`` for the extra keys (default all True).
+    causal: the caller guarantees that ``mask[b, t, s]`` is False for every key ``s > t`` (``Tq == Tk``,
+      queries and keys in the same slot order, e.g. `segment_causal_mask` of a training row).  Then
+      query block ``[a, e)`` (blocks of `ATTENTION_CAUSAL_BLOCK` rows) attends to keys ``[0, e)`` only:
+      the same result up to the float summation order, with about 5/8 of the score work at 4 blocks.
+      Nothing checks the guarantee: a key after its query that the mask allows would be dropped.
   Returns:
     ``[B, Tq, N, D]`` in q's dtype; rows with no visible key (padding) are 0, never NaN.
   """
   sk, sv, smask = _attention_args(q, k, v, mask, self_k, self_v, self_mask)
+  tq = q.shape[1]
+  if causal and k.shape[1] != tq:
+    raise ValueError(f"causal=True needs as many keys as queries; got Tq={tq}, Tk={k.shape[1]}")
+  block = ATTENTION_CAUSAL_BLOCK
+  if not causal or block <= 0 or tq < 2 * block:
+    return _attend(q, k, v, mask, sk, sv, smask)
+  outs = []
+  for a in range(0, tq, block):
+    e = min(a + block, tq)
+    outs.append(_attend(q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e], sk[:, a:e], sv[:, a:e], smask[:, a:e]))
+  return jnp.concatenate(outs, axis=1)
+
+
+# Query rows per block of `gqa_attention(..., causal=True)`; 0 turns the blocking off.  128 measured best
+# of {full, 256, 128, 64} rows at T = 512 on the 2-core CPU (fwd + bwd of one EAGLE-3 attention:
+# 173, 120, 115, 130 ms).
+ATTENTION_CAUSAL_BLOCK = 128
+
+
+def _attend(q, k, v, mask, sk, sv, smask):
   if _attention_impl == "autodiff":
     return _attention_forward(q, k, v, mask, sk, sv, smask)[0]
   return _attention(q, k, v, mask, sk, sv, smask)

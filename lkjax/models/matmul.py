@@ -54,7 +54,9 @@ def _dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _nn_matmul(x2: jax.Array, w: jax.Array) -> jax.Array:
-  return _dot_f32(x2, w).astype(jnp.result_type(x2, w))
+  # float32 out: the cast to the operand dtype happens outside (in `matmul`), where XLA fuses it into
+  # the consumer's elementwise pass; a cast right after the dot is a separate pass over the result.
+  return _dot_f32(x2, w)
 
 
 def _nn_fwd(x2, w):
@@ -63,6 +65,9 @@ def _nn_fwd(x2, w):
 
 def _nn_bwd(res, g):
   x2, w = res
+  # g is the f32 cotangent of the cast in `matmul`, i.e. an exactly representable operand-dtype value:
+  # casting it back is lossless (and XLA drops the convert pair).
+  g = g.astype(jnp.result_type(x2, w))
   dx = _dot_f32(g, physical_transpose(w)).astype(x2.dtype)
   dw = _dot_f32(physical_transpose(x2), g).astype(w.dtype)
   return dx, dw
@@ -79,7 +84,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
   lead = x.shape[:-1]
   y = _nn_matmul(x.reshape(-1, x.shape[-1]), w)
-  return y.reshape(*lead, w.shape[1])
+  return y.reshape(*lead, w.shape[1]).astype(jnp.result_type(x, w))
 
 
 # Below this many rows, `matmul_t` keeps XLA's transposed-operand dot: materialising an [N, K] weight costs

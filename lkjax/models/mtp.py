@@ -148,7 +148,7 @@ class MTP(nnx.Module):
     self._check_hidden(batch["final_hidden"])
     idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
     mask = L.segment_causal_mask(seg, seg, idx, idx)
-    attend = lambda q, k, v: L.gqa_attention(q, k, v, mask)
+    attend = lambda q, k, v: L.gqa_attention(q, k, v, mask, causal=True)
     h = batch["final_hidden"].astype(self.dtype)
     out = []
     for k in range(self.num_heads):

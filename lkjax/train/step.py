@@ -156,20 +156,22 @@ def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, ja
   """The LK objective head by head from ``model.features``: no ``[K, B, T, Vd]`` array is built.
 
   Head k's features are shifted right by k+1 positions (so row t holds the prediction of x[t+1]
-  made at t-k-1), which lines every head up with the UNshifted target logits ``[B, T, Vd]``; its
-  logits feed `lkjax.losses_chunked.token_alpha_kl` (hand-written VJP: one fused pass per direction,
-  vocabulary chunks of ``chunk_size``, default 8192), and `lkjax.losses.lk_objective` reduces the
-  ``[K, B, T]`` per-token terms exactly as `lkjax.losses.lk_loss` does.
+  made at t-k-1), which lines every head up with the UNshifted target logits ``[B, T, Vd]``: their
+  probabilities (`lkjax.losses_chunked.target_probs`) are computed once and shared by all heads.  Each
+  head's logits feed `lkjax.losses_chunked.token_alpha_kl_probs` (hand-written VJP: one fused pass per
+  direction, vocabulary chunks of ``chunk_size``, default 8192), and `lkjax.losses.lk_objective` reduces
+  the ``[K, B, T]`` per-token terms exactly as `lkjax.losses.lk_loss` does.
   """
   feats = model.features(batch)
   num_heads = len(feats)
   y_d, lse = batch_target(batch, target)
   mask = head_mask(batch["loss_mask"], batch["segment_ids"], num_heads)
   chunk = int(kw.get("chunk_size") or losses_chunked.DEFAULT_CHUNK_SIZE)
+  probs = losses_chunked.target_probs(y_d, lse)     # shared by every head: computed once
   alphas, kls, masks = [], [], []
   for k, f in enumerate(feats):
     z = model.feature_logits(shift_right(f, k + 1, axis=1), k)
-    a, kl = losses_chunked.token_alpha_kl(z, y_d, target_lse=lse, chunk_size=chunk, **needed_grads(kind))
+    a, kl = losses_chunked.token_alpha_kl_probs(z, probs, chunk_size=chunk, **needed_grads(kind))
     alphas.append(a)
     kls.append(kl)
     masks.append(shift_right(mask[k], k + 1, axis=1, fill=False))
