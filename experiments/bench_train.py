@@ -9,11 +9,11 @@ EAGLE-3/MTP, 6 for MEDUSA/MLP-Speculator; batch 4 x 512 tokens; bf16 compute, fp
                      the same round (a ceiling sample is taken before every timed round: these machines'
                      speed drifts by 2x within minutes), median over the rounds
   LK / KL            median over pairs of the L_lambda step time / the KL step time, the two steps timed
-                     alternately (LK, KL, LK, KL, ...) so that both see the same machine load
+                     alternately so that both see the same machine load (the order within a round rotates)
 The batch carries the precomputed full-vocabulary target lse, as batches from shards written by
 `experiments/precompute.py` do (``--target_lse=off``: the step computes the full-vocabulary head itself, as
 for older shards).  ``--ab=NAME`` also compiles a variant "B" of the L_lambda step and times it in the same
-interleaved loop (LK, KL, B, LK, ...): ``no_target_lse`` (batches without the precomputed lse),
+interleaved loop (LK KL B, KL B LK, B LK KL, ...): ``no_target_lse`` (batches without the precomputed lse),
 ``autodiff_attention`` (attention differentiated by autodiff instead of its custom VJP) or
 ``full_attention`` (training attention over all keys instead of causal query blocks that skip the keys
 after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``); columns "B s" and
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 
@@ -189,12 +190,19 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   flops *= mesh.size  # an SPMD-partitioned step reports the cost of one device's program
   box = {"state": state}
 
+  box["minflt"], box["sys_s"] = [], []
+
   def run() -> float:
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     box["state"], m = compiled(box["state"], rest, target, dev_batch)
     jax.block_until_ready(m)
+    dt = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    box["minflt"].append(r1.ru_minflt - r0.ru_minflt)     # page faults: see lkjax/runtime.py
+    box["sys_s"].append(r1.ru_stime - r0.ru_stime)
     box["loss"] = float(m["loss"])
-    return time.perf_counter() - t
+    return dt
 
   run()  # warm-up
   return dict(arch=arch, kind=kind, target_lse=target_lse, run=run, compiled=compiled, last=box,
@@ -204,7 +212,8 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
 
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
                profile_dir: str = "", target_lse: bool = True, ab: str = "") -> dict:
-  """L_lambda and KL steps of ``arch``, timed interleaved (LK, KL, LK, ...) so both see the same load."""
+  """L_lambda and KL (and B) steps of ``arch``, timed interleaved so all see the same load; the order
+  within a round rotates from round to round (LK KL B, KL B LK, B LK KL, ...)."""
   import numpy as np
   kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision)
   lk, kl = (build_step(arch, kind, info, target_lse=target_lse, **kw) for kind in ("lk_hybrid", "kl"))
@@ -216,12 +225,13 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   elif ab == "full_attention":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, causal_block=0, **kw)
   t_lk, t_kl, t_b, ceil = [], [], [], []
-  for _ in range(steps):
+  slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
+  for i in range(steps):
     ceil.append(matmul_ceiling(small, repeats=3))   # the machine's speed drifts: sample it every round
-    t_lk.append(lk["run"]())
-    t_kl.append(kl["run"]())
-    if variant is not None:
-      t_b.append(variant["run"]())
+    # The order rotates every round: a fixed slot measured a bias of its own (the third step of a round
+    # ran ~13% slower than the first even when it was the same program).
+    for s, times in slots[i % len(slots):] + slots[:i % len(slots)]:
+      times.append(s["run"]())
   if profile_dir:  # one more step each under the profiler (not timed): perfetto traces + optimized HLO
     import jax
     os.makedirs(profile_dir, exist_ok=True)
@@ -243,7 +253,9 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   if profile_dir:
     extra["profile"] = profiles
   util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
-  extra.update(ceiling_samples=ceil, utilisation=float(np.median(util)))
+  extra.update(ceiling_samples=ceil, utilisation=float(np.median(util)),
+               page_faults_per_step=float(np.median(lk["last"]["minflt"][1:])),   # [0] is the warm-up
+               kernel_s_per_step=float(np.median(lk["last"]["sys_s"][1:])))
   return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
               compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],
@@ -264,8 +276,10 @@ def main(argv):
   unknown = sorted(set(archs) - set(K))
   if unknown:
     raise app.UsageError(f"--archs: unknown {unknown}; expected {sorted(K)}")
+  from lkjax import runtime
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {batch} x {seq}; "
-        f"precision {FLAGS.precision}; bf16 matmul ceiling at start {matmul_ceiling(small):.1f} GFLOP/s", flush=True)
+        f"precision {FLAGS.precision}; huge-page malloc {'on' if runtime.hugepage_malloc_active() else 'off'}; "
+        f"bf16 matmul ceiling at start {matmul_ceiling(small):.1f} GFLOP/s", flush=True)
   rows = []
   for arch in archs:
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps, mesh_shape=mesh_shape,
@@ -284,9 +298,11 @@ def main(argv):
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
                    target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab,
-                   rows=rows), f, indent=2)
+                   hugepage_malloc=runtime.hugepage_malloc_active(), rows=rows), f, indent=2)
   print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
+  from lkjax import runtime
+  runtime.reexec_with_hugepage_malloc()   # large XLA buffers on huge pages (see lkjax/runtime.py)
   app.run(main)

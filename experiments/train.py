@@ -45,4 +45,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from lkjax import runtime
+  runtime.reexec_with_hugepage_malloc()   # large XLA buffers on huge pages (see lkjax/runtime.py)
   app.run(main)

@@ -119,6 +119,14 @@ def _chunk_probs(zc, yc, lse_q, lse_t, lse_p, mode):
   return log_q, jnp.exp(log_q), log_pt, pt, p
 
 
+def _row_sums(*xs):
+  """Sums over the last axis of same-shape f32 arrays as ONE variadic reduce: a single pass that computes
+  its inputs on the fly.  (XLA's CPU backend hands single-operand sums to YNNPACK reduce fusions, which
+  first write each input out: three ``[..., chunk]`` arrays written and read again per chunk.)"""
+  zero = jnp.zeros((), jnp.float32)
+  return jax.lax.reduce(xs, (zero,) * len(xs), lambda a, b: tuple(u + v for u, v in zip(a, b)), (xs[0].ndim - 1,))
+
+
 def _min_grad(q, p):
   """``g = d min(p, q) / dq`` = 1, 1/2, 0 for q < p, q == p, q > p (jnp.minimum's tie rule)."""
   return jnp.where(q < p, 1.0, jnp.where(q == p, 0.5, 0.0))
@@ -158,11 +166,11 @@ def _forward(st: _Static, z, y, dv, lse_given):
     start, valid = _window(i, vd, cs)
     log_q, q, log_pt, pt, p = _chunk_probs(_cols(z, start, cs), _target_cols(y, dv, start, cs, st.mode),
                                            lse_q, lse_t, lse_p, st.mode)
-    alpha = alpha + jnp.sum(jnp.where(valid, jnp.minimum(p, q), 0.0), axis=-1)
     keep = valid & (pt > 0)    # p~ = 0 columns (-inf target logits) contribute 0 to KL
-    kl = kl + jnp.sum(jnp.where(keep, pt * (jnp.where(keep, log_pt, 0.0) - log_q), 0.0), axis=-1)
-    eg = eg + jnp.sum(jnp.where(valid, q * _min_grad(q, p), 0.0), axis=-1)
-    return alpha, kl, eg
+    d_alpha, d_kl, d_eg = _row_sums(jnp.where(valid, jnp.minimum(p, q), 0.0),
+                                    jnp.where(keep, pt * (jnp.where(keep, log_pt, 0.0) - log_q), 0.0),
+                                    jnp.where(valid, q * _min_grad(q, p), 0.0))
+    return alpha + d_alpha, kl + d_kl, eg + d_eg
 
   alpha, kl, eg = _chunk_loop(_num_chunks(vd, cs), pass2, (zero, zero, zero))
   return (alpha, kl), (lse_q, lse_t, lse_p, eg)
