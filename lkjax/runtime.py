@@ -3,11 +3,13 @@
 XLA's CPU runtime allocates each compiled step's temporary buffer with ``posix_memalign`` (about 1.2 GB
 for the MEDUSA train step and 2 GB for EAGLE-3 at batch 4 x 512) and frees it when the step ends. glibc
 serves blocks that large with a fresh ``mmap`` and returns them with ``munmap``, so every step faults in
-the whole buffer again, 4 KiB at a time: about 520,000 minor page faults and 0.8-1.1 s of kernel time
-per EAGLE-3 step on the 2-core machines (`experiments/bench_malloc.py`, ``docs/bench_malloc.json``).
+the whole buffer again, 4 KiB at a time: about 520,000 minor page faults and 2.2 s of kernel CPU time per
+EAGLE-3 step on the 2-core machines (`experiments/bench_malloc.py`, ``docs/bench_malloc.json``).
 
 glibc >= 2.35 can ``madvise(MADV_HUGEPAGE)`` the blocks it maps (tunable ``glibc.malloc.hugetlb=1``):
-the same buffer then faults in 2 MiB at a time, about a thousand faults per step. glibc reads tunables
+the same buffer then faults in 2 MiB at a time, about 1,600 faults per EAGLE-3 step; the step took 1.18x
+less time in that benchmark (MEDUSA 1.23x, MLP-Speculator 1.17x, MTP 1.00x).  The kernel still zeroes
+(and may compact) the huge pages, so kernel time falls less than the fault count.  glibc reads tunables
 once, at process start, so `reexec_with_hugepage_malloc` restarts the interpreter with the tunable set
 (same executable, same command line) when it is missing. Nothing changes in the numbers a program
 computes, only where the kernel puts its memory. ``LKJAX_NO_HUGEPAGE_MALLOC=1`` opts out.
