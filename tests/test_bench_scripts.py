@@ -39,12 +39,24 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
 
 
 def test_bench_train_full_attention_ab_costs_more_flops(tmp_path):
-  """--ab=full_attention: with 2 causal query blocks (seq 256) the default step skips score work."""
+  """--ab=full_attention: with 2 causal query blocks (seq 512) the default step skips score work."""
   out = tmp_path / "bench_train.json"
-  _run(["experiments/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--seq=256", "--ab=full_attention",
+  _run(["experiments/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--seq=512", "--ab=full_attention",
         f"--out={out}"], tmp_path)
   (row,) = json.loads(out.read_text())["rows"]
   assert row["ab"] == "full_attention" and row["b_gflop_per_step"] > row["gflop_per_step"]
+
+
+def test_bench_parts_small_times_every_variant(tmp_path):
+  out = tmp_path / "bench_parts.json"
+  res = _run(["experiments/bench_parts.py", "--small", "--rounds=2", f"--out={out}"], tmp_path)
+  groups = json.loads(out.read_text())["groups"]
+  assert [r["name"] for r in groups["attention"]] == [
+      "attention, all keys", "attention, causal blocks of 16", "attention, causal blocks of 8"]
+  assert len(groups["head_loss"]) == 3
+  for rows in groups.values():
+    assert all(len(r["times_s"]) == 2 and r["median_ms"] > 0 for r in rows)
+  assert "head loss, KL" in res.stdout
 
 
 def test_bench_matmul_small(tmp_path):

@@ -142,7 +142,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     causal: the caller guarantees that ``mask[b, t, s]`` is False for every key ``s > t`` (``Tq == Tk``,
       queries and keys in the same slot order, e.g. `segment_causal_mask` of a training row).  Then
       query block ``[a, e)`` (blocks of `ATTENTION_CAUSAL_BLOCK` rows) attends to keys ``[0, e)`` only:
-      the same result up to the float summation order, with about 5/8 of the score work at 4 blocks.
+      the same result up to the float summation order, with 3/4 of the score work at 2 blocks (5/8 at 4).
       Nothing checks the guarantee: a key after its query that the mask allows would be dropped.
   Returns:
     ``[B, Tq, N, D]`` in q's dtype; rows with no visible key (padding) are 0, never NaN.
@@ -161,10 +161,11 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   return jnp.concatenate(outs, axis=1)
 
 
-# Query rows per block of `gqa_attention(..., causal=True)`; 0 turns the blocking off.  128 measured best
-# of {full, 256, 128, 64} rows at T = 512 on the 2-core CPU (fwd + bwd of one EAGLE-3 attention:
-# 173, 120, 115, 130 ms).
-ATTENTION_CAUSAL_BLOCK = 128
+# Query rows per block of `gqa_attention(..., causal=True)`; 0 turns the blocking off.  256 measured best
+# of {all keys, 256, 128, 64} rows at T = 512 on the 2-core CPU in two runs of experiments/bench_parts.py
+# (fwd + bwd of one EAGLE-3 attention: 193 / 89 / 100 / 118 ms and 158 / 77 / 116 / 93 ms,
+# docs/bench_parts.json and docs/bench_parts_run2.json).
+ATTENTION_CAUSAL_BLOCK = 256
 
 
 def _attend(q, k, v, mask, sk, sv, smask):
