@@ -16,7 +16,8 @@ for older shards).  ``--ab=NAME`` also compiles a variant "B" of the L_lambda st
 interleaved loop (LK KL B, KL B LK, B LK KL, ...): ``no_target_lse`` (batches without the precomputed lse),
 ``autodiff_attention`` (attention differentiated by autodiff instead of its custom VJP) or
 ``full_attention`` (training attention over all keys instead of causal query blocks that skip the keys
-after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``); columns "B s" and
+after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``) or ``same`` (a second, separately compiled
+copy of the L_lambda step: an A/A control for how far two copies of one program differ); columns "B s" and
 "B/LK" (median over the rounds of B's time / the L_lambda step's).
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
@@ -43,7 +44,7 @@ flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the vi
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
-flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention"],
+flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention", "same"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
 flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty); "
                     "the JSON row gets a summary of each trace (op time per fusion kind, longest ops).")
@@ -224,6 +225,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, attention="autodiff", **kw)
   elif ab == "full_attention":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, causal_block=0, **kw)
+  elif ab == "same":
+    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **kw)
   t_lk, t_kl, t_b, ceil = [], [], [], []
   slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
   for i in range(steps):

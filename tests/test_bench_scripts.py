@@ -38,13 +38,17 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
       assert sum(p["op_ms_by_kind"].values()) == pytest.approx(p["op_ms_total"])
 
 
-def test_bench_train_full_attention_ab_costs_more_flops(tmp_path):
+def test_bench_train_full_attention_and_same_ab(tmp_path):
   """--ab=full_attention: with 2 causal query blocks (seq 512) the default step skips score work."""
   out = tmp_path / "bench_train.json"
   _run(["experiments/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--seq=512", "--ab=full_attention",
         f"--out={out}"], tmp_path)
   (row,) = json.loads(out.read_text())["rows"]
   assert row["ab"] == "full_attention" and row["b_gflop_per_step"] > row["gflop_per_step"]
+  # --ab=same: the A/A control compiles the identical program (same FLOPs, same loss after one step).
+  _run(["experiments/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--ab=same", f"--out={out}"], tmp_path)
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["ab"] == "same" and row["b_gflop_per_step"] == row["gflop_per_step"]
 
 
 def test_bench_parts_small_times_every_variant(tmp_path):
