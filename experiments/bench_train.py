@@ -90,7 +90,8 @@ def matmul_ceiling(small: bool, repeats: int = 5) -> float:
 
 def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
   """Op time of one profiled step from its perfetto trace: summed per fusion kind (the name without its
-  ``.N`` suffix) and the ``top`` longest ops with their result shape and op_name from the optimized HLO.
+  ``.N`` suffix), summed per (kind, result shape) (the ``2 * top`` largest, with op counts), and the
+  ``top`` longest ops with their result shape and op_name from the optimized HLO.
 
   Op times add up to more than the step's wall time when independent thunks run concurrently.
   """
@@ -106,16 +107,31 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
   skip = ("$", "ThunkExecutor", "SlinkyThreadPool")
   ops = [(e["dur"] / 1e3, e["name"]) for e in events
          if e.get("ph") == "X" and not e["name"].startswith(skip)]
+  def hlo_line(name: str) -> tuple[str, str]:
+    """(result shape, op_name) of the instruction ``name``; fusions often carry no op_name."""
+    m = re.search(r"\n\s*(?:ROOT )?%" + re.escape(name) + r" = (\S+) ([^\n]*)", hlo_text)
+    if not m:
+      return "", ""
+    op = re.search(r'op_name="([^"]*)"', m.group(2))
+    return m.group(1), op.group(1) if op else ""
+
   kinds: dict[str, float] = {}
+  by_shape: dict[tuple[str, str], list] = {}
   for ms, name in ops:
     kind = re.sub(r"\.\d+$", "", name)
     kinds[kind] = kinds.get(kind, 0.0) + ms
+    acc = by_shape.setdefault((kind, hlo_line(name)[0]), [0.0, 0])
+    acc[0] += ms
+    acc[1] += 1
   longest = []
   for ms, name in sorted(ops, reverse=True)[:top]:
-    m = re.search(r"\n\s*(?:ROOT )?%" + re.escape(name) + r" = (\S+) [^\n]*?op_name=\"([^\"]*)\"", hlo_text)
-    longest.append(dict(name=name, ms=ms, shape=m.group(1) if m else "", op_name=m.group(2) if m else ""))
+    shape, op_name = hlo_line(name)
+    longest.append(dict(name=name, ms=ms, shape=shape, op_name=op_name))
+  shapes = [dict(kind=k, shape=sh, ms=v[0], count=v[1])
+            for (k, sh), v in sorted(by_shape.items(), key=lambda kv: -kv[1][0])[:2 * top]]
   return dict(op_ms_total=sum(ms for ms, _ in ops),
-              op_ms_by_kind=dict(sorted(kinds.items(), key=lambda kv: -kv[1])), longest_ops=longest)
+              op_ms_by_kind=dict(sorted(kinds.items(), key=lambda kv: -kv[1])), op_ms_by_kind_shape=shapes,
+              longest_ops=longest)
 
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,

@@ -36,6 +36,9 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
       p = r["profile"][kind]
       assert p["op_ms_total"] > 0 and p["op_ms_by_kind"] and p["longest_ops"][0]["ms"] > 0
       assert sum(p["op_ms_by_kind"].values()) == pytest.approx(p["op_ms_total"])
+      rows = p["op_ms_by_kind_shape"]
+      assert rows and sum(r["ms"] for r in rows) <= p["op_ms_total"] * (1 + 1e-9)
+      assert all(r["shape"] for r in rows if r["kind"].endswith("fusion"))   # every fusion's shape is found
 
 
 def test_bench_train_full_attention_and_same_ab(tmp_path):
