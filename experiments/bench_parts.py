@@ -51,18 +51,15 @@ def attention_variants(small: bool) -> dict:
   g = jnp.asarray(r.standard_normal((b, t, n, d)), bf)
   blocks = (0, 16, 8) if small else (0, 256, 128, 64)
   out = {}
-  for block in blocks:
-    saved = L.ATTENTION_CAUSAL_BLOCK
-    L.ATTENTION_CAUSAL_BLOCK = block       # read while tracing
 
-    def f(q, k, v, sk, sv):
-      o, vjp = jax.vjp(lambda *a: L.gqa_attention(*a[:3], mask, self_k=a[3], self_v=a[4], self_mask=smask,
-                                                  causal=True), q, k, v, sk, sv)
-      return o, vjp(g)
-    try:
+  def f(q, k, v, sk, sv):
+    o, vjp = jax.vjp(lambda *a: L.gqa_attention(*a[:3], mask, self_k=a[3], self_v=a[4], self_mask=smask,
+                                                causal=True), q, k, v, sk, sv)
+    return o, vjp(g)
+
+  for block in blocks:
+    with L.attention_variant(causal_block=block):     # read while tracing
       fn = jax.jit(f).lower(q, k, v, sk, sv).compile()
-    finally:
-      L.ATTENTION_CAUSAL_BLOCK = saved
     name = "attention, all keys" if block == 0 else f"attention, causal blocks of {block}"
     out[name] = (fn, (q, k, v, sk, sv))
   return out

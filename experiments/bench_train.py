@@ -135,7 +135,7 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
 
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
-               precision: str, target_lse: bool = True, attention: str = "custom_vjp",
+               precision: str, target_lse: bool = True, attention: str | None = None,
                causal_block: int | None = None) -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
   import jax
@@ -191,23 +191,14 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh)
   t0 = time.perf_counter()
   from lkjax.models import layers
-  layers.set_attention_impl(attention)     # both read while tracing
-  saved_block = layers.ATTENTION_CAUSAL_BLOCK
-  if causal_block is not None:
-    layers.ATTENTION_CAUSAL_BLOCK = causal_block
-  try:
+  with layers.attention_variant(attention, causal_block):     # read while tracing
     compiled = fn.lower(state, rest, target, dev_batch).compile()
-  finally:
-    layers.set_attention_impl("custom_vjp")
-    layers.ATTENTION_CAUSAL_BLOCK = saved_block
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   flops *= mesh.size  # an SPMD-partitioned step reports the cost of one device's program
-  box = {"state": state}
-
-  box["minflt"], box["sys_s"] = [], []
+  box = {"state": state, "minflt": [], "sys_s": []}
 
   def run() -> float:
     r0 = resource.getrusage(resource.RUSAGE_SELF)

@@ -154,6 +154,27 @@ def test_gqa_attention_causal_blocks_equal_full(monkeypatch, impl, block):
     L.gqa_attention(q, k[:, :5], v[:, :5], mask[:, :, :5], causal=True)
 
 
+def test_attention_variant_sets_and_restores_trace_time_settings(monkeypatch):
+  monkeypatch.setattr(L, "ATTENTION_CAUSAL_BLOCK", 3)
+  rng = np.random.default_rng(2)
+  b, t, n, d = 1, 8, 2, 4
+  q, k, v = (jnp.asarray(rng.normal(size=sh).astype(np.float32)) for sh in [(b, t, n, d), (b, t, 1, d), (b, t, 1, d)])
+  leaky = jnp.ones((b, t, t), bool)          # breaks causal=True's promise: blocking shows in the result
+  full = np.asarray(L.gqa_attention(q, k, v, leaky))
+  with L.attention_variant("autodiff", causal_block=0):
+    assert L._attention_impl == "autodiff"
+    np.testing.assert_array_equal(np.asarray(L.gqa_attention(q, k, v, leaky, causal=True)), full)
+  assert (L._attention_impl, L.ATTENTION_CAUSAL_BLOCK) == ("custom_vjp", 3)
+  assert not np.allclose(np.asarray(L.gqa_attention(q, k, v, leaky, causal=True)), full)
+  with pytest.raises(ValueError, match="attention impl"):
+    with L.attention_variant("flash"):
+      pass
+  with pytest.raises(RuntimeError):
+    with L.attention_variant(causal_block=0):
+      raise RuntimeError("inside")
+  assert L.ATTENTION_CAUSAL_BLOCK == 3
+
+
 def test_segment_causal_mask_hand_example():
   seg = jnp.array([[1, 1, 2, 2, 0]])
   idx = jnp.arange(5)[None]

@@ -22,6 +22,7 @@ draft -> target id mapping) live at the end of this module.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import jax
@@ -178,13 +179,26 @@ ATTENTION_IMPLS = ("custom_vjp", "autodiff")
 _attention_impl = "custom_vjp"
 
 
-def set_attention_impl(impl: str) -> None:
-  """``"custom_vjp"`` (default) or ``"autodiff"`` for `gqa_attention`'s gradient (read at trace time;
-  the forward is the same); for A/B benchmarks."""
-  global _attention_impl
-  if impl not in ATTENTION_IMPLS:
+@contextlib.contextmanager
+def attention_variant(impl: str | None = None, causal_block: int | None = None):
+  """Within the block, trace `gqa_attention` with another gradient ``impl`` (``"custom_vjp"``, the
+  default, or ``"autodiff"``; the forward is the same) and/or another `ATTENTION_CAUSAL_BLOCK` (0: all
+  keys).  Both are read at trace time, so this wraps the ``lower`` / first call of a jitted function;
+  for A/B benchmarks.  None keeps the current setting; the previous settings come back on exit."""
+  global _attention_impl, ATTENTION_CAUSAL_BLOCK
+  if impl is not None and impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
-  _attention_impl = impl
+  if causal_block is not None and int(causal_block) < 0:
+    raise ValueError(f"causal_block={causal_block}: must be >= 0 (0 = all keys)")
+  saved = _attention_impl, ATTENTION_CAUSAL_BLOCK
+  if impl is not None:
+    _attention_impl = impl
+  if causal_block is not None:
+    ATTENTION_CAUSAL_BLOCK = int(causal_block)
+  try:
+    yield
+  finally:
+    _attention_impl, ATTENTION_CAUSAL_BLOCK = saved
 
 
 def gqa_attention_reference(q, k, v, mask, *, self_k=None, self_v=None, self_mask=None) -> jax.Array:
