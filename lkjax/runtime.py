@@ -45,10 +45,12 @@ def _thp_mode(path: str = THP_ENABLED) -> str | None:
 
 
 def hugepage_malloc_supported() -> bool:
-  """Linux, glibc >= 2.35 (the tunable exists) and transparent huge pages on ``always`` or ``madvise``."""
+  """Linux, glibc >= 2.35 (the tunable exists) and transparent huge pages on ``madvise``: the mode in
+  which glibc's advice is what decides (on ``always`` the kernel already backs large mappings with huge
+  pages, on ``never`` it does not at all, so a restart would change nothing)."""
   version = _glibc_version()
   return (sys.platform.startswith("linux") and version is not None and version >= (2, 35)
-          and _thp_mode() in ("always", "madvise"))
+          and _thp_mode() == "madvise")
 
 
 def hugepage_malloc_active() -> bool:

@@ -47,7 +47,7 @@ def _clean_env(**extra):
   return env
 
 
-@pytest.mark.skipif(not runtime.hugepage_malloc_supported(), reason="no glibc >= 2.35 with transparent huge pages")
+@pytest.mark.skipif(not runtime.hugepage_malloc_supported(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
 def test_reexec_sets_the_tunable_once_keeps_argv_and_other_tunables():
   out = _python(_REEXEC.format(repo=REPO), _clean_env(GLIBC_TUNABLES="glibc.malloc.arena_max=4"), "--x=1", "y")
   lines = out.strip().splitlines()
@@ -72,7 +72,7 @@ def test_thp_mode_parsing(tmp_path):
   assert runtime._thp_mode(str(tmp_path / "missing")) is None
 
 
-@pytest.mark.skipif(not runtime.hugepage_malloc_supported(), reason="no glibc >= 2.35 with transparent huge pages")
+@pytest.mark.skipif(not runtime.hugepage_malloc_supported(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
 def test_hugepage_malloc_cuts_page_faults_of_xla_temp_buffers():
   off = int(_python(_FAULTS, _clean_env(**{runtime.OPT_OUT_ENV: "1"})).strip())
   on = int(_python(_FAULTS, _clean_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=1")).strip())

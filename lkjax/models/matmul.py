@@ -66,7 +66,7 @@ def _nn_fwd(x2, w):
 def _nn_bwd(res, g):
   x2, w = res
   # g is the f32 cotangent of the cast in `matmul`, i.e. an exactly representable operand-dtype value:
-  # casting it back is lossless (and XLA drops the convert pair).
+  # casting it back is lossless.
   g = g.astype(jnp.result_type(x2, w))
   dx = _dot_f32(g, physical_transpose(w)).astype(x2.dtype)
   dw = _dot_f32(physical_transpose(x2), g).astype(w.dtype)
