@@ -238,8 +238,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
   for i in range(steps):
     ceil.append(matmul_ceiling(small, repeats=3))   # the machine's speed drifts: sample it every round
-    # The order rotates every round: a fixed slot measured a bias of its own (the third step of a round
-    # ran ~13% slower than the first even when it was the same program).
+    # The order rotates every round, so no program always runs in the same slot (with a fixed order,
+    # the third program, a copy of the first, ran ~13% slower: docs/bench_train_runs/README.md, run 10).
     for s, times in slots[i % len(slots):] + slots[:i % len(slots)]:
       times.append(s["run"]())
   if profile_dir:  # one more step each under the profiler (not timed): perfetto traces + optimized HLO
