@@ -117,7 +117,8 @@ def main(argv):
   import numpy as np
   from lkjax import runtime
   groups = {"attention": attention_variants(FLAGS.small), "head_loss": head_loss_variants(FLAGS.small)}
-  result = dict(small=FLAGS.small, rounds=FLAGS.rounds, hugepage_malloc=runtime.hugepage_malloc_active(), groups={})
+  result = dict(small=FLAGS.small, rounds=FLAGS.rounds, hugepage_malloc=runtime.hugepage_malloc_active(),
+                retained_heap=runtime.retained_heap_active(), groups={})
   for group, variants in groups.items():
     times = time_rotating(variants, FLAGS.rounds)
     rows = [dict(name=n, median_ms=float(np.median(ts)) * 1e3, times_s=ts) for n, ts in times.items()]
@@ -133,5 +134,5 @@ def main(argv):
 if __name__ == "__main__":
   sys.path.insert(0, ROOT)
   from lkjax import runtime as _runtime
-  _runtime.reexec_with_hugepage_malloc()   # large XLA buffers on huge pages (see lkjax/runtime.py)
+  _runtime.reexec_with_malloc_tunables()   # keep XLA's large step buffers mapped (see lkjax/runtime.py)
   app.run(main)

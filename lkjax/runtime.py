@@ -1,18 +1,35 @@
-"""Process setup for the entry scripts: XLA's large CPU buffers on transparent huge pages.
+"""Process setup for the entry scripts: glibc malloc tunables that keep XLA's large CPU buffers resident.
 
 XLA's CPU runtime allocates each compiled step's temporary buffer with ``posix_memalign`` (about 1.2 GB
-for the MEDUSA train step and 2 GB for EAGLE-3 at batch 4 x 512) and frees it when the step ends. glibc
-serves blocks that large with a fresh ``mmap`` and returns them with ``munmap``, so every step faults in
-the whole buffer again, 4 KiB at a time: about 520,000 minor page faults and 2.2 s of kernel CPU time per
-EAGLE-3 step on the 2-core machines (`experiments/bench_malloc.py`, ``docs/bench_malloc.json``).
+for the MEDUSA train step and 2 GB for EAGLE-3 at batch 4 x 512) and frees it when the step ends; YNNPACK
+does the same with scratch blocks of up to 268 MB inside single fusions. glibc serves blocks that large
+with a fresh ``mmap`` and returns them with ``munmap``, so every step faults the whole buffer in again,
+4 KiB at a time: about 520,000 minor page faults and 2.2 s of kernel CPU time per EAGLE-3 step on the
+2-core machines (`experiments/bench_malloc.py`, ``docs/bench_train_runs/bench_malloc_session4.json``).
 
-glibc >= 2.35 can ``madvise(MADV_HUGEPAGE)`` the blocks it maps (tunable ``glibc.malloc.hugetlb=1``):
-the same buffer then faults in 2 MiB at a time, about 1,600 faults per EAGLE-3 step; the step took 1.18x
-less time in that benchmark (MEDUSA 1.23x, MLP-Speculator 1.17x, MTP 1.00x).  The kernel still zeroes
-(and may compact) the huge pages, so kernel time falls less than the fault count.  glibc reads tunables
-once, at process start, so `reexec_with_hugepage_malloc` restarts the interpreter with the tunable set
-(same executable, same command line) when it is missing. Nothing changes in the numbers a program
-computes, only where the kernel puts its memory. ``LKJAX_NO_HUGEPAGE_MALLOC=1`` opts out.
+Two sets of tunables address this; `reexec_with_malloc_tunables` sets both where they apply:
+
+* **Retained heap** (``RETAIN_TUNABLES``; any glibc with tunables, >= 2.26): one malloc arena
+  (``arena_max=1``), no ``mmap`` for large blocks (``mmap_max=0``) and no trimming of the heap's top
+  (``trim_threshold`` = 64 TiB). Large blocks then come from the main heap, and a block freed at the end
+  of a step is handed out again by the next one with its pages still mapped: no page faults and no kernel
+  time in the steady state. (``arena_max=1`` is required: glibc's other arenas fall back to ``mmap``
+  whatever ``mmap_max`` says.) The price is that the process never returns freed memory to the system,
+  so its resident size stays at its peak. With the EAGLE-3 L_lambda and KL steps run alternately in
+  one process it grew from 3.6 to 6.1 GB over two rounds and then stayed there
+  (``docs/bench_train_runs/heap_growth.txt``).
+  Only for processes with one CPU device: with 8 virtual CPU devices
+  (``--xla_force_host_platform_device_count=8``) the single heap kept growing, 10.5 -> 15.5 GB over
+  four EAGLE-3 steps in the same file, and an 8-device benchmark was killed for memory at 24 GB. Such
+  processes get huge pages only.
+* **Huge pages** (``glibc.malloc.hugetlb=1``; glibc >= 2.35 with transparent huge pages on ``madvise``):
+  glibc advises the memory it maps onto 2 MiB pages, so what does get faulted in (the heap as it grows,
+  or every step's buffer without the retained heap) comes 2 MiB at a time.
+
+glibc reads tunables once, at process start, so the function restarts the interpreter with them set
+(same executable, same command line) when any is missing; tunables already in ``GLIBC_TUNABLES`` are kept
+as given. Nothing changes in the numbers a program computes, only where its memory comes from.
+``LKJAX_DEFAULT_MALLOC=1`` opts out.
 """
 from __future__ import annotations
 
@@ -20,7 +37,10 @@ import os
 import sys
 
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
-OPT_OUT_ENV = "LKJAX_NO_HUGEPAGE_MALLOC"
+# One arena, no mmap for large blocks, never trim the heap: freed step buffers stay mapped for the next step.
+RETAIN_TUNABLES = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
+                   ("glibc.malloc.trim_threshold", str(1 << 46)))
+OPT_OUT_ENV = "LKJAX_DEFAULT_MALLOC"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -44,32 +64,86 @@ def _thp_mode(path: str = THP_ENABLED) -> str | None:
   return text[start + 1:end] if 0 <= start < end else None
 
 
+def cpu_devices_requested(env=None) -> int:
+  """The CPU device count this process will ask XLA for: ``--xla_force_host_platform_device_count`` in
+  ``XLA_FLAGS`` or ``JAX_NUM_CPU_DEVICES`` (the larger if both), 1 if neither."""
+  env = os.environ if env is None else env
+  counts = [1]
+  for flag in env.get("XLA_FLAGS", "").split():
+    if flag.startswith("--xla_force_host_platform_device_count="):
+      counts.append(int(flag.split("=", 1)[1] or 1))
+  if env.get("JAX_NUM_CPU_DEVICES", "").strip():
+    counts.append(int(env["JAX_NUM_CPU_DEVICES"]))
+  return max(counts)
+
+
+def retained_heap_supported(env=None) -> bool:
+  """Linux with glibc >= 2.26 (the first with ``GLIBC_TUNABLES``), and one CPU device (see the module
+  docstring: with several, the shared heap fragments and keeps growing)."""
+  version = _glibc_version()
+  return (sys.platform.startswith("linux") and version is not None and version >= (2, 26)
+          and cpu_devices_requested(env) <= 1)
+
+
 def hugepage_malloc_supported() -> bool:
   """Linux, glibc >= 2.35 (the tunable exists) and transparent huge pages on ``madvise``: the mode in
   which glibc's advice is what decides (on ``always`` the kernel already backs large mappings with huge
-  pages, on ``never`` it does not at all, so a restart would change nothing)."""
+  pages, on ``never`` it does not at all, so the tunable would change nothing)."""
   version = _glibc_version()
   return (sys.platform.startswith("linux") and version is not None and version >= (2, 35)
           and _thp_mode() == "madvise")
 
 
+def _tunables(value: str | None = None) -> dict[str, str]:
+  text = os.environ.get("GLIBC_TUNABLES", "") if value is None else value
+  pairs = [item.split("=", 1) for item in text.split(":") if item]
+  return {p[0]: p[1] if len(p) > 1 else "" for p in pairs}
+
+
 def hugepage_malloc_active() -> bool:
   """Whether this process was started with ``glibc.malloc.hugetlb`` in ``GLIBC_TUNABLES``."""
-  return HUGETLB_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+  return _tunables().get(HUGETLB_TUNABLE, "0") not in ("", "0")
 
 
-def reexec_with_hugepage_malloc() -> None:
-  """Restart this process with ``GLIBC_TUNABLES=...:glibc.malloc.hugetlb=1`` unless it already has it, the
-  machine cannot use it (`hugepage_malloc_supported`) or ``LKJAX_NO_HUGEPAGE_MALLOC`` is set.
+def retained_heap_active() -> bool:
+  """Whether this process was started with all of ``RETAIN_TUNABLES``, with their values."""
+  have = _tunables()
+  return all(have.get(name) == value for name, value in RETAIN_TUNABLES)
+
+
+def wanted_tunables(env=None) -> dict[str, str]:
+  """The tunables `reexec_with_malloc_tunables` adds on this machine for a process with environment ``env``
+  (default: this one's); empty where none applies."""
+  want = dict(RETAIN_TUNABLES) if retained_heap_supported(env) else {}
+  if hugepage_malloc_supported():
+    want[HUGETLB_TUNABLE] = "1"
+  return want
+
+
+def reexec_with_malloc_tunables() -> None:
+  """Restart this process with the `wanted_tunables` added to ``GLIBC_TUNABLES`` unless every one of them
+  is already named there (whatever its value: a user's own setting wins), none applies on this machine, or
+  ``LKJAX_DEFAULT_MALLOC`` is set.
 
   Call it first thing in an entry script's ``__main__`` block: it does not return when it restarts.
-  Child processes inherit the variable, so they start with huge pages directly.
+  Child processes inherit the variable, so they start with the tunables directly.
   """
-  if hugepage_malloc_active() or os.environ.get(OPT_OUT_ENV) or not hugepage_malloc_supported():
+  if os.environ.get(OPT_OUT_ENV):
     return
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGETLB_TUNABLE}=1" if tunables else f"{HUGETLB_TUNABLE}=1"
+  have = _tunables()
+  missing = {k: v for k, v in wanted_tunables().items() if k not in have}
+  if not missing:
+    return
+  text = os.environ.get("GLIBC_TUNABLES", "")
+  added = ":".join(f"{k}={v}" for k, v in missing.items())
+  os.environ["GLIBC_TUNABLES"] = f"{text}:{added}" if text else added
   for stream in (sys.stdout, sys.stderr):
     stream.flush()
   argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
   os.execv(sys.executable, argv)
+
+
+def describe() -> str:
+  """One line for benchmark headers: which of the tunables this process runs with."""
+  return (f"retained heap {'on' if retained_heap_active() else 'off'}, "
+          f"huge-page malloc {'on' if hugepage_malloc_active() else 'off'}")

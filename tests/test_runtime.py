@@ -1,4 +1,5 @@
-"""lkjax.runtime: the entry scripts' restart with huge-page malloc, and what it buys (fewer page faults)."""
+"""lkjax.runtime: the entry scripts' restart with glibc malloc tunables (retained heap, huge pages), and what
+they buy (fewer page faults)."""
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ import json, os, sys
 sys.path.insert(0, {repo!r})
 from lkjax import runtime
 print("start", os.getpid(), flush=True)
-runtime.reexec_with_hugepage_malloc()
+runtime.reexec_with_malloc_tunables()
 print(json.dumps(dict(pid=os.getpid(), argv=sys.argv[1:], tunables=os.environ.get("GLIBC_TUNABLES", ""),
-                      active=runtime.hugepage_malloc_active())))
+                      hugepages=runtime.hugepage_malloc_active(), retained=runtime.retained_heap_active())))
 """
 
 # A jitted function whose temporary buffer (~256 MB) is far above glibc's mmap threshold; the second call's
@@ -42,25 +43,61 @@ def _python(code, env, *args):
 
 
 def _clean_env(**extra):
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT_ENV)}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT_ENV, "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   env.update(extra)
   return env
 
 
-@pytest.mark.skipif(not runtime.hugepage_malloc_supported(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
-def test_reexec_sets_the_tunable_once_keeps_argv_and_other_tunables():
-  out = _python(_REEXEC.format(repo=REPO), _clean_env(GLIBC_TUNABLES="glibc.malloc.arena_max=4"), "--x=1", "y")
+@pytest.mark.skipif(not runtime.retained_heap_supported({}), reason="needs Linux with glibc >= 2.26")
+def test_reexec_adds_the_tunables_once_keeps_argv_and_other_tunables():
+  out = _python(_REEXEC.format(repo=REPO), _clean_env(GLIBC_TUNABLES="glibc.rtld.optional_static_tls=512"), "--x=1", "y")
   lines = out.strip().splitlines()
   assert [line.split()[0] for line in lines[:2]] == ["start", "start"]   # restarted exactly once
+  assert len(lines) == 3
   info = json.loads(lines[-1])
-  assert info["active"] and info["argv"] == ["--x=1", "y"]
-  assert info["tunables"] == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
+  assert info["argv"] == ["--x=1", "y"] and info["retained"]
+  assert info["hugepages"] == runtime.hugepage_malloc_supported()
+  want = ":".join(f"{k}={v}" for k, v in runtime.wanted_tunables({}).items())
+  assert info["tunables"] == "glibc.rtld.optional_static_tls=512:" + want
 
 
-def test_opt_out_and_already_active_do_not_restart():
-  for env in (_clean_env(**{runtime.OPT_OUT_ENV: "1"}), _clean_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=1")):
+@pytest.mark.skipif(not runtime.retained_heap_supported({}), reason="needs Linux with glibc >= 2.26")
+def test_a_users_own_malloc_tunable_wins():
+  out = _python(_REEXEC.format(repo=REPO), _clean_env(GLIBC_TUNABLES="glibc.malloc.arena_max=4"))
+  info = json.loads(out.strip().splitlines()[-1])
+  assert info["tunables"].startswith("glibc.malloc.arena_max=4:") and info["tunables"].count("arena_max") == 1
+  assert not info["retained"]      # arena_max=4 is not the retained heap's value
+  assert "glibc.malloc.mmap_max=0" in info["tunables"]
+
+
+def test_opt_out_and_already_set_do_not_restart():
+  every = ":".join(f"{k}={v}" for k, v in dict(runtime.RETAIN_TUNABLES, **{runtime.HUGETLB_TUNABLE: "1"}).items())
+  for env in (_clean_env(**{runtime.OPT_OUT_ENV: "1"}), _clean_env(GLIBC_TUNABLES=every)):
     lines = _python(_REEXEC.format(repo=REPO), env).strip().splitlines()
     assert [line.split()[0] for line in lines].count("start") == 1
+  info = json.loads(lines[-1])
+  assert info["retained"] and info["hugepages"]
+
+
+@pytest.mark.skipif(not runtime.retained_heap_supported({}), reason="needs Linux with glibc >= 2.26")
+def test_several_cpu_devices_get_no_retained_heap():
+  out = _python(_REEXEC.format(repo=REPO), _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  info = json.loads(out.strip().splitlines()[-1])
+  assert not info["retained"] and "arena_max" not in info["tunables"]
+  assert info["hugepages"] == runtime.hugepage_malloc_supported()
+
+
+def test_cpu_devices_requested():
+  assert runtime.cpu_devices_requested({}) == 1
+  assert runtime.cpu_devices_requested({"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"}) == 8
+  assert runtime.cpu_devices_requested({"JAX_NUM_CPU_DEVICES": "4"}) == 4
+  assert not runtime.retained_heap_supported({"JAX_NUM_CPU_DEVICES": "4"})
+
+
+def test_tunables_parsing():
+  assert runtime._tunables("a.b=1:c.d=x::e") == {"a.b": "1", "c.d": "x", "e": ""}
+  assert runtime._tunables("") == {}
 
 
 def test_thp_mode_parsing(tmp_path):
@@ -73,8 +110,10 @@ def test_thp_mode_parsing(tmp_path):
 
 
 @pytest.mark.skipif(not runtime.hugepage_malloc_supported(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
-def test_hugepage_malloc_cuts_page_faults_of_xla_temp_buffers():
+def test_hugepage_malloc_and_retained_heap_cut_page_faults_of_xla_temp_buffers():
   off = int(_python(_FAULTS, _clean_env(**{runtime.OPT_OUT_ENV: "1"})).strip())
-  on = int(_python(_FAULTS, _clean_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=1")).strip())
+  huge = int(_python(_FAULTS, _clean_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=1")).strip())
+  retained = int(_python(_FAULTS, _clean_env(GLIBC_TUNABLES=":".join(f"{k}={v}" for k, v in runtime.RETAIN_TUNABLES))).strip())
   assert off > 20_000, off          # the ~256 MB buffers faulted in 4 KiB pages
-  assert on < off / 5, (on, off)
+  assert huge < off / 5, (huge, off)
+  assert retained < off / 50, (retained, off)   # the freed buffers stay mapped for the second call
