@@ -1,12 +1,19 @@
-"""Train-step speed with and without huge-page malloc (`lkjax/runtime.py`), as alternating processes.
+"""Train-step speed under glibc's default malloc, huge-page malloc and the retained heap (`lkjax/runtime.py`),
+as alternating processes.
 
 ``python experiments/bench_malloc.py --archs=eagle3 --rounds=2 --steps=3 --out=docs/bench_malloc.json``
 
-glibc tunables are read at process start, so the two settings cannot share a process: each round runs
-`experiments/bench_train.py` once with ``glibc.malloc.hugetlb=1`` and once without
-(``LKJAX_NO_HUGEPAGE_MALLOC=1``), alternating which goes first, and collects from each run the L_lambda
-and KL step times, tokens/s, and the L_lambda step's minor page faults and kernel (system) CPU time per
-step. It prints one row per run and the medians per setting, and writes them as JSON (``--out``).
+glibc tunables are read at process start, so the settings cannot share a process: each round runs
+`experiments/bench_train.py` once per setting, the order rotating from round to round, and collects from
+each run the L_lambda and KL step times, tokens/s, and the L_lambda step's minor page faults and kernel
+(system) CPU time per step. The settings (``--settings``):
+
+* ``default``: no tunables (``LKJAX_DEFAULT_MALLOC=1``);
+* ``hugepages``: ``glibc.malloc.hugetlb=1`` only (what the entry scripts set before the retained heap);
+* ``retained``: the retained heap plus huge pages, what `runtime.reexec_with_malloc_tunables` sets.
+
+It prints one row per run and the medians per setting, with each setting's L_lambda step time relative to
+the first setting's, and writes them as JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -19,38 +26,53 @@ import tempfile
 from absl import app, flags
 
 flags.DEFINE_string("archs", "eagle3", "Comma-separated architectures (bench_train.py --archs).")
-flags.DEFINE_integer("rounds", 2, "Rounds; each runs both settings once.")
+flags.DEFINE_list("settings", ["default", "hugepages", "retained"], "Malloc settings to compare (see the docstring).")
+flags.DEFINE_integer("rounds", 2, "Rounds; each runs every setting once.")
 flags.DEFINE_integer("steps", 3, "Timed steps per bench_train.py run.")
 flags.DEFINE_bool("small", False, "Tiny dims (checks the script, not a measurement).")
 flags.DEFINE_string("out", "runs/bench_malloc.json", "Where the JSON goes.")
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = ("default", "hugepages", "retained")
 
 
-def _env(hugepages: bool) -> dict[str, str]:
+def setting_env(setting: str, base: dict[str, str] | None = None) -> dict[str, str]:
+  """The environment a bench_train.py child runs under for ``setting``; the malloc tunables the parent had
+  are dropped first, any other tunable is kept."""
   from lkjax import runtime
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(runtime.HUGETLB_TUNABLE)]
-  if hugepages:
-    tunables.append(f"{runtime.HUGETLB_TUNABLE}=1")
-    env.pop(runtime.OPT_OUT_ENV, None)
-  else:
+  if setting not in SETTINGS:
+    raise ValueError(f"--settings: unknown {setting!r}; expected one of {SETTINGS}")
+  env = dict(os.environ if base is None else base, PYTHONPATH=ROOT)
+  ours = {runtime.HUGETLB_TUNABLE, *(name for name, _ in runtime.RETAIN_TUNABLES)}
+  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=", 1)[0] not in ours]
+  env.pop(runtime.OPT_OUT_ENV, None)
+  if setting == "default":
     env[runtime.OPT_OUT_ENV] = "1"
+  else:
+    # Named explicitly, so the child does not restart to add the rest.
+    want = dict(runtime.RETAIN_TUNABLES) if setting == "retained" else {}
+    want[runtime.HUGETLB_TUNABLE] = "1"
+    tunables += [f"{k}={v}" for k, v in want.items()]
+    if setting == "hugepages":
+      env[runtime.OPT_OUT_ENV] = "1"
   env["GLIBC_TUNABLES"] = ":".join(tunables)
   return env
 
 
-def run_once(hugepages: bool, out: str) -> dict:
+def run_once(setting: str, out: str) -> dict:
   cmd = [sys.executable, os.path.join(ROOT, "experiments/bench_train.py"), f"--archs={FLAGS.archs}",
          f"--steps={FLAGS.steps}", f"--out={out}"] + (["--small"] if FLAGS.small else [])
-  res = subprocess.run(cmd, cwd=ROOT, env=_env(hugepages), capture_output=True, text=True)
+  res = subprocess.run(cmd, cwd=ROOT, env=setting_env(setting), capture_output=True, text=True)
   if res.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    raise RuntimeError(f"{' '.join(cmd)} ({setting}) failed:\n{res.stderr[-3000:]}")
   with open(out) as f:
     table = json.load(f)
-  if table["hugepage_malloc"] != hugepages:
-    raise RuntimeError(f"bench_train.py reported hugepage_malloc={table['hugepage_malloc']}, expected {hugepages}")
+  got = (table["hugepage_malloc"], table["retained_heap"])
+  want = {"default": (False, False), "hugepages": (True, False), "retained": (True, True)}[setting]
+  if got != want:
+    raise RuntimeError(f"bench_train.py reported (hugepage_malloc, retained_heap) = {got} for {setting}, "
+                       f"expected {want}")
   return table
 
 
@@ -59,38 +81,42 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import numpy as np
   from lkjax import runtime
+  settings = list(FLAGS.settings)
+  for s in settings:
+    setting_env(s)   # validates the name before any run
   if not runtime.hugepage_malloc_supported():
-    print("note: this machine cannot use huge-page malloc (see lkjax/runtime.py); both settings behave alike")
+    print("note: this machine cannot use huge-page malloc (see lkjax/runtime.py)")
   runs = []
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(FLAGS.rounds):
-      order = (True, False) if r % 2 == 0 else (False, True)
-      for hp in order:
-        table = run_once(hp, os.path.join(tmp, f"{r}_{hp}.json"))
+      for setting in settings[r % len(settings):] + settings[:r % len(settings)]:
+        table = run_once(setting, os.path.join(tmp, f"{r}_{setting}.json"))
         for row in table["rows"]:
-          runs.append(dict(round=r, hugepage_malloc=hp, arch=row["arch"], tokens_per_s=row["tokens_per_s"],
+          runs.append(dict(round=r, setting=setting, arch=row["arch"], tokens_per_s=row["tokens_per_s"],
                            lk_step_s=row["step_s"], kl_step_s=row["kl_step_s"],
                            page_faults_per_step=row["page_faults_per_step"],
-                           kernel_s_per_step=row["kernel_s_per_step"], lk_times=row["lk_times"]))
-          print(f"round {r} huge pages {'on ' if hp else 'off'} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
+                           kernel_s_per_step=row["kernel_s_per_step"], lk_times=row["lk_times"],
+                           kl_times=row["kl_times"]))
+          print(f"round {r} {setting:<10} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
                 f"LK {row['step_s']:.2f} s  KL {row['kl_step_s']:.2f} s  faults/step "
                 f"{row['page_faults_per_step']:>9.0f}  kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
   summary = []
+  keys = ("tokens_per_s", "lk_step_s", "kl_step_s", "page_faults_per_step", "kernel_s_per_step")
   for arch in dict.fromkeys(r["arch"] for r in runs):
-    per = {}
-    for hp in (True, False):
-      sel = [r for r in runs if r["arch"] == arch and r["hugepage_malloc"] == hp]
-      per[hp] = {k: float(np.median([r[k] for r in sel])) for k in
-                 ("tokens_per_s", "lk_step_s", "kl_step_s", "page_faults_per_step", "kernel_s_per_step")}
-    summary.append(dict(arch=arch, on=per[True], off=per[False],
-                        speedup=per[False]["lk_step_s"] / per[True]["lk_step_s"]))
-    print(f"{arch}: median tokens/s {per[True]['tokens_per_s']:.0f} (huge pages) vs {per[False]['tokens_per_s']:.0f}; "
-          f"L_lambda step off / on = {summary[-1]['speedup']:.2f}; faults/step "
-          f"{per[True]['page_faults_per_step']:.0f} vs {per[False]['page_faults_per_step']:.0f}")
+    per = {s: {k: float(np.median([r[k] for r in runs if r["arch"] == arch and r["setting"] == s])) for k in keys}
+           for s in settings}
+    for s in settings:
+      per[s]["lk_step_vs_first"] = per[s]["lk_step_s"] / per[settings[0]]["lk_step_s"]
+    summary.append(dict(arch=arch, settings=per))
+    print(f"{arch}: " + "; ".join(
+        f"{s} {per[s]['tokens_per_s']:.0f} tok/s, faults/step {per[s]['page_faults_per_step']:.0f}, "
+        f"kernel s/step {per[s]['kernel_s_per_step']:.2f}, LK step / {settings[0]}'s {per[s]['lk_step_vs_first']:.2f}"
+        for s in settings))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
-    json.dump(dict(archs=FLAGS.archs, rounds=FLAGS.rounds, steps=FLAGS.steps, small=FLAGS.small,
-                   supported=runtime.hugepage_malloc_supported(), runs=runs, summary=summary), f, indent=1)
+    json.dump(dict(archs=FLAGS.archs, settings=settings, rounds=FLAGS.rounds, steps=FLAGS.steps, small=FLAGS.small,
+                   hugepage_supported=runtime.hugepage_malloc_supported(),
+                   retained_supported=runtime.retained_heap_supported(), runs=runs, summary=summary), f, indent=1)
   print(f"wrote {FLAGS.out}")
 
 

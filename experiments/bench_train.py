@@ -37,7 +37,10 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_bool("small", False, "Tiny dims (checks the script, not a measurement).")
 flags.DEFINE_string("archs", "eagle3,medusa,mlp_speculator,mtp", "Comma-separated architectures.")
-flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after one warm-up step).")
+flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after the warm-up).")
+flags.DEFINE_integer("warmup", 1, "Untimed rounds of every program before the timed ones (the first one also "
+                     "compiles). More lets the retained malloc heap (lkjax/runtime.py) reach its steady size first: "
+                     "with two programs alternating it grows over the first two rounds.")
 flags.DEFINE_integer("batch", 0, "Global batch rows (0: 4, or 2 with --small).")
 flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
 flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices.")
@@ -219,7 +222,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
 
 
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
-               profile_dir: str = "", target_lse: bool = True, ab: str = "") -> dict:
+               profile_dir: str = "", target_lse: bool = True, ab: str = "", warmup: int = 1) -> dict:
   """L_lambda and KL (and B) steps of ``arch``, timed interleaved so all see the same load; the order
   within a round rotates from round to round (LK KL B, KL B LK, B LK KL, ...)."""
   import numpy as np
@@ -236,6 +239,10 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **kw)
   t_lk, t_kl, t_b, ceil = [], [], [], []
   slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
+  for i in range(1, warmup):   # build_step ran each program once already
+    for s, _ in slots[i % len(slots):] + slots[:i % len(slots)]:
+      s["run"]()
+  timed = slice(len(lk["last"]["minflt"]), len(lk["last"]["minflt"]) + steps)   # the warm-ups' are before
   for i in range(steps):
     ceil.append(matmul_ceiling(small, repeats=3))   # the machine's speed drifts: sample it every round
     # The order rotates every round, so no program always runs in the same slot (with a fixed order,
@@ -264,8 +271,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     extra["profile"] = profiles
   util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
   extra.update(ceiling_samples=ceil, utilisation=float(np.median(util)),
-               page_faults_per_step=float(np.median(lk["last"]["minflt"][1:])),   # [0] is the warm-up
-               kernel_s_per_step=float(np.median(lk["last"]["sys_s"][1:])))
+               page_faults_per_step=float(np.median(lk["last"]["minflt"][timed])),
+               kernel_s_per_step=float(np.median(lk["last"]["sys_s"][timed])), warmup=warmup)
   return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
               compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],
@@ -281,6 +288,8 @@ def main(argv):
   batch = FLAGS.batch or (2 if small else 4)
   seq = FLAGS.seq or (64 if small else 512)
   mesh_shape = tuple(int(x) for x in FLAGS.mesh.split(","))
+  if FLAGS.warmup < 1 or FLAGS.steps < 1:
+    raise app.UsageError(f"--warmup={FLAGS.warmup} and --steps={FLAGS.steps} must both be >= 1")
   info = target_info(small)
   archs = [a for a in FLAGS.archs.split(",") if a]
   unknown = sorted(set(archs) - set(K))
@@ -288,13 +297,13 @@ def main(argv):
     raise app.UsageError(f"--archs: unknown {unknown}; expected {sorted(K)}")
   from lkjax import runtime
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {batch} x {seq}; "
-        f"precision {FLAGS.precision}; huge-page malloc {'on' if runtime.hugepage_malloc_active() else 'off'}; "
+        f"precision {FLAGS.precision}; {runtime.describe()}; "
         f"bf16 matmul ceiling at start {matmul_ceiling(small):.1f} GFLOP/s", flush=True)
   rows = []
   for arch in archs:
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps, mesh_shape=mesh_shape,
                      precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse == "on",
-                     ab=FLAGS.ab)
+                     ab=FLAGS.ab, warmup=FLAGS.warmup)
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
@@ -307,12 +316,13 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
-                   target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab,
-                   hugepage_malloc=runtime.hugepage_malloc_active(), rows=rows), f, indent=2)
+                   target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
+                   hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
+                   glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)
   print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
   from lkjax import runtime
-  runtime.reexec_with_hugepage_malloc()   # large XLA buffers on huge pages (see lkjax/runtime.py)
+  runtime.reexec_with_malloc_tunables()   # keep XLA's large step buffers mapped (see lkjax/runtime.py)
   app.run(main)

@@ -72,3 +72,45 @@ def test_bench_matmul_small(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert {r["form"] for r in rows} >= {"fwd NN f32 out", "dX materialised", "dW materialised"}
   assert all(r["gflops"] > 0 for r in rows)
+
+
+def test_bench_mesh_small_compares_meshes_in_alternating_processes(tmp_path):
+  out = tmp_path / "bench_mesh.json"
+  res = _run(["experiments/bench_mesh.py", "--small", "--archs=medusa", "--meshes=1x1x1,2x1x1", "--batch=2",
+              "--seq=16", "--rounds=2", "--steps=1", f"--out={out}"], tmp_path)
+  table = json.loads(out.read_text())
+  assert [(r["round"], r["mesh"]) for r in table["runs"]] == [(0, "1x1x1"), (0, "2x1x1"), (1, "2x1x1"), (1, "1x1x1")]
+  assert {r["mesh"]: r["devices"] for r in table["runs"]} == {"1x1x1": 1, "2x1x1": 2}
+  ref, two = table["summary"]
+  assert ref["efficiency"] == 1.0 and two["efficiency"] > 0 and len(two["efficiency_per_round"]) == 2
+  assert "vs 1x1x1" in res.stdout
+  bad = subprocess.run([sys.executable, "experiments/bench_mesh.py", "--meshes=1x1x1,3x1x1", "--batch=8"], cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "not divisible" in bad.stderr
+
+
+_SETTINGS_ENV = """
+import sys
+sys.path.insert(0, "experiments")
+import pytest, bench_malloc
+from lkjax import runtime
+base = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.rtld.optional_static_tls=512", "PATH": "/bin"}
+default = bench_malloc.setting_env("default", base)
+assert default[runtime.OPT_OUT_ENV] == "1" and default["GLIBC_TUNABLES"] == "glibc.rtld.optional_static_tls=512"
+huge = bench_malloc.setting_env("hugepages", base)
+assert huge[runtime.OPT_OUT_ENV] == "1"
+assert huge["GLIBC_TUNABLES"] == "glibc.rtld.optional_static_tls=512:glibc.malloc.hugetlb=1"
+retained = bench_malloc.setting_env("retained", base)
+assert runtime.OPT_OUT_ENV not in retained
+want = {"glibc.rtld.optional_static_tls": "512", "glibc.malloc.hugetlb": "1", **dict(runtime.RETAIN_TUNABLES)}
+assert runtime._tunables(retained["GLIBC_TUNABLES"]) == want
+with pytest.raises(ValueError, match="unknown"):
+  bench_malloc.setting_env("jemalloc", base)
+print("ok")
+"""
+
+
+def test_bench_malloc_settings_env(tmp_path):
+  """Each setting's child environment: ours replaced, the user's other tunables kept (in a subprocess: the
+  script defines absl flags)."""
+  assert _run(["-c", _SETTINGS_ENV], tmp_path).stdout.strip() == "ok"

@@ -1,0 +1,133 @@
+"""Mesh scaling of the train step: one device against an N-device mesh on the same machine, as alternating
+processes.
+
+``python experiments/bench_mesh.py --archs=eagle3 --meshes=1x1x1,8x1x1 --rounds=3 --steps=3 --out=docs/bench_mesh.json``
+
+A process's device count is fixed when JAX starts, so each mesh runs in its own
+`experiments/bench_train.py` process (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` for an
+N-device mesh on CPU, where N is the mesh's size). Each round runs every mesh once, the order rotating
+from round to round, with the same global batch (``--batch`` x ``--seq``). The per-core efficiency of a
+mesh is its tokens/s over the first mesh's tokens/s *in the same round* (the same physical cores run
+both), and the summary gives the median of those per-round ratios, next to the medians of tokens/s, page
+faults and kernel time. On a machine with N real devices the first mesh should be set to the same device
+count per process; here all meshes share the same 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lkjax import runtime  # noqa: E402
+
+flags.DEFINE_string("archs", "eagle3", "Comma-separated architectures (bench_train.py --archs).")
+flags.DEFINE_list("meshes", ["1x1x1", "8x1x1"], "Meshes as DATAxFSDPxTENSOR; the first is the reference.")
+flags.DEFINE_integer("batch", 8, "Global batch rows (divisible by every mesh's data x fsdp).")
+flags.DEFINE_integer("seq", 256, "Tokens per row.")
+flags.DEFINE_integer("rounds", 3, "Rounds; each runs every mesh once.")
+flags.DEFINE_integer("steps", 3, "Timed steps per bench_train.py run.")
+flags.DEFINE_integer("warmup", 2, "Untimed rounds per bench_train.py run (bench_train.py --warmup): the "
+                     "single-device run's retained heap reaches its steady size over the first two.")
+flags.DEFINE_bool("small", False, "Tiny dims (checks the script, not a measurement).")
+flags.DEFINE_string("out", "runs/bench_mesh.json", "Where the JSON goes.")
+FLAGS = flags.FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+  try:
+    shape = tuple(int(x) for x in text.split("x"))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or min(shape) < 1:
+    raise app.UsageError(f"--meshes: {text!r} is not DATAxFSDPxTENSOR with positive sizes, e.g. 8x1x1")
+  return shape
+
+
+def run_once(mesh: tuple[int, int, int], out: str) -> dict:
+  cmd = [sys.executable, os.path.join(ROOT, "experiments/bench_train.py"), f"--archs={FLAGS.archs}",
+         f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}",
+         f"--mesh={','.join(map(str, mesh))}", f"--out={out}"] + (["--small"] if FLAGS.small else [])
+  flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  flags_env.append(f"--xla_force_host_platform_device_count={math.prod(mesh)}")
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=" ".join(flags_env))
+  # Drop the malloc tunables this process restarted with: the child picks its own for its device count
+  # (lkjax/runtime.py: no retained heap with several CPU devices).
+  ours = {runtime.HUGETLB_TUNABLE, *(name for name, _ in runtime.RETAIN_TUNABLES)}
+  env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                                   if t and t.split("=", 1)[0] not in ours)
+  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  if res.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+  with open(out) as f:
+    table = json.load(f)
+  if table["devices"] != math.prod(mesh) or table["retained_heap"] != (math.prod(mesh) == 1):
+    raise RuntimeError(f"bench_train.py ran on {table['devices']} devices, retained heap {table['retained_heap']}; "
+                       f"expected {math.prod(mesh)} and {math.prod(mesh) == 1}")
+  return table
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  import numpy as np
+  meshes = [parse_mesh(m) for m in FLAGS.meshes]
+  for m in meshes:
+    if FLAGS.batch % (m[0] * m[1]):
+      raise app.UsageError(f"--batch={FLAGS.batch} is not divisible by data x fsdp = {m[0] * m[1]} of mesh {m}")
+  names = ["x".join(map(str, m)) for m in meshes]
+  runs = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(FLAGS.rounds):
+      k = r % len(meshes)
+      for i in list(range(k, len(meshes))) + list(range(k)):
+        table = run_once(meshes[i], os.path.join(tmp, f"{r}_{names[i]}.json"))
+        for row in table["rows"]:
+          runs.append(dict(round=r, mesh=names[i], devices=table["devices"], arch=row["arch"],
+                           tokens_per_s=row["tokens_per_s"], lk_step_s=row["step_s"], kl_step_s=row["kl_step_s"],
+                           gflop_per_step=row["gflop_per_step"], page_faults_per_step=row["page_faults_per_step"],
+                           kernel_s_per_step=row["kernel_s_per_step"], lk_times=row["lk_times"],
+                           retained_heap=table["retained_heap"]))
+          print(f"round {r} mesh {names[i]:<7} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
+                f"LK {row['step_s']:.2f} s  faults/step {row['page_faults_per_step']:>8.0f}  "
+                f"kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
+  summary = []
+  for arch in dict.fromkeys(r["arch"] for r in runs):
+    def pick(name, r):
+      (row,) = [x for x in runs if x["arch"] == arch and x["mesh"] == name and x["round"] == r]
+      return row
+    for name in names:
+      sel = [pick(name, r) for r in range(FLAGS.rounds)]
+      ratios = [pick(name, r)["tokens_per_s"] / pick(names[0], r)["tokens_per_s"] for r in range(FLAGS.rounds)]
+      summary.append(dict(arch=arch, mesh=name, devices=sel[0]["devices"],
+                          tokens_per_s=float(np.median([x["tokens_per_s"] for x in sel])),
+                          efficiency=float(np.median(ratios)), efficiency_per_round=ratios,
+                          gflop_per_step=sel[0]["gflop_per_step"],
+                          page_faults_per_step=float(np.median([x["page_faults_per_step"] for x in sel])),
+                          kernel_s_per_step=float(np.median([x["kernel_s_per_step"] for x in sel])),
+                          retained_heap=sel[0]["retained_heap"]))
+  print(f"{'arch':<16}{'mesh':<8}{'devices':>8}{'tok/s':>9}{'vs ' + names[0]:>12}{'per round':>24}"
+        f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}")
+  for s in summary:
+    print(f"{s['arch']:<16}{s['mesh']:<8}{s['devices']:>8}{s['tokens_per_s']:>9.0f}{s['efficiency']:>12.1%}"
+          f"{' '.join(f'{x:.2f}' for x in s['efficiency_per_round']):>24}{s['gflop_per_step']:>12.1f}"
+          f"{s['page_faults_per_step']:>9.0f}{s['kernel_s_per_step']:>10.2f}")
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump(dict(archs=FLAGS.archs, meshes=names, batch=FLAGS.batch, seq=FLAGS.seq, rounds=FLAGS.rounds,
+                   steps=FLAGS.steps, warmup=FLAGS.warmup, small=FLAGS.small,
+                   glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+                   runs=runs, summary=summary), f, indent=1)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  runtime.reexec_with_malloc_tunables()   # children inherit the tunables (see lkjax/runtime.py)
+  app.run(main)
