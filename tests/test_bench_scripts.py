@@ -35,6 +35,7 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
     for kind in ("lk_hybrid", "kl"):
       p = r["profile"][kind]
       assert p["op_ms_total"] > 0 and p["op_ms_by_kind"] and p["longest_ops"][0]["ms"] > 0
+      assert not [k for k in p["op_ms_by_kind"] if k.startswith(("end: ", "ThreadpoolListener", "CommonPjRt"))]
       assert sum(p["op_ms_by_kind"].values()) == pytest.approx(p["op_ms_total"])
       rows = p["op_ms_by_kind_shape"]
       assert rows and sum(r["ms"] for r in rows) <= p["op_ms_total"] * (1 + 1e-9)
