@@ -274,7 +274,9 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
   extra.update(ceiling_samples=ceil, utilisation=float(np.median(util)),
                page_faults_per_step=float(np.median(lk["last"]["minflt"][timed])),
-               kernel_s_per_step=float(np.median(lk["last"]["sys_s"][timed])), warmup=warmup)
+               kernel_s_per_step=float(np.median(lk["last"]["sys_s"][timed])), warmup=warmup,
+               lk_page_faults=lk["last"]["minflt"][timed], lk_kernel_s=lk["last"]["sys_s"][timed],
+               kl_page_faults=kl["last"]["minflt"][timed], kl_kernel_s=kl["last"]["sys_s"][timed])
   return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
               compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],

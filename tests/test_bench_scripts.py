@@ -26,6 +26,7 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
   assert [r["arch"] for r in table["rows"]] == ["eagle3", "medusa"]
   for r in table["rows"]:
     assert len(r["lk_times"]) == len(r["kl_times"]) == len(r["b_times"]) == 2
+    assert len(r["lk_page_faults"]) == len(r["kl_kernel_s"]) == 2 and r["warmup"] == 1
     assert r["tokens_per_s"] > 0 and r["gflop_per_step"] > 0 and r["lk_over_kl"] > 0 and r["b_over_lk"] > 0
     # Without the precomputed lse the step multiplies the full-vocabulary head: more FLOPs.
     assert r["ab"] == "no_target_lse" and r["b_gflop_per_step"] > r["gflop_per_step"]
