@@ -27,8 +27,9 @@ Two sets of tunables address this; `reexec_with_malloc_tunables` sets both where
   or every step's buffer without the retained heap) comes 2 MiB at a time.
 
 glibc reads tunables once, at process start, so the function restarts the interpreter with them set
-(same executable, same command line) when any is missing; tunables already in ``GLIBC_TUNABLES`` are kept
-as given. Nothing changes in the numbers a program computes, only where its memory comes from.
+(same executable, same command line) when any is missing; tunables a user put in ``GLIBC_TUNABLES`` are
+kept as given, the ones it added itself are decided again in every process (a child may have another
+device count). Nothing changes in the numbers a program computes, only where its memory comes from.
 ``LKJAX_DEFAULT_MALLOC=1`` opts out.
 """
 from __future__ import annotations
@@ -40,7 +41,9 @@ HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
 # One arena, no mmap for large blocks, never trim the heap: freed step buffers stay mapped for the next step.
 RETAIN_TUNABLES = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
                    ("glibc.malloc.trim_threshold", str(1 << 46)))
+MALLOC_TUNABLE_NAMES = (HUGETLB_TUNABLE, *(name for name, _ in RETAIN_TUNABLES))
 OPT_OUT_ENV = "LKJAX_DEFAULT_MALLOC"
+ADDED_ENV = "LKJAX_MALLOC_TUNABLES_ADDED"   # which tunables `reexec_with_malloc_tunables` added (comma-separated)
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -120,23 +123,34 @@ def wanted_tunables(env=None) -> dict[str, str]:
   return want
 
 
+def strip_malloc_tunables(text: str, names=None) -> str:
+  """``text`` (a ``GLIBC_TUNABLES`` value) without the tunables in ``names`` (default: every one this module
+  sets), the rest kept in order."""
+  names = set(MALLOC_TUNABLE_NAMES if names is None else names)
+  return ":".join(t for t in text.split(":") if t and t.split("=", 1)[0] not in names)
+
+
 def reexec_with_malloc_tunables() -> None:
-  """Restart this process with the `wanted_tunables` added to ``GLIBC_TUNABLES`` unless every one of them
-  is already named there (whatever its value: a user's own setting wins), none applies on this machine, or
-  ``LKJAX_DEFAULT_MALLOC`` is set.
+  """Restart this process with the `wanted_tunables` added to ``GLIBC_TUNABLES`` where it lacks them.
+
+  A tunable a user set keeps its value. The ones this function added itself (named in
+  ``LKJAX_MALLOC_TUNABLES_ADDED``, which child processes inherit) are decided again for this process: a
+  child with 8 CPU devices started from a single-device parent drops the retained heap, and with
+  ``LKJAX_DEFAULT_MALLOC`` set they are all dropped. The process restarts only when that changes
+  ``GLIBC_TUNABLES``.
 
   Call it first thing in an entry script's ``__main__`` block: it does not return when it restarts.
-  Child processes inherit the variable, so they start with the tunables directly.
   """
-  if os.environ.get(OPT_OUT_ENV):
-    return
-  have = _tunables()
-  missing = {k: v for k, v in wanted_tunables().items() if k not in have}
-  if not missing:
-    return
   text = os.environ.get("GLIBC_TUNABLES", "")
-  added = ":".join(f"{k}={v}" for k, v in missing.items())
-  os.environ["GLIBC_TUNABLES"] = f"{text}:{added}" if text else added
+  base = strip_malloc_tunables(text, filter(None, os.environ.get(ADDED_ENV, "").split(",")))
+  have = _tunables(base)
+  want = {} if os.environ.get(OPT_OUT_ENV) else wanted_tunables()
+  missing = {k: v for k, v in want.items() if k not in have}
+  new = ":".join(filter(None, [base] + [f"{k}={v}" for k, v in missing.items()]))
+  if new == text and os.environ.get(ADDED_ENV, "") == ",".join(missing):
+    return
+  os.environ["GLIBC_TUNABLES"] = new
+  os.environ[ADDED_ENV] = ",".join(missing)
   for stream in (sys.stdout, sys.stderr):
     stream.flush()
   argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)

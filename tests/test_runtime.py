@@ -20,6 +20,7 @@ from lkjax import runtime
 print("start", os.getpid(), flush=True)
 runtime.reexec_with_malloc_tunables()
 print(json.dumps(dict(pid=os.getpid(), argv=sys.argv[1:], tunables=os.environ.get("GLIBC_TUNABLES", ""),
+                      added=os.environ.get(runtime.ADDED_ENV, ""),
                       hugepages=runtime.hugepage_malloc_active(), retained=runtime.retained_heap_active())))
 """
 
@@ -44,7 +45,7 @@ def _python(code, env, *args):
 
 def _clean_env(**extra):
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT_ENV, "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+         if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT_ENV, runtime.ADDED_ENV, "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   env.update(extra)
   return env
 
@@ -86,6 +87,34 @@ def test_several_cpu_devices_get_no_retained_heap():
   info = json.loads(out.strip().splitlines()[-1])
   assert not info["retained"] and "arena_max" not in info["tunables"]
   assert info["hugepages"] == runtime.hugepage_malloc_supported()
+
+
+@pytest.mark.skipif(not runtime.retained_heap_supported({}), reason="needs Linux with glibc >= 2.26")
+def test_added_tunables_are_decided_again_in_a_child():
+  """A single-device parent restarted with the retained heap; its children inherit GLIBC_TUNABLES. One with
+  8 CPU devices drops the retained heap, an opted-out one drops everything added; the user's own tunable
+  stays in both, and a child like the parent does not restart."""
+  user = "glibc.rtld.optional_static_tls=512"
+  parent = json.loads(_python(_REEXEC.format(repo=REPO), _clean_env(GLIBC_TUNABLES=user)).strip().splitlines()[-1])
+  assert parent["retained"] and set(parent["added"].split(",")) == set(runtime.wanted_tunables({}))
+  inherited = {"GLIBC_TUNABLES": parent["tunables"], runtime.ADDED_ENV: parent["added"]}
+  huge = ":glibc.malloc.hugetlb=1" if runtime.hugepage_malloc_supported() else ""
+  for extra, want in (({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, user + huge),
+                      ({runtime.OPT_OUT_ENV: "1"}, user)):
+    lines = _python(_REEXEC.format(repo=REPO), _clean_env(**inherited, **extra)).strip().splitlines()
+    assert [line.split()[0] for line in lines].count("start") == 2, lines
+    child = json.loads(lines[-1])
+    assert child["tunables"] == want and not child["retained"]
+  lines = _python(_REEXEC.format(repo=REPO), _clean_env(**inherited)).strip().splitlines()
+  assert [line.split()[0] for line in lines].count("start") == 1
+  assert json.loads(lines[-1])["tunables"] == parent["tunables"]
+
+
+def test_strip_malloc_tunables():
+  text = "glibc.malloc.arena_max=1:glibc.rtld.optional_static_tls=512:glibc.malloc.hugetlb=1"
+  assert runtime.strip_malloc_tunables(text) == "glibc.rtld.optional_static_tls=512"
+  assert runtime.strip_malloc_tunables(text, ["glibc.malloc.hugetlb"]) == text.rsplit(":", 1)[0]
+  assert runtime.strip_malloc_tunables("") == ""
 
 
 def test_cpu_devices_requested():
