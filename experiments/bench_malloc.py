@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 from absl import app, flags
+
+import bench_processes
 
 flags.DEFINE_string("archs", "eagle3", "Comma-separated architectures (bench_train.py --archs).")
 flags.DEFINE_list("settings", ["default", "hugepages", "retained"], "Malloc settings to compare (see the docstring).")
@@ -33,41 +33,34 @@ flags.DEFINE_bool("small", False, "Tiny dims (checks the script, not a measureme
 flags.DEFINE_string("out", "runs/bench_malloc.json", "Where the JSON goes.")
 FLAGS = flags.FLAGS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = bench_processes.ROOT
 SETTINGS = ("default", "hugepages", "retained")
 
 
 def setting_env(setting: str, base: dict[str, str] | None = None) -> dict[str, str]:
   """The environment a bench_train.py child runs under for ``setting``; the malloc tunables the parent had
-  are dropped first, any other tunable is kept."""
+  are dropped first, any other tunable is kept. The setting's tunables are named explicitly (as a user's),
+  so the child's `runtime.reexec_with_malloc_tunables` keeps them and adds nothing where it is opted out."""
   from lkjax import runtime
   if setting not in SETTINGS:
     raise ValueError(f"--settings: unknown {setting!r}; expected one of {SETTINGS}")
-  env = dict(os.environ if base is None else base, PYTHONPATH=ROOT)
-  ours = {runtime.HUGETLB_TUNABLE, *(name for name, _ in runtime.RETAIN_TUNABLES)}
-  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=", 1)[0] not in ours]
+  env = dict(os.environ if base is None else base)
   env.pop(runtime.OPT_OUT_ENV, None)
-  if setting == "default":
+  env.pop(runtime.ADDED_ENV, None)
+  tunables = [runtime.strip_malloc_tunables(env.get("GLIBC_TUNABLES", ""))]
+  if setting != "retained":
     env[runtime.OPT_OUT_ENV] = "1"
-  else:
-    # Named explicitly, so the child does not restart to add the rest.
+  if setting != "default":
     want = dict(runtime.RETAIN_TUNABLES) if setting == "retained" else {}
     want[runtime.HUGETLB_TUNABLE] = "1"
     tunables += [f"{k}={v}" for k, v in want.items()]
-    if setting == "hugepages":
-      env[runtime.OPT_OUT_ENV] = "1"
-  env["GLIBC_TUNABLES"] = ":".join(tunables)
+  env["GLIBC_TUNABLES"] = ":".join(filter(None, tunables))
   return env
 
 
 def run_once(setting: str, out: str) -> dict:
-  cmd = [sys.executable, os.path.join(ROOT, "experiments/bench_train.py"), f"--archs={FLAGS.archs}",
-         f"--steps={FLAGS.steps}", f"--out={out}"] + (["--small"] if FLAGS.small else [])
-  res = subprocess.run(cmd, cwd=ROOT, env=setting_env(setting), capture_output=True, text=True)
-  if res.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} ({setting}) failed:\n{res.stderr[-3000:]}")
-  with open(out) as f:
-    table = json.load(f)
+  args = [f"--archs={FLAGS.archs}", f"--steps={FLAGS.steps}"] + (["--small"] if FLAGS.small else [])
+  table = bench_processes.run_bench_train(args, setting_env(setting), out, setting)
   got = (table["hugepage_malloc"], table["retained_heap"])
   want = {"default": (False, False), "hugepages": (True, False), "retained": (True, True)}[setting]
   if got != want:
@@ -87,19 +80,12 @@ def main(argv):
   if not runtime.hugepage_malloc_supported():
     print("note: this machine cannot use huge-page malloc (see lkjax/runtime.py)")
   runs = []
-  with tempfile.TemporaryDirectory() as tmp:
-    for r in range(FLAGS.rounds):
-      for setting in settings[r % len(settings):] + settings[:r % len(settings)]:
-        table = run_once(setting, os.path.join(tmp, f"{r}_{setting}.json"))
-        for row in table["rows"]:
-          runs.append(dict(round=r, setting=setting, arch=row["arch"], tokens_per_s=row["tokens_per_s"],
-                           lk_step_s=row["step_s"], kl_step_s=row["kl_step_s"],
-                           page_faults_per_step=row["page_faults_per_step"],
-                           kernel_s_per_step=row["kernel_s_per_step"], lk_times=row["lk_times"],
-                           kl_times=row["kl_times"]))
-          print(f"round {r} {setting:<10} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
-                f"LK {row['step_s']:.2f} s  KL {row['kl_step_s']:.2f} s  faults/step "
-                f"{row['page_faults_per_step']:>9.0f}  kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
+  for r, setting, table in bench_processes.in_rounds(settings, FLAGS.rounds, run_once):
+    for row in table["rows"]:
+      runs.append(dict(round=r, setting=setting, **bench_processes.step_record(row)))
+      print(f"round {r} {setting:<10} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
+            f"LK {row['step_s']:.2f} s  KL {row['kl_step_s']:.2f} s  faults/step "
+            f"{row['page_faults_per_step']:>9.0f}  kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
   summary = []
   keys = ("tokens_per_s", "lk_step_s", "kl_step_s", "page_faults_per_step", "kernel_s_per_step")
   for arch in dict.fromkeys(r["arch"] for r in runs):

@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lkjax import runtime  # noqa: E402
+
+import bench_processes  # noqa: E402
 
 flags.DEFINE_string("archs", "eagle3", "Comma-separated architectures (bench_train.py --archs).")
 flags.DEFINE_list("meshes", ["1x1x1", "8x1x1"], "Meshes as DATAxFSDPxTENSOR; the first is the reference.")
@@ -38,7 +38,6 @@ flags.DEFINE_bool("small", False, "Tiny dims (checks the script, not a measureme
 flags.DEFINE_string("out", "runs/bench_mesh.json", "Where the JSON goes.")
 FLAGS = flags.FLAGS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -52,25 +51,18 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 
 def run_once(mesh: tuple[int, int, int], out: str) -> dict:
-  cmd = [sys.executable, os.path.join(ROOT, "experiments/bench_train.py"), f"--archs={FLAGS.archs}",
-         f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}",
-         f"--mesh={','.join(map(str, mesh))}", f"--out={out}"] + (["--small"] if FLAGS.small else [])
+  args = [f"--archs={FLAGS.archs}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}",
+          f"--seq={FLAGS.seq}", f"--mesh={','.join(map(str, mesh))}"] + (["--small"] if FLAGS.small else [])
   flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   flags_env.append(f"--xla_force_host_platform_device_count={math.prod(mesh)}")
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=" ".join(flags_env))
-  # Drop the malloc tunables this process restarted with: the child picks its own for its device count
-  # (lkjax/runtime.py: no retained heap with several CPU devices).
-  ours = {runtime.HUGETLB_TUNABLE, *(name for name, _ in runtime.RETAIN_TUNABLES)}
-  env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
-                                   if t and t.split("=", 1)[0] not in ours)
-  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-  if res.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-  with open(out) as f:
-    table = json.load(f)
-  if table["devices"] != math.prod(mesh) or table["retained_heap"] != (math.prod(mesh) == 1):
+  # The child decides its own malloc tunables for its device count (lkjax/runtime.py: no retained heap
+  # with several CPU devices); the check below holds it to that.
+  env = dict(os.environ, XLA_FLAGS=" ".join(flags_env))
+  table = bench_processes.run_bench_train(args, env, out)
+  retained = runtime.retained_heap_supported(env) and not env.get(runtime.OPT_OUT_ENV)
+  if table["devices"] != math.prod(mesh) or table["retained_heap"] != retained:
     raise RuntimeError(f"bench_train.py ran on {table['devices']} devices, retained heap {table['retained_heap']}; "
-                       f"expected {math.prod(mesh)} and {math.prod(mesh) == 1}")
+                       f"expected {math.prod(mesh)} devices, retained heap {retained}")
   return table
 
 
@@ -82,22 +74,16 @@ def main(argv):
   for m in meshes:
     if FLAGS.batch % (m[0] * m[1]):
       raise app.UsageError(f"--batch={FLAGS.batch} is not divisible by data x fsdp = {m[0] * m[1]} of mesh {m}")
-  names = ["x".join(map(str, m)) for m in meshes]
+  names = ["x".join(map(str, m)) for m in meshes]   # the summary's keys, in --meshes order
   runs = []
-  with tempfile.TemporaryDirectory() as tmp:
-    for r in range(FLAGS.rounds):
-      k = r % len(meshes)
-      for i in list(range(k, len(meshes))) + list(range(k)):
-        table = run_once(meshes[i], os.path.join(tmp, f"{r}_{names[i]}.json"))
-        for row in table["rows"]:
-          runs.append(dict(round=r, mesh=names[i], devices=table["devices"], arch=row["arch"],
-                           tokens_per_s=row["tokens_per_s"], lk_step_s=row["step_s"], kl_step_s=row["kl_step_s"],
-                           gflop_per_step=row["gflop_per_step"], page_faults_per_step=row["page_faults_per_step"],
-                           kernel_s_per_step=row["kernel_s_per_step"], lk_times=row["lk_times"],
-                           retained_heap=table["retained_heap"]))
-          print(f"round {r} mesh {names[i]:<7} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
-                f"LK {row['step_s']:.2f} s  faults/step {row['page_faults_per_step']:>8.0f}  "
-                f"kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
+  for r, mesh, table in bench_processes.in_rounds(meshes, FLAGS.rounds, run_once):
+    name = "x".join(map(str, mesh))
+    for row in table["rows"]:
+      runs.append(dict(round=r, mesh=name, devices=table["devices"], gflop_per_step=row["gflop_per_step"],
+                       retained_heap=table["retained_heap"], **bench_processes.step_record(row)))
+      print(f"round {r} mesh {name:<7} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
+            f"LK {row['step_s']:.2f} s  faults/step {row['page_faults_per_step']:>8.0f}  "
+            f"kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
   summary = []
   for arch in dict.fromkeys(r["arch"] for r in runs):
     def pick(name, r):

@@ -241,15 +241,19 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **kw)
   t_lk, t_kl, t_b, ceil = [], [], [], []
   slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
+
+  def rotated(i):   # round i's order
+    return slots[i % len(slots):] + slots[:i % len(slots)]
+
   for i in range(1, warmup):   # build_step ran each program once already
-    for s, _ in slots[i % len(slots):] + slots[:i % len(slots)]:
+    for s, _ in rotated(i):
       s["run"]()
   timed = slice(len(lk["last"]["minflt"]), len(lk["last"]["minflt"]) + steps)   # the warm-ups' are before
   for i in range(steps):
     ceil.append(matmul_ceiling(small, repeats=3))   # the machine's speed drifts: sample it every round
     # The order rotates every round, so no program always runs in the same slot (with a fixed order,
     # the third program, a copy of the first, ran ~13% slower: docs/bench_train_runs/README.md, run 10).
-    for s, times in slots[i % len(slots):] + slots[:i % len(slots)]:
+    for s, times in rotated(i):
       times.append(s["run"]())
   if profile_dir:  # one more step each under the profiler (not timed): perfetto traces + optimized HLO
     import jax

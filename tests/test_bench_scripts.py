@@ -83,6 +83,10 @@ def test_bench_mesh_small_compares_meshes_in_alternating_processes(tmp_path):
   table = json.loads(out.read_text())
   assert [(r["round"], r["mesh"]) for r in table["runs"]] == [(0, "1x1x1"), (0, "2x1x1"), (1, "2x1x1"), (1, "1x1x1")]
   assert {r["mesh"]: r["devices"] for r in table["runs"]} == {"1x1x1": 1, "2x1x1": 2}
+  # Each child decides its own malloc tunables: the retained heap only with one CPU device.
+  from lkjax import runtime
+  assert {r["mesh"]: r["retained_heap"] for r in table["runs"]} == {"1x1x1": runtime.retained_heap_supported({}),
+                                                                    "2x1x1": False}
   ref, two = table["summary"]
   assert ref["efficiency"] == 1.0 and two["efficiency"] > 0 and len(two["efficiency_per_round"]) == 2
   assert "vs 1x1x1" in res.stdout
