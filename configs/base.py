@@ -108,6 +108,9 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)          # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.rules = DEFAULT_RULES
+  # On a purely data-parallel mesh, the gradient is one per-device program with one explicit sum of the
+  # gradients per step (lkjax/train/step.py); False leaves the collectives to the partitioner.
+  c.mesh.explicit_grad_reduce = True
 
   c.precision = "bf16"               # bf16: bf16 compute, fp32 params + optimizer state; fp32: all fp32
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))

@@ -11,6 +11,10 @@ mesh is its tokens/s over the first mesh's tokens/s *in the same round* (the sam
 both), and the summary gives the median of those per-round ratios, next to the medians of tokens/s, page
 faults and kernel time. On a machine with N real devices the first mesh should be set to the same device
 count per process; here all meshes share the same 2 cores.
+
+A mesh written ``8x1x1/compiler`` runs the step with ``--explicit_grad_reduce=False``: the gradient
+collectives placed by the partitioner instead of the step's one explicit sum over the data-parallel
+devices (`lkjax.train.step.make_train_step`), for a side-by-side comparison of the two.
 """
 from __future__ import annotations
 
@@ -40,19 +44,28 @@ FLAGS = flags.FLAGS
 
 
 
-def parse_mesh(text: str) -> tuple[int, int, int]:
+COMPILER_SUFFIX = "/compiler"
+
+
+def parse_mesh(text: str) -> tuple[tuple[int, int, int], bool]:
+  """``DATAxFSDPxTENSOR[/compiler]`` -> (shape, explicit_grad_reduce)."""
+  explicit = not text.endswith(COMPILER_SUFFIX)
+  body = text if explicit else text[: -len(COMPILER_SUFFIX)]
   try:
-    shape = tuple(int(x) for x in text.split("x"))
+    shape = tuple(int(x) for x in body.split("x"))
   except ValueError:
     shape = ()
   if len(shape) != 3 or min(shape) < 1:
-    raise app.UsageError(f"--meshes: {text!r} is not DATAxFSDPxTENSOR with positive sizes, e.g. 8x1x1")
-  return shape
+    raise app.UsageError(f"--meshes: {text!r} is not DATAxFSDPxTENSOR with positive sizes, e.g. 8x1x1, "
+                         f"optionally followed by {COMPILER_SUFFIX}")
+  return shape, explicit
 
 
-def run_once(mesh: tuple[int, int, int], out: str) -> dict:
+def run_once(entry: tuple[tuple[int, int, int], bool], out: str) -> dict:
+  mesh, explicit = entry
   args = [f"--archs={FLAGS.archs}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}",
-          f"--seq={FLAGS.seq}", f"--mesh={','.join(map(str, mesh))}"] + (["--small"] if FLAGS.small else [])
+          f"--seq={FLAGS.seq}", f"--mesh={','.join(map(str, mesh))}", f"--explicit_grad_reduce={explicit}"]
+  args += ["--small"] if FLAGS.small else []
   flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   flags_env.append(f"--xla_force_host_platform_device_count={math.prod(mesh)}")
   # The child decides its own malloc tunables for its device count (lkjax/runtime.py: no retained heap
@@ -60,9 +73,10 @@ def run_once(mesh: tuple[int, int, int], out: str) -> dict:
   env = dict(os.environ, XLA_FLAGS=" ".join(flags_env))
   table = bench_processes.run_bench_train(args, env, out)
   retained = runtime.retained_heap_supported(env) and not env.get(runtime.OPT_OUT_ENV)
-  if table["devices"] != math.prod(mesh) or table["retained_heap"] != retained:
-    raise RuntimeError(f"bench_train.py ran on {table['devices']} devices, retained heap {table['retained_heap']}; "
-                       f"expected {math.prod(mesh)} devices, retained heap {retained}")
+  got = (table["devices"], table["retained_heap"], table["explicit_grad_reduce"])
+  if got != (math.prod(mesh), retained, explicit):
+    raise RuntimeError(f"bench_train.py ran with (devices, retained heap, explicit_grad_reduce) = {got}; "
+                       f"expected {(math.prod(mesh), retained, explicit)}")
   return table
 
 
@@ -71,17 +85,21 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import numpy as np
   meshes = [parse_mesh(m) for m in FLAGS.meshes]
-  for m in meshes:
+  for m, _ in meshes:
     if FLAGS.batch % (m[0] * m[1]):
       raise app.UsageError(f"--batch={FLAGS.batch} is not divisible by data x fsdp = {m[0] * m[1]} of mesh {m}")
-  names = ["x".join(map(str, m)) for m in meshes]   # the summary's keys, in --meshes order
+  if len(set(FLAGS.meshes)) != len(FLAGS.meshes):
+    raise app.UsageError(f"--meshes: {FLAGS.meshes} names a mesh twice")
+  names = list(FLAGS.meshes)   # the summary's keys, in --meshes order
   runs = []
-  for r, mesh, table in bench_processes.in_rounds(meshes, FLAGS.rounds, run_once):
-    name = "x".join(map(str, mesh))
+  for r, entry, table in bench_processes.in_rounds(meshes, FLAGS.rounds, run_once):
+    name = names[meshes.index(entry)]
+    mesh = entry[0]
     for row in table["rows"]:
       runs.append(dict(round=r, mesh=name, devices=table["devices"], gflop_per_step=row["gflop_per_step"],
+                       explicit_grad_reduce=entry[1],
                        retained_heap=table["retained_heap"], **bench_processes.step_record(row)))
-      print(f"round {r} mesh {name:<7} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
+      print(f"round {r} mesh {name:<16} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
             f"LK {row['step_s']:.2f} s  faults/step {row['page_faults_per_step']:>8.0f}  "
             f"kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
   summary = []
@@ -99,10 +117,10 @@ def main(argv):
                           page_faults_per_step=float(np.median([x["page_faults_per_step"] for x in sel])),
                           kernel_s_per_step=float(np.median([x["kernel_s_per_step"] for x in sel])),
                           retained_heap=sel[0]["retained_heap"]))
-  print(f"{'arch':<16}{'mesh':<8}{'devices':>8}{'tok/s':>9}{'vs ' + names[0]:>12}{'per round':>24}"
+  print(f"{'arch':<16}{'mesh':<17}{'devices':>8}{'tok/s':>9}{'vs ' + names[0]:>12}{'per round':>24}"
         f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}")
   for s in summary:
-    print(f"{s['arch']:<16}{s['mesh']:<8}{s['devices']:>8}{s['tokens_per_s']:>9.0f}{s['efficiency']:>12.1%}"
+    print(f"{s['arch']:<16}{s['mesh']:<17}{s['devices']:>8}{s['tokens_per_s']:>9.0f}{s['efficiency']:>12.1%}"
           f"{' '.join(f'{x:.2f}' for x in s['efficiency_per_round']):>24}{s['gflop_per_step']:>12.1f}"
           f"{s['page_faults_per_step']:>9.0f}{s['kernel_s_per_step']:>10.2f}")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

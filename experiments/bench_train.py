@@ -17,7 +17,9 @@ interleaved loop (LK KL B, KL B LK, B LK KL, ...): ``no_target_lse`` (batches wi
 ``autodiff_attention`` (attention differentiated by autodiff instead of its custom VJP) or
 ``full_attention`` (training attention over all keys instead of causal query blocks that skip the keys
 after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``) or ``same`` (a second, separately compiled
-copy of the L_lambda step: an A/A control for how far two copies of one program differ); columns "B s" and
+copy of the L_lambda step: an A/A control for how far two copies of one program differ) or
+``compiler_grad_reduce`` (on a data-parallel mesh, the step with ``explicit_grad_reduce=False``: gradient
+collectives placed by the partitioner instead of one explicit sum per step); columns "B s" and
 "B/LK" (median over the rounds of B's time / the L_lambda step's).
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
@@ -44,10 +46,14 @@ flags.DEFINE_integer("warmup", 1, "Untimed rounds of every program before the ti
 flags.DEFINE_integer("batch", 0, "Global batch rows (0: 4, or 2 with --small).")
 flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
 flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices.")
+flags.DEFINE_bool("explicit_grad_reduce", True, "make_train_step's explicit_grad_reduce (config mesh."
+                  "explicit_grad_reduce): on a data-parallel mesh, one gradient sum per step; False leaves "
+                  "the collectives to the partitioner.")
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
-flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention", "same"],
+flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention", "same",
+                             "compiler_grad_reduce"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
 flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty); "
                     "the JSON row gets a summary of each trace (op time per fusion kind, longest ops).")
@@ -141,7 +147,7 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
                precision: str, target_lse: bool = True, attention: str | None = None,
-               causal_block: int | None = None) -> dict:
+               causal_block: int | None = None, explicit_grad_reduce: bool = True) -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
   import jax
   import ml_collections
@@ -193,7 +199,8 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   state = jax.device_put(step_lib.init_state(params, tx, 0), ssh)
   rest, target = jax.device_put(rest, rsh), jax.device_put(target, sh["target"])
   dev_batch = jax.device_put(host_batch, bsh)
-  fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh)
+  fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh,
+                                explicit_grad_reduce=explicit_grad_reduce)
   t0 = time.perf_counter()
   from lkjax.models import layers
   with layers.attention_variant(attention, causal_block):     # read while tracing
@@ -224,11 +231,13 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
 
 
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
-               profile_dir: str = "", target_lse: bool = True, ab: str = "", warmup: int = 1) -> dict:
+               profile_dir: str = "", target_lse: bool = True, ab: str = "", warmup: int = 1,
+               explicit_grad_reduce: bool = True) -> dict:
   """L_lambda and KL (and B) steps of ``arch``, timed interleaved so all see the same load; the order
   within a round rotates from round to round (LK KL B, KL B LK, B LK KL, ...)."""
   import numpy as np
-  kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision)
+  kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision,
+            explicit_grad_reduce=explicit_grad_reduce)
   lk, kl = (build_step(arch, kind, info, target_lse=target_lse, **kw) for kind in ("lk_hybrid", "kl"))
   variant = None
   if ab == "no_target_lse":
@@ -239,6 +248,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, causal_block=0, **kw)
   elif ab == "same":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **kw)
+  elif ab == "compiler_grad_reduce":
+    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **dict(kw, explicit_grad_reduce=False))
   t_lk, t_kl, t_b, ceil = [], [], [], []
   slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
 
@@ -311,7 +322,7 @@ def main(argv):
   for arch in archs:
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps, mesh_shape=mesh_shape,
                      precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse == "on",
-                     ab=FLAGS.ab, warmup=FLAGS.warmup)
+                     ab=FLAGS.ab, warmup=FLAGS.warmup, explicit_grad_reduce=FLAGS.explicit_grad_reduce)
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
@@ -325,7 +336,7 @@ def main(argv):
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
                    target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
-                   hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
+                   explicit_grad_reduce=FLAGS.explicit_grad_reduce, hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)
   print(f"wrote {FLAGS.out}")
 

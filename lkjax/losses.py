@@ -258,7 +258,7 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
             draft_vocab: jax.Array | None = None, step: Any = None,
             target_lse: jax.Array | None = None,
             schedule: LambdaSchedule | Mapping[str, Any] | None = None,
-            chunk_size: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            chunk_size: int | None = None, axis_name: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Multi-head LK objective (module docstring has the formulas and the normalisation).
 
   Args:
@@ -275,6 +275,8 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
     schedule: `LambdaSchedule` or ``dict(start=, end=, steps=, shape=)`` for ``lambda_schedule``.
     chunk_size: None = reference implementation; an int = vocabulary-chunked custom VJP with chunks of
       that many draft columns (`lkjax.losses_chunked`).
+    axis_name: inside ``shard_map`` with the batch split over these mesh axes: the token means are
+      taken over the whole batch (`lk_objective`).
 
   Returns:
     ``(loss, metrics)``: float32 scalar and the metrics dict described in the module docstring.
@@ -320,7 +322,8 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
         draft_logits, target_logits, draft_vocab=draft_vocab, target_lse=lse, chunk_size=int(chunk_size),
         **needed_grads(kind))
 
-  return lk_objective(alpha, kl, mask, kind, eta=eta, lam=lam, gamma=gamma, step=step, schedule=schedule)
+  return lk_objective(alpha, kl, mask, kind, eta=eta, lam=lam, gamma=gamma, step=step, schedule=schedule,
+                      axis_name=axis_name)
 
 
 def needed_grads(kind: str) -> dict[str, bool]:
@@ -331,7 +334,7 @@ def needed_grads(kind: str) -> dict[str, bool]:
 
 def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *, eta: float = 3.0,
                  lam: float | None = None, gamma: float = 0.8, step: Any = None,
-                 schedule: LambdaSchedule | Mapping[str, Any] | None = None
+                 schedule: LambdaSchedule | Mapping[str, Any] | None = None, axis_name: Any = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The multi-head objective from per-token terms: the reduction half of `lk_loss`.
 
@@ -339,6 +342,11 @@ def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *,
   `token_divergences` or `lkjax.losses_chunked.token_alpha_kl`); ``mask [K, ...]`` selects the trained
   predictions.  Callers that compute the per-token terms head by head (the trainer: no ``[K, B, T, Vd]``
   array) use this directly; arguments are otherwise those of `lk_loss`, already validated there.
+
+  ``axis_name``: inside ``shard_map`` (or a named ``vmap``), where each device holds a slice of the batch,
+  the mesh axis or axes that slice it. Every masked sum and token count is then ``psum``-ed over them, so
+  the means, lambda and the metrics are those of the whole batch (the same numbers as the unsplit batch),
+  and the gradient of each device's loss is its share of the global one.
   """
   num_heads = alpha.shape[0]
   weights = head_weights(num_heads, gamma)
@@ -346,12 +354,16 @@ def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *,
     schedule = LambdaSchedule.from_any(schedule)
   m = jnp.asarray(mask).astype(bool)
   axes = tuple(range(1, m.ndim))
-  tokens = jnp.sum(m, axis=axes).astype(jnp.float32)
+  def total(x):
+    s = jnp.sum(x, axis=axes)
+    return s if axis_name is None else jax.lax.psum(s, axis_name)
+
+  tokens = total(m.astype(jnp.float32))
   denom = jnp.maximum(tokens, 1.0)
 
   def mmean(x):
     # where (not multiply): a masked row's value may be anything; it must not leak into the mean.
-    return jnp.sum(jnp.where(m, x, 0.0), axis=axes) / denom
+    return total(jnp.where(m, x, 0.0)) / denom
 
   nla = -jnp.log(alpha + ALPHA_EPS)
   alpha_bar, kl_bar, tv_bar, nla_bar = mmean(alpha), mmean(kl), mmean(1.0 - alpha), mmean(nla)

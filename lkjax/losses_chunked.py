@@ -31,6 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lkjax.sharding import cotangent_like
+
 DEFAULT_CHUNK_SIZE = 8192
 
 
@@ -204,7 +206,7 @@ def _alpha_kl_bwd(st, res, cts):
     return jax.lax.dynamic_update_slice_in_dim(dz, d.astype(z.dtype), start, axis=z.ndim - 1)
 
   dz = _chunk_loop(_num_chunks(vd, cs), body, jnp.zeros_like(z))
-  return dz, None, None, None
+  return cotangent_like(dz, z), None, None, None
 
 
 _alpha_kl.defvjp(_alpha_kl_fwd, _alpha_kl_bwd)

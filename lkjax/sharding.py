@@ -122,6 +122,23 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> dict[str, Na
   return {k: NamedSharding(mesh, batch_spec(np.ndim(v), mesh, rules, np.shape(v)[0])) for k, v in batch.items()}
 
 
+def _varying_axes(x) -> frozenset:
+  mat = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """A hand-written VJP's cotangent ``ct`` for ``primal``, summed over the manual mesh axes along which
+  ``ct`` varies and ``primal`` does not.
+
+  Inside ``shard_map`` an input that is the same on every device (a replicated constant, an empty
+  array) but is combined with per-device data gets per-device cotangents; its true cotangent is their
+  sum, and JAX requires the bwd rule to return that type. Outside ``shard_map`` this returns ``ct``.
+  """
+  extra = _varying_axes(ct) - _varying_axes(primal)
+  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -180,7 +180,8 @@ def test_params_move_and_frozen_get_no_optimizer_state():
                                                                   jax.tree.leaves(p0)))
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (4, 1, 2)])
+# (4, 1, 2): the partitioner's placement; (4, 1, 1): shard_map, the gradient summed once after the scan.
+@pytest.mark.parametrize("mesh_shape", [None, (4, 1, 2), (4, 1, 1)])
 def test_grad_accumulation_equals_double_batch(mesh_shape):
   # Full mask: every micro-batch has the same per-head token count, so mean of means == global mean.
   results = []
@@ -325,3 +326,103 @@ def test_precast_rest_changes_nothing_but_the_per_step_cast():
   s2, m2 = fn(state, cast, target, batch)
   jax.tree.map(np.testing.assert_array_equal, m1, m2)
   jax.tree.map(np.testing.assert_array_equal, s1, s2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-parallel meshes: one explicit gradient sum per step (shard_map) == the partitioner's placement
+
+
+def test_data_parallel_axes_only_for_purely_data_parallel_layouts():
+  def axes(mesh_shape):
+    return step_lib.data_parallel_axes(setup(mesh_shape)[4])
+
+  assert axes((8, 1, 1)) == ("data",)
+  assert axes((4, 1, 1)) == ("data",)       # fewer devices than the host has: the first four
+  assert axes((1, 1, 1)) is None            # one device: nothing to sum
+  assert axes((2, 2, 2)) is None            # tensor axis: the partitioner's placement
+  assert axes((4, 2, 1)) is None            # fsdp shards the "embed" parameters
+  assert step_lib.data_parallel_axes(None) is None
+
+
+def _arch_step(arch, mesh_shape, explicit):
+  """A real draft's fp32 train step (TINY dims) on ``mesh_shape`` (None: single device, no shardings)."""
+  from draft_testing import TINY
+  from lkjax.models import registry
+  info = TINY
+  r = np.random.default_rng(0)
+  vd = 40 if arch != "mlp_speculator" else info.vocab_size
+  ids = None if vd == info.vocab_size else np.sort(r.choice(info.vocab_size, vd, replace=False)).astype(np.int32)
+  cfg = registry.default_model_config(arch, info)
+  cfg.draft_vocab_size = 0 if ids is None else vd
+  h = info.hidden_size
+  weights = {"embed_tokens": (r.standard_normal((info.vocab_size, h)) * 0.5).astype(np.float32),
+             "lm_head": (r.standard_normal((info.vocab_size, h)) * 0.5).astype(np.float32),
+             "norm": np.ones(h, np.float32)}
+  with nnx.use_eager_sharding(False):
+    model = registry.build_draft(cfg, info, draft_vocab=ids, target_weights=weights, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optim.make_optimizer(optim_cfg(), total_steps=10)
+  b, t = 8, 10
+  seg = np.ones((b, t), np.int32)
+  seg[0, 6:] = 2           # two packed documents in row 0
+  seg[1, 8:] = 0           # padding at the end of row 1
+  batch = dict(input_ids=r.integers(0, info.vocab_size, (b, t)).astype(np.int32),
+               loss_mask=((r.random((b, t)) < 0.8) & (seg > 0)).astype(np.uint8), segment_ids=seg,
+               positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+               aux_hidden=r.standard_normal((b, t, info.num_aux * h)).astype(np.float32),
+               final_hidden=r.standard_normal((b, t, h)).astype(np.float32))
+  target = {"lm_head": weights["lm_head"]}
+  if ids is not None:
+    target["draft_ids"] = ids
+  batch = add_target_lse(batch, target)
+  pure_params, pure_rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  state = step_lib.init_state(pure_params, tx, seed=0)
+  sh = None
+  if mesh_shape is not None:
+    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("hidden", "tensor"), ("mlp", "tensor"),
+             ("heads", "tensor"), ("kv", "tensor"), ("vocab", "tensor"), ("head_dim", None))
+    mesh = shd.make_mesh(mesh_shape)
+    rep = shd.replicated(mesh)
+    sh = dict(mesh=mesh, state=step_lib.state_shardings(shd.state_shardings(params, mesh, rules), tx, pure_params, mesh),
+              rest=shd.state_shardings(rest, mesh, rules), target=jax.tree.map(lambda _: rep, target),
+              batch=shd.batch_shardings(batch, mesh, rules), batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, b))
+    state, pure_rest = jax.device_put(state, sh["state"]), jax.device_put(pure_rest, sh["rest"])
+    target, batch = jax.device_put(target, sh["target"]), jax.device_put(batch, sh["batch"])
+  fn = step_lib.make_train_step(graphdef, tx, loss_cfg("lk_hybrid"), total_steps=10, precision="fp32",
+                                shardings=sh, donate=False, explicit_grad_reduce=explicit)
+  return fn, (state, pure_rest, target, batch), sum(x.size for x in jax.tree.leaves(pure_params))
+
+
+def _all_reduce_bytes(hlo_text):
+  sizes = {"f32": 4, "s32": 4, "bf16": 2, "pred": 1}
+  total = 0
+  for line in hlo_text.splitlines():
+    if " all-reduce(" in line or " all-reduce-start(" in line:
+      result = line.split("=", 1)[1].split("all-reduce", 1)[0]
+      for dt, dims in __import__("re").findall(r"(f32|s32|bf16|pred)\[([\d,]*)\]", result):
+        total += sizes[dt] * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
+
+
+@pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
+def test_data_parallel_step_sums_gradients_once_and_equals_single_device(arch):
+  """The shard_map step on an 8-device data-parallel mesh: the same state and metrics as one device and as
+  the partitioner's placement, and its all-reduces move exactly the float32 gradients once (plus the
+  loss's [K] token sums) -- an EAGLE-3 or MTP parameter used by every head is not summed once per use."""
+  results, hlo = {}, {}
+  for name, mesh_shape, explicit in (("single", None, True), ("explicit", (8, 1, 1), True),
+                                     ("compiler", (8, 1, 1), False)):
+    fn, args, n_params = _arch_step(arch, mesh_shape, explicit)
+    state, metrics = fn(*args)
+    results[name] = jax.tree.map(np.asarray, (state, metrics))
+    hlo[name] = fn.lower(*args).compile().as_text()
+  ref_state, ref_metrics = results["single"]
+  for name in ("explicit", "compiler"):
+    state, metrics = results[name]
+    for key in ref_metrics:
+      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, atol=1e-6, err_msg=f"{name} {key}")
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=2e-5, atol=1e-6), state, ref_state)
+  assert "all-reduce" not in hlo["single"]
+  k = ref_metrics["alpha"].shape[0]
+  # f32 gradients once + at most the objective's psum-ed [K] sums (tokens, alpha, kl, tv, -log alpha).
+  assert 4 * n_params <= _all_reduce_bytes(hlo["explicit"]) <= 4 * n_params + 4 * 8 * k

@@ -32,6 +32,7 @@ from flax import nnx
 
 from lkjax.models import matmul as matmul_lib
 from lkjax.models.base import Frozen
+from lkjax.sharding import cotangent_like
 
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "head_dim", "vocab")
 
@@ -290,8 +291,9 @@ def _attention_bwd(res, g):
   dsk = jnp.einsum("bhgqs,bqhgd->bqshd", ds1, qg, **f32)
   dv = jnp.einsum("bhgqs,bqhgd->bshd", p0.astype(v.dtype), do, **f32)
   dsv = jnp.einsum("bhgqs,bqhgd->bqshd", p1.astype(sv.dtype), do, **f32)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dsk.astype(sk.dtype),
-          dsv.astype(sv.dtype), None)
+  cts = [x.astype(p.dtype) for x, p in zip((dq, dk, dv, dsk, dsv), (q, k, v, sk, sv))]
+  dq, dk, dv, dsk, dsv = (cotangent_like(x, p) for x, p in zip(cts, (q, k, v, sk, sv)))
+  return dq, dk, dv, None, dsk, dsv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

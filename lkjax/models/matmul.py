@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lkjax.sharding import cotangent_like
+
 IMPLS = ("auto", "xla", "nn")
 _impl = "auto"
 
@@ -70,7 +72,7 @@ def _nn_bwd(res, g):
   g = g.astype(jnp.result_type(x2, w))
   dx = _dot_f32(g, physical_transpose(w)).astype(x2.dtype)
   dw = _dot_f32(physical_transpose(x2), g).astype(w.dtype)
-  return dx, dw
+  return cotangent_like(dx, x2), cotangent_like(dw, w)
 
 
 _nn_matmul.defvjp(_nn_fwd, _nn_bwd)
