@@ -94,7 +94,6 @@ def main(argv):
   runs = []
   for r, entry, table in bench_processes.in_rounds(meshes, FLAGS.rounds, run_once):
     name = names[meshes.index(entry)]
-    mesh = entry[0]
     for row in table["rows"]:
       runs.append(dict(round=r, mesh=name, devices=table["devices"], gflop_per_step=row["gflop_per_step"],
                        explicit_grad_reduce=entry[1],
