@@ -71,13 +71,9 @@ def run_once(entry: tuple[tuple[int, int, int], bool], out: str) -> dict:
   # The child decides its own malloc tunables for its device count (lkjax/runtime.py: no retained heap
   # with several CPU devices); the check below holds it to that.
   env = dict(os.environ, XLA_FLAGS=" ".join(flags_env))
-  table = bench_processes.run_bench_train(args, env, out)
   retained = runtime.retained_heap_supported(env) and not env.get(runtime.OPT_OUT_ENV)
-  got = (table["devices"], table["retained_heap"], table["explicit_grad_reduce"])
-  if got != (math.prod(mesh), retained, explicit):
-    raise RuntimeError(f"bench_train.py ran with (devices, retained heap, explicit_grad_reduce) = {got}; "
-                       f"expected {(math.prod(mesh), retained, explicit)}")
-  return table
+  return bench_processes.run_bench_train(
+      args, env, out, expect=dict(devices=math.prod(mesh), retained_heap=retained, explicit_grad_reduce=explicit))
 
 
 def main(argv):

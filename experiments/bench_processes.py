@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,15 +20,22 @@ def rotated(items: Sequence, r: int) -> list:
   return list(items[k:]) + list(items[:k])
 
 
-def run_bench_train(args: list[str], env: dict[str, str], out: str, what: str = "") -> dict:
+def run_bench_train(args: list[str], env: dict[str, str], out: str, what: str = "",
+                    expect: Mapping[str, Any] | None = None) -> dict:
   """Run ``bench_train.py ARGS --out=OUT`` under ``env`` (with the repository on PYTHONPATH) and return the
-  table it wrote; a failed run raises with the command and the end of its stderr."""
+  table it wrote; a failed run raises with the command and the end of its stderr, and so does a table
+  whose top-level fields differ from ``expect`` (what the child process must have run with)."""
   cmd = [sys.executable, os.path.join(ROOT, "experiments/bench_train.py"), *args, f"--out={out}"]
+  label = f"{' '.join(cmd)}{f' ({what})' if what else ''}"
   res = subprocess.run(cmd, cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True)
   if res.returncode:
-    raise RuntimeError(f"{' '.join(cmd)}{f' ({what})' if what else ''} failed:\n{res.stderr[-3000:]}")
+    raise RuntimeError(f"{label} failed:\n{res.stderr[-3000:]}")
   with open(out) as f:
-    return json.load(f)
+    table = json.load(f)
+  got = {k: table.get(k) for k in expect or {}}
+  if got != dict(expect or {}):
+    raise RuntimeError(f"{label} reported {got}, expected {dict(expect)}")
+  return table
 
 
 def in_rounds(configs: Sequence, rounds: int, run: Callable[[object, str], dict]) -> Iterator[tuple[int, object, dict]]:
@@ -44,4 +51,4 @@ def step_record(row: dict) -> dict:
   """The fields of one bench_train.py row that the process comparisons keep."""
   return dict(arch=row["arch"], tokens_per_s=row["tokens_per_s"], lk_step_s=row["step_s"], kl_step_s=row["kl_step_s"],
               page_faults_per_step=row["page_faults_per_step"], kernel_s_per_step=row["kernel_s_per_step"],
-              lk_times=row["lk_times"], kl_times=row["kl_times"])
+              lk_times=row["lk_times"], kl_times=row["kl_times"], all_reduce_mb=row["all_reduce_mb"])

@@ -5,6 +5,7 @@ vocabulary 8192, EAGLE-3 = one 576-wide layer with 9 heads / 3 kv heads / interm
 EAGLE-3/MTP, 6 for MEDUSA/MLP-Speculator; batch 4 x 512 tokens; bf16 compute, fp32 params) it prints
   tokens/s           B*T / median step time (compiled step, data already on device)
   GFLOP/step         XLA's cost analysis of the compiled train step (all devices of the mesh)
+  all-reduce MB      (JSON only) what one device's all-reduces produce per step, from the compiled HLO
   utilisation        achieved FLOP/s / a bf16-input, f32-accumulate 2048^2 matmul ceiling, both measured in
                      the same round (a ceiling sample is taken before every timed round: these machines'
                      speed drifts by 2x within minutes), median over the rounds
@@ -227,6 +228,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   run()  # warm-up
   return dict(arch=arch, kind=kind, target_lse=target_lse, run=run, compiled=compiled, last=box,
               gflop_per_step=flops / 1e9, compile_s=compile_s,
+              all_reduce_mb=shd.all_reduce_bytes(compiled.as_text()) / 1e6,
               num_params=int(sum(x.size for x in jax.tree.leaves(params))))
 
 
@@ -283,6 +285,7 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   extra = {}
   if variant is not None:
     extra = dict(ab=ab, b_step_s=float(np.median(t_b)), b_times=t_b, b_gflop_per_step=variant["gflop_per_step"],
+                 b_all_reduce_mb=variant["all_reduce_mb"],
                  b_over_lk=float(np.median([a / b for a, b in zip(t_b, t_lk)])))
   if profile_dir:
     extra["profile"] = profiles
@@ -295,6 +298,7 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
               compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],
+              all_reduce_mb=lk["all_reduce_mb"], kl_all_reduce_mb=kl["all_reduce_mb"],
               kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
               lk_times=t_lk, kl_times=t_kl, **extra)
 

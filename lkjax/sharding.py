@@ -9,6 +9,7 @@ config runs on 1, 2 or 8 devices with any model size), and a mesh axis is used a
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -137,6 +138,23 @@ def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
   """
   extra = _varying_axes(ct) - _varying_axes(primal)
   return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+_HLO_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+              "s8": 1, "u8": 1, "pred": 1}
+
+
+def all_reduce_bytes(hlo_text: str) -> int:
+  """Bytes one device's all-reduces produce per execution, from compiled HLO text (``compiled.as_text()``):
+  the summed sizes of the results of every ``all-reduce`` / ``all-reduce-start`` (tuples counted whole)."""
+  total = 0
+  for line in hlo_text.splitlines():
+    if " all-reduce(" not in line and " all-reduce-start(" not in line:
+      continue
+    result = line.split("=", 1)[1].split("all-reduce", 1)[0]
+    for dt, dims in re.findall(r"\b(" + "|".join(_HLO_BYTES) + r")\[([\d,]*)\]", result):
+      total += _HLO_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -256,9 +256,12 @@ def test_eval_aggregation_is_token_weighted():
 # The per-head loss path (model.features) equals the reference path (stacked logits + lk_loss autodiff)
 
 
-@pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
-@pytest.mark.parametrize("kind", ["kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule"])
-def test_per_head_loss_equals_reference(arch, kind):
+def tiny_draft(arch, b, t):
+  """A real ``arch`` draft at TINY dims (draft vocabulary 40 of the target's, MLP-Speculator's full) and one
+  float32 batch of ``b`` rows x ``t`` tokens, row 0 packing two documents and row 1 ending in padding.
+
+  Returns ``(graphdef, params State, rest State, target, batch)``.
+  """
   from draft_testing import TINY
   from lkjax.models import registry
   info = TINY
@@ -274,11 +277,9 @@ def test_per_head_loss_equals_reference(arch, kind):
   with nnx.use_eager_sharding(False):
     model = registry.build_draft(cfg, info, draft_vocab=ids, target_weights=weights, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-  b, t = 3, 12
   seg = np.ones((b, t), np.int32)
-  seg[0, 7:] = 2           # two packed documents in row 0
-  seg[1, 10:] = 0          # padding at the end of row 1
+  seg[0, t - 5:] = 2       # two packed documents in row 0
+  seg[1, t - 2:] = 0       # padding at the end of row 1
   batch = dict(input_ids=r.integers(0, info.vocab_size, (b, t)).astype(np.int32),
                loss_mask=((r.random((b, t)) < 0.8) & (seg > 0)).astype(np.uint8), segment_ids=seg,
                positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
@@ -287,6 +288,14 @@ def test_per_head_loss_equals_reference(arch, kind):
   target = {"lm_head": weights["lm_head"]}
   if ids is not None:
     target["draft_ids"] = ids
+  return graphdef, params, rest, target, batch
+
+
+@pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
+@pytest.mark.parametrize("kind", ["kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule"])
+def test_per_head_loss_equals_reference(arch, kind):
+  graphdef, params, rest, target, batch = tiny_draft(arch, 3, 12)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   lcfg = loss_cfg(kind)
   kw = step_lib.loss_kwargs(lcfg, total_steps=10)
   step = jnp.asarray(3, jnp.int32)
@@ -344,64 +353,36 @@ def test_data_parallel_axes_only_for_purely_data_parallel_layouts():
   assert step_lib.data_parallel_axes(None) is None
 
 
+def test_all_reduce_bytes_counts_every_result_of_every_all_reduce():
+  hlo = "\n".join([
+      "  %a = (f32[576]{0}, bf16[2,3]{1,0}) all-reduce(%x, %y), channel_id=1, to_apply=%sum",
+      "  %b = s32[7]{0} all-reduce-start(%z), channel_id=2, to_apply=%sum",
+      "  %c = f32[1000,1000]{1,0} fusion(%all-reduce.1), kind=kLoop",      # a consumer, not an all-reduce
+      "  %d = f32[4]{0} add(%p, %q)"])
+  assert shd.all_reduce_bytes(hlo) == 576 * 4 + 6 * 2 + 7 * 4
+  assert shd.all_reduce_bytes("") == 0
+
+
 def _arch_step(arch, mesh_shape, explicit):
-  """A real draft's fp32 train step (TINY dims) on ``mesh_shape`` (None: single device, no shardings)."""
-  from draft_testing import TINY
-  from lkjax.models import registry
-  info = TINY
-  r = np.random.default_rng(0)
-  vd = 40 if arch != "mlp_speculator" else info.vocab_size
-  ids = None if vd == info.vocab_size else np.sort(r.choice(info.vocab_size, vd, replace=False)).astype(np.int32)
-  cfg = registry.default_model_config(arch, info)
-  cfg.draft_vocab_size = 0 if ids is None else vd
-  h = info.hidden_size
-  weights = {"embed_tokens": (r.standard_normal((info.vocab_size, h)) * 0.5).astype(np.float32),
-             "lm_head": (r.standard_normal((info.vocab_size, h)) * 0.5).astype(np.float32),
-             "norm": np.ones(h, np.float32)}
-  with nnx.use_eager_sharding(False):
-    model = registry.build_draft(cfg, info, draft_vocab=ids, target_weights=weights, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  """A real draft's fp32 train step (`tiny_draft`, batch 8 x 10) on ``mesh_shape`` (None: single device,
+  no shardings) -> (jitted step, its arguments, number of trainable parameters)."""
+  graphdef, params, rest, target, batch = tiny_draft(arch, 8, 10)
   tx = optim.make_optimizer(optim_cfg(), total_steps=10)
-  b, t = 8, 10
-  seg = np.ones((b, t), np.int32)
-  seg[0, 6:] = 2           # two packed documents in row 0
-  seg[1, 8:] = 0           # padding at the end of row 1
-  batch = dict(input_ids=r.integers(0, info.vocab_size, (b, t)).astype(np.int32),
-               loss_mask=((r.random((b, t)) < 0.8) & (seg > 0)).astype(np.uint8), segment_ids=seg,
-               positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-               aux_hidden=r.standard_normal((b, t, info.num_aux * h)).astype(np.float32),
-               final_hidden=r.standard_normal((b, t, h)).astype(np.float32))
-  target = {"lm_head": weights["lm_head"]}
-  if ids is not None:
-    target["draft_ids"] = ids
   batch = add_target_lse(batch, target)
   pure_params, pure_rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   state = step_lib.init_state(pure_params, tx, seed=0)
   sh = None
   if mesh_shape is not None:
-    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("hidden", "tensor"), ("mlp", "tensor"),
-             ("heads", "tensor"), ("kv", "tensor"), ("vocab", "tensor"), ("head_dim", None))
     mesh = shd.make_mesh(mesh_shape)
     rep = shd.replicated(mesh)
-    sh = dict(mesh=mesh, state=step_lib.state_shardings(shd.state_shardings(params, mesh, rules), tx, pure_params, mesh),
-              rest=shd.state_shardings(rest, mesh, rules), target=jax.tree.map(lambda _: rep, target),
-              batch=shd.batch_shardings(batch, mesh, rules), batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, b))
+    sh = dict(mesh=mesh, state=step_lib.state_shardings(shd.state_shardings(params, mesh, RULES), tx, pure_params, mesh),
+              rest=shd.state_shardings(rest, mesh, RULES), target=jax.tree.map(lambda _: rep, target),
+              batch=shd.batch_shardings(batch, mesh, RULES), batch_spec=lambda nd: shd.batch_spec(nd, mesh, RULES, 8))
     state, pure_rest = jax.device_put(state, sh["state"]), jax.device_put(pure_rest, sh["rest"])
     target, batch = jax.device_put(target, sh["target"]), jax.device_put(batch, sh["batch"])
   fn = step_lib.make_train_step(graphdef, tx, loss_cfg("lk_hybrid"), total_steps=10, precision="fp32",
                                 shardings=sh, donate=False, explicit_grad_reduce=explicit)
   return fn, (state, pure_rest, target, batch), sum(x.size for x in jax.tree.leaves(pure_params))
-
-
-def _all_reduce_bytes(hlo_text):
-  sizes = {"f32": 4, "s32": 4, "bf16": 2, "pred": 1}
-  total = 0
-  for line in hlo_text.splitlines():
-    if " all-reduce(" in line or " all-reduce-start(" in line:
-      result = line.split("=", 1)[1].split("all-reduce", 1)[0]
-      for dt, dims in __import__("re").findall(r"(f32|s32|bf16|pred)\[([\d,]*)\]", result):
-        total += sizes[dt] * int(np.prod([int(d) for d in dims.split(",") if d]))
-  return total
 
 
 @pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
@@ -413,16 +394,16 @@ def test_data_parallel_step_sums_gradients_once_and_equals_single_device(arch):
   for name, mesh_shape, explicit in (("single", None, True), ("explicit", (8, 1, 1), True),
                                      ("compiler", (8, 1, 1), False)):
     fn, args, n_params = _arch_step(arch, mesh_shape, explicit)
-    state, metrics = fn(*args)
-    results[name] = jax.tree.map(np.asarray, (state, metrics))
-    hlo[name] = fn.lower(*args).compile().as_text()
+    compiled = fn.lower(*args).compile()
+    results[name] = jax.tree.map(np.asarray, compiled(*args))
+    hlo[name] = compiled.as_text()
   ref_state, ref_metrics = results["single"]
   for name in ("explicit", "compiler"):
     state, metrics = results[name]
     for key in ref_metrics:
       np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, atol=1e-6, err_msg=f"{name} {key}")
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=2e-5, atol=1e-6), state, ref_state)
-  assert "all-reduce" not in hlo["single"]
+  assert "all-reduce" not in hlo["single"] and shd.all_reduce_bytes(hlo["single"]) == 0
   k = ref_metrics["alpha"].shape[0]
   # f32 gradients once + at most the objective's psum-ed [K] sums (tokens, alpha, kl, tv, -log alpha).
-  assert 4 * n_params <= _all_reduce_bytes(hlo["explicit"]) <= 4 * n_params + 4 * 8 * k
+  assert 4 * n_params <= shd.all_reduce_bytes(hlo["explicit"]) <= 4 * n_params + 4 * 8 * k

@@ -277,13 +277,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
   kind = loss_cfg.kind
   kw = loss_kwargs(loss_cfg, total_steps)
   accum = int(grad_accum)
-  batch_axes = None
-  if shardings is not None and accum > 1:
+  batch_axes = None   # inside shard_map (dp_axes) every device's batch is its own rows already
+  if shardings is not None and accum > 1 and dp_axes is None:
     mesh, bspec = shardings["mesh"], shardings["batch_spec"]
     batch_axes = lambda nd: NamedSharding(mesh, P(None, *bspec(nd - 1)))  # noqa: E731
-
-  if dp_axes is not None:
-    batch_axes = None   # inside shard_map every device's batch is its own rows already
 
   def grads_of(params, rest, target, batch, step):
     f = lambda p: _forward_loss(graphdef, loss_fn, kind, kw, dtype, p, rest, target, batch, step, impl, dp_axes)  # noqa: E731
