@@ -280,3 +280,24 @@ def test_sample_tokens_greedy_and_tempered_frequencies():
   np.testing.assert_allclose(freq, p / p.sum(), atol=0.03)
   with pytest.raises(ValueError, match="rng"):
     L.sample_tokens(logits, 1.0, None)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_unstack_equals_indexing_in_value_and_gradient(dtype):
+  """`unstack` (one stack in the backward) against ``x[k]`` per slice: slice 1 used twice, slice 3 unused."""
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.standard_normal((4, 3, 5)), dtype)
+  w = jnp.asarray(r.standard_normal((3, 3, 5)), dtype)
+
+  def loss(x, split):
+    parts = split(x)
+    return jnp.sum(parts[0] * w[0]) + jnp.sum(jnp.sin(parts[1]) * w[1]) + jnp.sum(parts[1] * parts[2] * w[2])
+
+  by_index = lambda x: [x[k] for k in range(x.shape[0])]  # noqa: E731
+  for a, b in zip(L.unstack(x), by_index(x)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  g = jax.jit(jax.grad(lambda x: loss(x, L.unstack)))(x)
+  g_ref = jax.jit(jax.grad(lambda x: loss(x, by_index)))(x)
+  assert g.dtype == x.dtype and g.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
+  assert not np.asarray(g[3], np.float32).any()

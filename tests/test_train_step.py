@@ -407,3 +407,18 @@ def test_data_parallel_step_sums_gradients_once_and_equals_single_device(arch):
   k = ref_metrics["alpha"].shape[0]
   # f32 gradients once + at most the objective's psum-ed [K] sums (tokens, alpha, kl, tv, -log alpha).
   assert 4 * n_params <= shd.all_reduce_bytes(hlo["explicit"]) <= 4 * n_params + 4 * 8 * k
+
+
+@pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
+def test_output_layers_equal_feature_logits(arch):
+  """The per-head loss's output layers (stacked weights split once, `layers.unstack`) give every head's
+  `feature_logits`, and the training forward is their logits on `features`."""
+  graphdef, params, rest, _, batch = tiny_draft(arch, 2, 12)
+  model = nnx.merge(graphdef, params, rest)
+  feats = model.features(batch)
+  heads = step_lib.output_layers(model, len(feats))
+  assert len(heads) == len(feats) == model.num_heads
+  logits = model(batch)
+  for k, f in enumerate(feats):
+    np.testing.assert_allclose(heads[k](f), model.feature_logits(f, k), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logits[k], heads[k](f), rtol=1e-6, atol=1e-6)

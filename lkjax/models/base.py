@@ -60,6 +60,10 @@ class DraftModel(Protocol):
   def feature_logits(self, features: jax.Array, k: int) -> jax.Array:
     """Head / step / stage k's output layer: ``[..., D] -> [..., Vd]`` (compute dtype)."""
 
+  # Optional: ``output_layers() -> list`` of the K functions ``features -> feature_logits(features, k)``.
+  # A model whose heads are slices of one stacked parameter provides it so that the trainer takes the
+  # slices once per forward (`lkjax.models.layers.unstack`) instead of once per head.
+
   def init_cache(self, batch_size: int, max_len: int) -> Any:
     """Empty drafting state (a pytree of arrays)."""
 

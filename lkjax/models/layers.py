@@ -78,6 +78,29 @@ def dense(in_features: int, out_features: int, axes: tuple[str | None, str | Non
                     dot_general=matmul_lib.dense_dot_general, rngs=rngs)
 
 
+@jax.custom_vjp
+def unstack(x: jax.Array) -> tuple[jax.Array, ...]:
+  """``(x[0], ..., x[n-1])``: a stacked per-head parameter split ONCE into its slices.
+
+  Same values as indexing ``x[k]``, but the gradient is one ``stack`` of the slices' cotangents. Indexing
+  each slice separately differentiates to n zero-padded full-size arrays added together, which XLA's CPU
+  backend fuses into one loop that evaluates all n pads at every element (n times the work, and per device
+  on a data-parallel mesh).
+  """
+  return tuple(x[i] for i in range(x.shape[0]))
+
+
+def _unstack_fwd(x):
+  return unstack(x), x
+
+
+def _unstack_bwd(x, cts):
+  return (cotangent_like(jnp.stack([jnp.asarray(c, x.dtype) for c in cts]), x),)
+
+
+unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype: Any) -> jax.Array:
   """Llama RMSNorm ``x * rsqrt(mean(x**2) + eps) * w`` over the last axis, statistics in float32."""
   x32 = x.astype(jnp.float32)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from lkjax.models.base import Frozen
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
-                                 sample_tokens)
+                                 sample_tokens, unstack)
 from lkjax.models.matmul import matmul
 from lkjax.targets.info import TargetInfo
 
@@ -92,14 +92,16 @@ class Medusa(nnx.Module):
     if h.shape[-1] != self.hidden_size:
       raise ValueError(f"final_hidden: last dim {h.shape[-1]} != hidden_size {self.hidden_size}")
     dt = self.dtype
-    xs = [h.astype(dt)] * self.num_heads
-    for l in range(self.num_layers):
-      w = self.w[...][:, l].astype(dt)
-      b = None if self.b is None else self.b[...][:, l].astype(dt)
-      for k in range(self.num_heads):
-        y = matmul(xs[k], w[k])                   # one NN matmul per head (lkjax.models.matmul)
+    K, L, H = self.num_heads, self.num_layers, self.hidden_size
+    # [K, L, ...] split once into K*L blocks (layers.unstack: the gradient is one stack, not K*L pads).
+    w = unstack(self.w[...].astype(dt).reshape(K * L, H, H))
+    b = None if self.b is None else unstack(self.b[...].astype(dt).reshape(K * L, H))
+    xs = [h.astype(dt)] * K
+    for l in range(L):
+      for k in range(K):
+        y = matmul(xs[k], w[k * L + l])           # one NN matmul per head (lkjax.models.matmul)
         if b is not None:
-          y = y + b[k]
+          y = y + b[k * L + l]
         xs[k] = xs[k] + jax.nn.silu(y)
     return xs
 
@@ -107,9 +109,14 @@ class Medusa(nnx.Module):
     """Head k's LM head: ``[..., Ht] -> [..., Vd]``."""
     return matmul(features, self.lm_head[...][k].astype(self.dtype))
 
+  def output_layers(self) -> list:
+    """The K LM heads as functions (`feature_logits`), the stacked weight split once (`layers.unstack`)."""
+    heads = unstack(self.lm_head[...].astype(self.dtype))
+    return [lambda f, w=w: matmul(f, w) for w in heads]
+
   def head_logits(self, h: jax.Array) -> jax.Array:
     """All K heads on final hidden states ``h [..., Ht]`` -> logits ``[K, ..., Vd]`` (compute dtype)."""
-    return jnp.stack([self.feature_logits(x, k) for k, x in enumerate(self.head_features(h))])
+    return jnp.stack([f(x) for f, x in zip(self.output_layers(), self.head_features(h))])
 
   def features(self, batch: Mapping[str, jax.Array]) -> list[jax.Array]:
     """The K heads' inputs to their LM heads, ``[B, T, Ht]`` each (see `__call__`)."""

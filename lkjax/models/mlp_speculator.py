@@ -32,7 +32,7 @@ from flax import nnx
 
 from lkjax.models.base import Frozen, shift_left
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
-                                 sample_tokens)
+                                 sample_tokens, unstack)
 from lkjax.models.matmul import matmul
 from lkjax.targets.info import TargetInfo
 
@@ -132,13 +132,19 @@ class MLPSpeculator(nnx.Module):
 
   def stage_state(self, i: int, state: jax.Array, tokens: jax.Array) -> jax.Array:
     """Stage i's new state ``[..., D]`` (`stage` without the head)."""
-    dt = self.dtype
     e, p = self._stage_index(i)
-    z = jnp.take(self.emb[...][e], tokens, axis=0).astype(dt)
-    z = z * jnp.asarray(self.emb_weight * math.sqrt(self.inner_dim / 2.0), dt)
+    z = jnp.take(self.emb[...][e], tokens, axis=0)
     proj = self.proj0[...] if i == 0 else self.proj[...][p]
+    return self._transition(state, z, proj, self.ln_w[...][e], self.ln_b[...][e])
+
+  def _transition(self, state: jax.Array, z: jax.Array, proj: jax.Array, ln_w: jax.Array,
+                  ln_b: jax.Array) -> jax.Array:
+    """``GELU(ln(state @ proj * state_weight + z * emb_weight * sqrt(inner_dim / 2)))``, ``z`` the
+    stage's embedding rows."""
+    dt = self.dtype
+    z = z.astype(dt) * jnp.asarray(self.emb_weight * math.sqrt(self.inner_dim / 2.0), dt)
     x = matmul(state, proj.astype(dt)) * jnp.asarray(self.state_weight, dt) + z
-    x = speculator_norm(x, self.ln_w[...][e], self.ln_b[...][e])
+    x = speculator_norm(x, ln_w, ln_b)
     return jax.nn.gelu(x, approximate=False)
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -147,15 +153,27 @@ class MLPSpeculator(nnx.Module):
     Reads ``final_hidden [B, T, Ht]`` and ``input_ids [B, T]``; stage i at t reads x[t+1+i] (zero past
     the end of the row, where `head_mask` is False) and predicts x[t+2+i].
     """
-    return jnp.stack([self.feature_logits(s, i) for i, s in enumerate(self.features(batch))], axis=0)
+    return jnp.stack([f(s) for f, s in zip(self.output_layers(), self.features(batch))], axis=0)
 
   def features(self, batch: Mapping[str, jax.Array]) -> list[jax.Array]:
-    """The K stages' states ``[B, T, inner_dim]`` (see `__call__`)."""
+    """The K stages' states ``[B, T, inner_dim]`` (see `__call__`).
+
+    The same stages as `stage_state`, arranged for the gradient: every stage's embedding rows come from
+    ONE gather on the ``[E, V, D]`` tables (its gradient is one scatter-add, not K full-size tables), and
+    the stacked per-stage weights are split once (`layers.unstack`).
+    """
+    K = self.num_heads
     state = self.init_state(batch["final_hidden"])
     ids = batch["input_ids"].astype(jnp.int32)
+    table = np.array([self._stage_index(i)[0] for i in range(K)], np.int32)[:, None, None]
+    toks = jnp.stack([shift_left(ids, 1 + i, axis=1) for i in range(K)])         # [K, B, T]
+    z = unstack(self.emb[...][table, toks])                                      # K x [B, T, D]
+    ln_w, ln_b = unstack(self.ln_w[...]), unstack(self.ln_b[...])
+    proj = unstack(self.proj[...]) if self.proj is not None else ()
     out = []
-    for i in range(self.num_heads):
-      state = self.stage_state(i, state, shift_left(ids, 1 + i, axis=1))
+    for i in range(K):
+      e, p = self._stage_index(i)
+      state = self._transition(state, z[i], self.proj0[...] if i == 0 else proj[p], ln_w[e], ln_b[e])
       out.append(state)
     return out
 
@@ -163,6 +181,11 @@ class MLPSpeculator(nnx.Module):
     """Stage k's logits from its state (its own head, or the shared one)."""
     e, _ = self._stage_index(k)
     return matmul(features, self.head[...][e].astype(self.dtype))
+
+  def output_layers(self) -> list:
+    """The K heads as functions (`feature_logits`), the stacked weight split once (`layers.unstack`)."""
+    heads = unstack(self.head[...].astype(self.dtype))
+    return [lambda f, w=heads[self._stage_index(k)[0]]: matmul(f, w) for k in range(self.num_heads)]
 
   def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
     """Drafting state: last committed final hidden ``hidden f32[B, Ht]`` and token ``token int32[B]``."""

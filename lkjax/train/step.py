@@ -153,6 +153,14 @@ def _loss_fn_and_impl(loss_cfg, loss_fn: Callable | None) -> tuple[Callable, str
   return lk_loss, loss_impl(loss_cfg)
 
 
+def output_layers(model, num_heads: int) -> list[Callable[[jax.Array], jax.Array]]:
+  """The model's K output layers ``features -> logits``: ``model.output_layers()`` when it has them (the
+  stacked weights split once per forward), else ``model.feature_logits(., k)``."""
+  if hasattr(model, "output_layers"):
+    return list(model.output_layers())
+  return [lambda f, k=k: model.feature_logits(f, k) for k in range(num_heads)]
+
+
 def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, jax.Array], kind: str,
                   kw: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The LK objective head by head from ``model.features``: no ``[K, B, T, Vd]`` array is built.
@@ -171,8 +179,9 @@ def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, ja
   chunk = int(kw.get("chunk_size") or losses_chunked.DEFAULT_CHUNK_SIZE)
   probs = losses_chunked.target_probs(y_d, lse)     # shared by every head: computed once
   alphas, kls, masks = [], [], []
+  heads = output_layers(model, num_heads)
   for k, f in enumerate(feats):
-    z = model.feature_logits(shift_right(f, k + 1, axis=1), k)
+    z = heads[k](shift_right(f, k + 1, axis=1))
     a, kl = losses_chunked.token_alpha_kl_probs(z, probs, chunk_size=chunk, **needed_grads(kind))
     alphas.append(a)
     kls.append(kl)
