@@ -69,11 +69,13 @@ def run_once(entry: tuple[tuple[int, int, int], bool], out: str) -> dict:
   flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   flags_env.append(f"--xla_force_host_platform_device_count={math.prod(mesh)}")
   # The child decides its own malloc tunables for its device count (lkjax/runtime.py: no retained heap
-  # with several CPU devices); the check below holds it to that.
+  # with several CPU devices, jemalloc instead where installed); the check below holds it to that.
   env = dict(os.environ, XLA_FLAGS=" ".join(flags_env))
   retained = runtime.retained_heap_supported(env) and not env.get(runtime.OPT_OUT_ENV)
+  jemalloc = runtime.wanted_preload(env) is not None and not env.get(runtime.OPT_OUT_ENV)
   return bench_processes.run_bench_train(
-      args, env, out, expect=dict(devices=math.prod(mesh), retained_heap=retained, explicit_grad_reduce=explicit))
+      args, env, out, expect=dict(devices=math.prod(mesh), retained_heap=retained, jemalloc=jemalloc,
+                                  explicit_grad_reduce=explicit))
 
 
 def main(argv):
@@ -93,7 +95,8 @@ def main(argv):
     for row in table["rows"]:
       runs.append(dict(round=r, mesh=name, devices=table["devices"], gflop_per_step=row["gflop_per_step"],
                        explicit_grad_reduce=entry[1],
-                       retained_heap=table["retained_heap"], **bench_processes.step_record(row)))
+                       retained_heap=table["retained_heap"], jemalloc=table["jemalloc"],
+                       **bench_processes.step_record(row)))
       print(f"round {r} mesh {name:<16} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
             f"LK {row['step_s']:.2f} s  faults/step {row['page_faults_per_step']:>8.0f}  "
             f"kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
@@ -111,7 +114,7 @@ def main(argv):
                           gflop_per_step=sel[0]["gflop_per_step"],
                           page_faults_per_step=float(np.median([x["page_faults_per_step"] for x in sel])),
                           kernel_s_per_step=float(np.median([x["kernel_s_per_step"] for x in sel])),
-                          retained_heap=sel[0]["retained_heap"]))
+                          retained_heap=sel[0]["retained_heap"], jemalloc=sel[0]["jemalloc"]))
   print(f"{'arch':<16}{'mesh':<17}{'devices':>8}{'tok/s':>9}{'vs ' + names[0]:>12}{'per round':>24}"
         f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}")
   for s in summary:

@@ -341,6 +341,7 @@ def main(argv):
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
                    target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
                    explicit_grad_reduce=FLAGS.explicit_grad_reduce, hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
+                   jemalloc=runtime.jemalloc_active(),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)
   print(f"wrote {FLAGS.out}")
 

@@ -21,7 +21,10 @@ print("start", os.getpid(), flush=True)
 runtime.reexec_with_malloc_tunables()
 print(json.dumps(dict(pid=os.getpid(), argv=sys.argv[1:], tunables=os.environ.get("GLIBC_TUNABLES", ""),
                       added=os.environ.get(runtime.ADDED_ENV, ""),
-                      hugepages=runtime.hugepage_malloc_active(), retained=runtime.retained_heap_active())))
+                      hugepages=runtime.hugepage_malloc_active(), retained=runtime.retained_heap_active(),
+                      preload=os.environ.get("LD_PRELOAD", ""), conf=os.environ.get("MALLOC_CONF", ""),
+                      preload_added=os.environ.get(runtime.PRELOAD_ADDED_ENV, ""),
+                      jemalloc=runtime.jemalloc_active())))
 """
 
 # A jitted function whose temporary buffer (~256 MB) is far above glibc's mmap threshold; the second call's
@@ -45,7 +48,8 @@ def _python(code, env, *args):
 
 def _clean_env(**extra):
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT_ENV, runtime.ADDED_ENV, "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+         if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT_ENV, runtime.ADDED_ENV, "XLA_FLAGS", "JAX_NUM_CPU_DEVICES",
+                      "LD_PRELOAD", "MALLOC_CONF", runtime.PRELOAD_ADDED_ENV, runtime.JEMALLOC_ENV)}
   env.update(extra)
   return env
 
@@ -108,6 +112,58 @@ def test_added_tunables_are_decided_again_in_a_child():
   lines = _python(_REEXEC.format(repo=REPO), _clean_env(**inherited)).strip().splitlines()
   assert [line.split()[0] for line in lines].count("start") == 1
   assert json.loads(lines[-1])["tunables"] == parent["tunables"]
+
+
+def test_find_jemalloc_honours_the_override(tmp_path):
+  lib = tmp_path / "libjemalloc.so.2"
+  lib.write_bytes(b"")
+  assert runtime.find_jemalloc({runtime.JEMALLOC_ENV: str(lib)}) == str(lib)
+  assert runtime.find_jemalloc({runtime.JEMALLOC_ENV: ""}) is None
+  assert runtime.find_jemalloc({runtime.JEMALLOC_ENV: str(tmp_path / "missing.so")}) is None
+  eight = {runtime.JEMALLOC_ENV: str(lib), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert runtime.wanted_preload(eight) == (str(lib) if sys.platform.startswith("linux") else None)
+  assert runtime.wanted_preload({runtime.JEMALLOC_ENV: str(lib)}) is None     # one device: glibc's heap
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_several_cpu_devices_preload_jemalloc_and_a_single_device_child_drops_it(tmp_path):
+  """The preload's bookkeeping, with a stand-in file (the loader warns about it and goes on): an 8-device
+  process restarts once with it first in LD_PRELOAD and MALLOC_CONF set; a single-device child of it
+  drops both and keeps the user's own preload; a user's own MALLOC_CONF is kept."""
+  lib = str(tmp_path / "libjemalloc.so.2")
+  open(lib, "wb").close()
+  user_lib = str(tmp_path / "libuser.so")
+  open(user_lib, "wb").close()
+  eight = dict(XLA_FLAGS="--xla_force_host_platform_device_count=8", LD_PRELOAD=user_lib)
+  eight[runtime.JEMALLOC_ENV] = lib
+  lines = _python(_REEXEC.format(repo=REPO), _clean_env(**eight)).strip().splitlines()
+  assert [line.split()[0] for line in lines].count("start") == 2
+  parent = json.loads(lines[-1])
+  assert parent["preload"] == f"{lib} {user_lib}" and parent["preload_added"] == lib
+  assert parent["conf"] == runtime.JEMALLOC_CONF
+  inherited = {k: v for k, v in eight.items() if k != "XLA_FLAGS"}
+  inherited.update({"LD_PRELOAD": parent["preload"], "MALLOC_CONF": parent["conf"],
+                    runtime.PRELOAD_ADDED_ENV: parent["preload_added"], "GLIBC_TUNABLES": parent["tunables"],
+                    runtime.ADDED_ENV: parent["added"]})
+  lines = _python(_REEXEC.format(repo=REPO), _clean_env(**inherited)).strip().splitlines()
+  assert [line.split()[0] for line in lines].count("start") == 2
+  child = json.loads(lines[-1])
+  assert child["preload"] == user_lib and child["conf"] == "" and child["preload_added"] == ""
+  own = json.loads(_python(_REEXEC.format(repo=REPO), _clean_env(**eight, MALLOC_CONF="narenas:2")).strip()
+                   .splitlines()[-1])
+  assert own["conf"] == "narenas:2" and own["preload"].startswith(lib)
+  opted = _python(_REEXEC.format(repo=REPO), _clean_env(**eight, **{runtime.OPT_OUT_ENV: "1"})).strip().splitlines()
+  assert [line.split()[0] for line in opted].count("start") == 1 and json.loads(opted[-1])["preload"] == user_lib
+
+
+@pytest.mark.skipif(runtime.find_jemalloc({}) is None or not sys.platform.startswith("linux"),
+                    reason="needs libjemalloc2 installed")
+def test_an_8_device_process_runs_on_jemalloc():
+  out = _python(_REEXEC.format(repo=REPO), _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  info = json.loads(out.strip().splitlines()[-1])
+  assert info["jemalloc"] and info["conf"] == runtime.JEMALLOC_CONF and not info["retained"]
+  single = json.loads(_python(_REEXEC.format(repo=REPO), _clean_env()).strip().splitlines()[-1])
+  assert not single["jemalloc"] and single["retained"]
 
 
 def test_strip_malloc_tunables():

@@ -9,6 +9,13 @@ Run from the repository root (2026-11-23), output in heap_growth.txt:
   GLIBC_TUNABLES=$T XLA_FLAGS=--xla_force_host_platform_device_count=8 N=6 \
       python docs/bench_train_runs/heap_growth.py 8,1,1 lk_hybrid,kl
 
+Session 7, jemalloc instead of the retained heap for the 8-device process (lkjax/runtime.py's setting;
+output in 29_heap_jemalloc.txt):
+
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1 \
+      XLA_FLAGS=--xla_force_host_platform_device_count=8 N=10 \
+      python docs/bench_train_runs/heap_growth.py 8,1,1 lk_hybrid,kl
+
 Arguments: the mesh (data,fsdp,tensor) and the loss kinds whose steps run alternately (batch 8 x 256,
 SmolLM2 dims, bf16). It stops once the resident size passes 15 GB (the machine has 24 GB).
 """
