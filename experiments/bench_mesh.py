@@ -71,11 +71,8 @@ def run_once(entry: tuple[tuple[int, int, int], bool], out: str) -> dict:
   # The child decides its own malloc tunables for its device count (lkjax/runtime.py: no retained heap
   # with several CPU devices, jemalloc instead where installed); the check below holds it to that.
   env = dict(os.environ, XLA_FLAGS=" ".join(flags_env))
-  retained = runtime.retained_heap_supported(env) and not env.get(runtime.OPT_OUT_ENV)
-  jemalloc = runtime.wanted_preload(env) is not None and not env.get(runtime.OPT_OUT_ENV)
   return bench_processes.run_bench_train(
-      args, env, out, expect=dict(devices=math.prod(mesh), retained_heap=retained, jemalloc=jemalloc,
-                                  explicit_grad_reduce=explicit))
+      args, env, out, expect=dict(devices=math.prod(mesh), explicit_grad_reduce=explicit, **runtime.planned_malloc(env)))
 
 
 def main(argv):

@@ -31,7 +31,8 @@ it is installed, with ``MALLOC_CONF=JEMALLOC_CONF``: one arena and no purging of
 -1). Its size-class allocator reuses the step buffers of 8 device threads without the glibc heap's
 fragmentation: an 8-device EAGLE-3 process stayed at 5.7 GB over 20 alternating L_lambda / KL steps,
 none with more than 411 page faults or 0.03 s of kernel time (``docs/bench_train_runs/29_heap_jemalloc.txt``),
-where glibc with huge pages faulted about 5,000 huge pages (0.2-1 s of kernel time) per step.
+where glibc with huge pages faulted about 5,000 huge pages (0.2-1 s of kernel time) per step
+(``docs/bench_train_runs/33_mesh_medusa_unstack_hugepages.json``, ``37_alloc_ab_eagle3_mesh8.txt``).
 `find_jemalloc` looks in the usual library directories, or at ``LKJAX_JEMALLOC`` (a path; empty turns it
 off). Without it, such processes get huge pages only.
 
@@ -171,8 +172,24 @@ def jemalloc_active() -> bool:
     return False
 
 
-def _split_preload(text: str) -> list[str]:
-  return [p for p in text.replace(":", " ").split() if p]
+def _user_preload(env) -> list[str]:
+  """``LD_PRELOAD``'s entries (spaces or colons) without the one `reexec_with_malloc_tunables` added."""
+  added = env.get(PRELOAD_ADDED_ENV, "")
+  return [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p and p != added]
+
+
+def _preloads_jemalloc(preload: list[str]) -> bool:
+  return any(os.path.basename(p).startswith("libjemalloc") for p in preload)
+
+
+def planned_malloc(env=None) -> dict[str, bool]:
+  """What a process started with environment ``env`` runs with once `reexec_with_malloc_tunables` has
+  decided: ``retained_heap`` and ``jemalloc`` (its own or the user's preload). Benchmarks that start child
+  processes check their reports against it."""
+  env = os.environ if env is None else env
+  on = not env.get(OPT_OUT_ENV)
+  return dict(retained_heap=on and retained_heap_supported(env),
+              jemalloc=_preloads_jemalloc(_user_preload(env)) or (on and wanted_preload(env) is not None))
 
 
 def strip_malloc_tunables(text: str, names=None) -> str:
@@ -207,14 +224,12 @@ def reexec_with_malloc_tunables() -> None:
 
   # jemalloc (several CPU devices): added to LD_PRELOAD unless the user preloads it already.
   added = env.get(PRELOAD_ADDED_ENV, "")
-  preload = _split_preload(env.get("LD_PRELOAD", ""))
-  user_preload = [p for p in preload if p != added] if added else preload
+  preload = env.get("LD_PRELOAD", "").replace(":", " ").split()
+  user_preload = _user_preload(env)
   conf = env.get("MALLOC_CONF")
   if added and conf == JEMALLOC_CONF:
     conf = None                  # ours, decided again below
-  lib = None if opted_out else wanted_preload()
-  if lib is not None and any(os.path.basename(p).startswith("libjemalloc") for p in user_preload):
-    lib = None
+  lib = None if opted_out or _preloads_jemalloc(user_preload) else wanted_preload()
   new_preload = ([lib] if lib else []) + user_preload
   new_conf = JEMALLOC_CONF if lib and conf is None else conf
   before = (text, env.get(ADDED_ENV, ""), preload, added, env.get("MALLOC_CONF"))

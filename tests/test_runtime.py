@@ -126,6 +126,20 @@ def test_find_jemalloc_honours_the_override(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_planned_malloc_says_what_a_child_will_run_with(tmp_path):
+  lib = tmp_path / "libjemalloc.so.2"
+  lib.write_bytes(b"")
+  eight = {runtime.JEMALLOC_ENV: str(lib), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert runtime.planned_malloc(eight) == dict(retained_heap=False, jemalloc=True)
+  assert runtime.planned_malloc({**eight, runtime.OPT_OUT_ENV: "1"}) == dict(retained_heap=False, jemalloc=False)
+  one = {runtime.JEMALLOC_ENV: str(lib)}
+  assert runtime.planned_malloc(one) == dict(retained_heap=runtime.retained_heap_supported(one), jemalloc=False)
+  # The user's own jemalloc preload stays whatever the device count; the one lkjax added is decided again.
+  assert runtime.planned_malloc({**one, "LD_PRELOAD": "/opt/libjemalloc.so.2"})["jemalloc"]
+  assert not runtime.planned_malloc({**one, "LD_PRELOAD": str(lib), runtime.PRELOAD_ADDED_ENV: str(lib)})["jemalloc"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_several_cpu_devices_preload_jemalloc_and_a_single_device_child_drops_it(tmp_path):
   """The preload's bookkeeping, with a stand-in file (the loader warns about it and goes on): an 8-device
   process restarts once with it first in LD_PRELOAD and MALLOC_CONF set; a single-device child of it
