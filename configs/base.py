@@ -111,6 +111,10 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
   # On a purely data-parallel mesh, the gradient is one per-device program with one explicit sum of the
   # gradients per step (lkjax/train/step.py); False leaves the collectives to the partitioner.
   c.mesh.explicit_grad_reduce = True
+  # Also on an FSDP mesh (parameters split over the batch's axes only): the per-device program gathers the
+  # split parameters once per step and reduce-scatters their gradients, so each device updates its part.
+  # Pays off for MEDUSA (configs/medusa.py); not for the others (docs/bench_train.md, session 8).
+  c.mesh.gather_split_params = False
 
   c.precision = "bf16"               # bf16: bf16 compute, fp32 params + optimizer state; fp32: all fp32
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))

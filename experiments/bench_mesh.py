@@ -14,7 +14,9 @@ count per process; here all meshes share the same 2 cores.
 
 A mesh written ``8x1x1/compiler`` runs the step with ``--explicit_grad_reduce=False``: the gradient
 collectives placed by the partitioner instead of the step's one explicit sum over the data-parallel
-devices (`lkjax.train.step.make_train_step`), for a side-by-side comparison of the two.
+devices (`lkjax.train.step.make_train_step`), for a side-by-side comparison of the two. One written
+``1x8x1/gather`` runs it with ``--gather_split_params``: on an FSDP mesh, the per-device program too, with
+the split parameters gathered once and their gradients reduce-scattered.
 """
 from __future__ import annotations
 
@@ -45,26 +47,31 @@ FLAGS = flags.FLAGS
 
 
 COMPILER_SUFFIX = "/compiler"
+GATHER_SUFFIX = "/gather"
 
 
-def parse_mesh(text: str) -> tuple[tuple[int, int, int], bool]:
-  """``DATAxFSDPxTENSOR[/compiler]`` -> (shape, explicit_grad_reduce)."""
-  explicit = not text.endswith(COMPILER_SUFFIX)
-  body = text if explicit else text[: -len(COMPILER_SUFFIX)]
+def parse_mesh(text: str) -> tuple[tuple[int, int, int], bool, bool]:
+  """``DATAxFSDPxTENSOR[/compiler|/gather]`` -> (shape, explicit_grad_reduce, gather_split_params)."""
+  body, explicit, gather = text, True, False
+  if text.endswith(COMPILER_SUFFIX):
+    body, explicit = text[: -len(COMPILER_SUFFIX)], False
+  elif text.endswith(GATHER_SUFFIX):
+    body, gather = text[: -len(GATHER_SUFFIX)], True
   try:
     shape = tuple(int(x) for x in body.split("x"))
   except ValueError:
     shape = ()
   if len(shape) != 3 or min(shape) < 1:
     raise app.UsageError(f"--meshes: {text!r} is not DATAxFSDPxTENSOR with positive sizes, e.g. 8x1x1, "
-                         f"optionally followed by {COMPILER_SUFFIX}")
-  return shape, explicit
+                         f"optionally followed by {COMPILER_SUFFIX} or {GATHER_SUFFIX}")
+  return shape, explicit, gather
 
 
 def run_once(entry: tuple[tuple[int, int, int], bool], out: str) -> dict:
-  mesh, explicit = entry
+  mesh, explicit, gather = entry
   args = [f"--archs={FLAGS.archs}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}",
-          f"--seq={FLAGS.seq}", f"--mesh={','.join(map(str, mesh))}", f"--explicit_grad_reduce={explicit}"]
+          f"--seq={FLAGS.seq}", f"--mesh={','.join(map(str, mesh))}", f"--explicit_grad_reduce={explicit}",
+          f"--gather_split_params={gather}"]
   args += ["--small"] if FLAGS.small else []
   flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   flags_env.append(f"--xla_force_host_platform_device_count={math.prod(mesh)}")
@@ -72,7 +79,8 @@ def run_once(entry: tuple[tuple[int, int, int], bool], out: str) -> dict:
   # with several CPU devices, jemalloc instead where installed); the check below holds it to that.
   env = dict(os.environ, XLA_FLAGS=" ".join(flags_env))
   return bench_processes.run_bench_train(
-      args, env, out, expect=dict(devices=math.prod(mesh), explicit_grad_reduce=explicit, **runtime.planned_malloc(env)))
+      args, env, out, expect=dict(devices=math.prod(mesh), explicit_grad_reduce=explicit, gather_split_params=gather,
+                                **runtime.planned_malloc(env)))
 
 
 def main(argv):
@@ -80,7 +88,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import numpy as np
   meshes = [parse_mesh(m) for m in FLAGS.meshes]
-  for m, _ in meshes:
+  for m, _, _ in meshes:
     if FLAGS.batch % (m[0] * m[1]):
       raise app.UsageError(f"--batch={FLAGS.batch} is not divisible by data x fsdp = {m[0] * m[1]} of mesh {m}")
   if len(set(FLAGS.meshes)) != len(FLAGS.meshes):
@@ -91,7 +99,7 @@ def main(argv):
     name = names[meshes.index(entry)]
     for row in table["rows"]:
       runs.append(dict(round=r, mesh=name, devices=table["devices"], gflop_per_step=row["gflop_per_step"],
-                       explicit_grad_reduce=entry[1],
+                       explicit_grad_reduce=entry[1], gather_split_params=entry[2],
                        retained_heap=table["retained_heap"], jemalloc=table["jemalloc"],
                        **bench_processes.step_record(row)))
       print(f"round {r} mesh {name:<16} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "

@@ -50,6 +50,9 @@ flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the vi
 flags.DEFINE_bool("explicit_grad_reduce", True, "make_train_step's explicit_grad_reduce (config mesh."
                   "explicit_grad_reduce): on a data-parallel mesh, one gradient sum per step; False leaves "
                   "the collectives to the partitioner.")
+flags.DEFINE_bool("gather_split_params", False, "make_train_step's gather_split_params (config mesh."
+                  "gather_split_params): on an FSDP mesh, the per-device program too, gathering the split "
+                  "parameters once and reduce-scattering their gradients.")
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
@@ -148,7 +151,8 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
                precision: str, target_lse: bool = True, attention: str | None = None,
-               causal_block: int | None = None, explicit_grad_reduce: bool = True) -> dict:
+               causal_block: int | None = None, explicit_grad_reduce: bool = True,
+               gather_split_params: bool = False) -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
   import jax
   import ml_collections
@@ -201,7 +205,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   rest, target = jax.device_put(rest, rsh), jax.device_put(target, sh["target"])
   dev_batch = jax.device_put(host_batch, bsh)
   fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh,
-                                explicit_grad_reduce=explicit_grad_reduce)
+                                explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params)
   t0 = time.perf_counter()
   from lkjax.models import layers
   with layers.attention_variant(attention, causal_block):     # read while tracing
@@ -234,12 +238,12 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
 
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
                profile_dir: str = "", target_lse: bool = True, ab: str = "", warmup: int = 1,
-               explicit_grad_reduce: bool = True) -> dict:
+               explicit_grad_reduce: bool = True, gather_split_params: bool = False) -> dict:
   """L_lambda and KL (and B) steps of ``arch``, timed interleaved so all see the same load; the order
   within a round rotates from round to round (LK KL B, KL B LK, B LK KL, ...)."""
   import numpy as np
   kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision,
-            explicit_grad_reduce=explicit_grad_reduce)
+            explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params)
   lk, kl = (build_step(arch, kind, info, target_lse=target_lse, **kw) for kind in ("lk_hybrid", "kl"))
   variant = None
   if ab == "no_target_lse":
@@ -326,7 +330,8 @@ def main(argv):
   for arch in archs:
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps, mesh_shape=mesh_shape,
                      precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse == "on",
-                     ab=FLAGS.ab, warmup=FLAGS.warmup, explicit_grad_reduce=FLAGS.explicit_grad_reduce)
+                     ab=FLAGS.ab, warmup=FLAGS.warmup, explicit_grad_reduce=FLAGS.explicit_grad_reduce,
+                     gather_split_params=FLAGS.gather_split_params)
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
@@ -340,7 +345,8 @@ def main(argv):
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
                    target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
-                   explicit_grad_reduce=FLAGS.explicit_grad_reduce, hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
+                   explicit_grad_reduce=FLAGS.explicit_grad_reduce, gather_split_params=FLAGS.gather_split_params,
+                   hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
                    jemalloc=runtime.jemalloc_active(),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)
   print(f"wrote {FLAGS.out}")

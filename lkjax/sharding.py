@@ -123,7 +123,8 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> dict[str, Na
   return {k: NamedSharding(mesh, batch_spec(np.ndim(v), mesh, rules, np.shape(v)[0])) for k, v in batch.items()}
 
 
-def _varying_axes(x) -> frozenset:
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes along which ``x`` (a value inside ``shard_map``) may differ between devices."""
   mat = getattr(jax.typeof(x), "manual_axis_type", None)
   return frozenset(mat.varying) if mat is not None else frozenset()
 
@@ -136,7 +137,7 @@ def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
   array) but is combined with per-device data gets per-device cotangents; its true cotangent is their
   sum, and JAX requires the bwd rule to return that type. Outside ``shard_map`` this returns ``ct``.
   """
-  extra = _varying_axes(ct) - _varying_axes(primal)
+  extra = varying_axes(ct) - varying_axes(primal)
   return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
@@ -144,17 +145,23 @@ _HLO_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16"
               "s8": 1, "u8": 1, "pred": 1}
 
 
-def all_reduce_bytes(hlo_text: str) -> int:
-  """Bytes one device's all-reduces produce per execution, from compiled HLO text (``compiled.as_text()``):
-  the summed sizes of the results of every ``all-reduce`` / ``all-reduce-start`` (tuples counted whole)."""
+def collective_bytes(hlo_text: str, op: str) -> int:
+  """Bytes one device's ``op`` collectives (``"all-reduce"``, ``"reduce-scatter"``, ``"all-gather"``)
+  produce per execution, from compiled HLO text (``compiled.as_text()``): the summed sizes of the results
+  of every ``op`` / ``op-start`` (tuples counted whole)."""
   total = 0
   for line in hlo_text.splitlines():
-    if " all-reduce(" not in line and " all-reduce-start(" not in line:
+    if f" {op}(" not in line and f" {op}-start(" not in line:
       continue
-    result = line.split("=", 1)[1].split("all-reduce", 1)[0]
+    result = line.split("=", 1)[1].split(op, 1)[0]
     for dt, dims in re.findall(r"\b(" + "|".join(_HLO_BYTES) + r")\[([\d,]*)\]", result):
       total += _HLO_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
   return total
+
+
+def all_reduce_bytes(hlo_text: str) -> int:
+  """`collective_bytes` of the all-reduces."""
+  return collective_bytes(hlo_text, "all-reduce")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -42,8 +42,10 @@ def _records(workdir, split):
   return {r["step"]: r for r in metrics_lib.read_metrics(workdir, split)}
 
 
-def test_kill_and_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
-  cfg = tiny_config(data_dir)
+@pytest.mark.parametrize("mesh", [dict(), {"mesh.shape": (1, 8, 1), "mesh.gather_split_params": True}],
+                         ids=["2x2x2", "fsdp_gather"])
+def test_kill_and_resume_reproduces_uninterrupted_run(data_dir, tmp_path, mesh):
+  cfg = tiny_config(data_dir, **mesh)
   full = loop.train_and_evaluate(cfg, tmp_path / "full")
   assert full["status"] == "finished" and full["step"] == 6
   part = loop.train_and_evaluate(cfg, tmp_path / "part", stop_after=3)

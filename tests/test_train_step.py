@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lkjax import sharding as shd
 from lkjax.models.base import Frozen
@@ -341,15 +342,21 @@ def test_precast_rest_changes_nothing_but_the_per_step_cast():
 # Data-parallel meshes: one explicit gradient sum per step (shard_map) == the partitioner's placement
 
 
-def test_data_parallel_axes_only_for_purely_data_parallel_layouts():
-  def axes(mesh_shape):
-    return step_lib.data_parallel_axes(setup(mesh_shape)[4])
+def test_data_parallel_axes_only_when_every_split_is_over_the_batch_axes():
+  def axes(mesh_shape, allow_split=True):
+    return step_lib.data_parallel_axes(setup(mesh_shape)[4], allow_split=allow_split)
 
-  assert axes((8, 1, 1)) == ("data",)
+  assert axes((8, 1, 1)) == axes((8, 1, 1), False) == ("data",)
   assert axes((4, 1, 1)) == ("data",)       # fewer devices than the host has: the first four
+  assert axes((1, 8, 1)) == ("fsdp",)       # the batch and the "embed" parameters over fsdp
+  assert axes((4, 2, 1)) == ("data", "fsdp")
+  assert axes((1, 8, 1), False) is None     # split parameters: only with gather_split_params
+  assert axes((4, 2, 1), False) is None
   assert axes((1, 1, 1)) is None            # one device: nothing to sum
   assert axes((2, 2, 2)) is None            # tensor axis: the partitioner's placement
-  assert axes((4, 2, 1)) is None            # fsdp shards the "embed" parameters
+  sh = setup((4, 2, 1))[4]                  # parameters split over fsdp, the batch over data only
+  sh = dict(sh, batch=jax.tree.map(lambda s: NamedSharding(s.mesh, P("data")), sh["batch"]))
+  assert step_lib.data_parallel_axes(sh, allow_split=True) is None
   assert step_lib.data_parallel_axes(None) is None
 
 
@@ -361,9 +368,12 @@ def test_all_reduce_bytes_counts_every_result_of_every_all_reduce():
       "  %d = f32[4]{0} add(%p, %q)"])
   assert shd.all_reduce_bytes(hlo) == 576 * 4 + 6 * 2 + 7 * 4
   assert shd.all_reduce_bytes("") == 0
+  hlo += "\n  %e = f32[72,8192]{1,0} reduce-scatter(%g), channel_id=3, dimensions={0}, to_apply=%sum"
+  assert shd.collective_bytes(hlo, "reduce-scatter") == 72 * 8192 * 4
+  assert shd.collective_bytes(hlo, "all-gather") == 0
 
 
-def _arch_step(arch, mesh_shape, explicit):
+def _arch_step(arch, mesh_shape, explicit, gather=False):
   """A real draft's fp32 train step (`tiny_draft`, batch 8 x 10) on ``mesh_shape`` (None: single device,
   no shardings) -> (jitted step, its arguments, number of trainable parameters)."""
   graphdef, params, rest, target, batch = tiny_draft(arch, 8, 10)
@@ -381,24 +391,33 @@ def _arch_step(arch, mesh_shape, explicit):
     state, pure_rest = jax.device_put(state, sh["state"]), jax.device_put(pure_rest, sh["rest"])
     target, batch = jax.device_put(target, sh["target"]), jax.device_put(batch, sh["batch"])
   fn = step_lib.make_train_step(graphdef, tx, loss_cfg("lk_hybrid"), total_steps=10, precision="fp32",
-                                shardings=sh, donate=False, explicit_grad_reduce=explicit)
+                                shardings=sh, donate=False, explicit_grad_reduce=explicit,
+                                gather_split_params=gather)
   return fn, (state, pure_rest, target, batch), sum(x.size for x in jax.tree.leaves(pure_params))
 
 
 @pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
 def test_data_parallel_step_sums_gradients_once_and_equals_single_device(arch):
-  """The shard_map step on an 8-device data-parallel mesh: the same state and metrics as one device and as
-  the partitioner's placement, and its all-reduces move exactly the float32 gradients once (plus the
-  loss's [K] token sums) -- an EAGLE-3 or MTP parameter used by every head is not summed once per use."""
-  results, hlo = {}, {}
+  """The shard_map step on 8 devices: the same state and metrics as one device and as the partitioner's
+  placement, with each parameter's float32 gradient summed over the devices once (plus the loss's [K]
+  token sums) -- an EAGLE-3 or MTP parameter used by every head is not summed once per use.
+
+  Data parallel (8x1x1): one all-reduce of every gradient. FSDP (1x8x1, "embed" dims split): the split
+  parameters are gathered at the start and their gradients reduce-scattered, each device receiving its
+  eighth; only the replicated ones are all-reduced (``gather_split_params``). Both (2x4x1): the batch over
+  both axes."""
+  results, hlo, split = {}, {}, {}
   for name, mesh_shape, explicit in (("single", None, True), ("explicit", (8, 1, 1), True),
-                                     ("compiler", (8, 1, 1), False)):
-    fn, args, n_params = _arch_step(arch, mesh_shape, explicit)
+                                     ("compiler", (8, 1, 1), False), ("fsdp", (1, 8, 1), True),
+                                     ("both", (2, 4, 1), True)):
+    fn, args, n_params = _arch_step(arch, mesh_shape, explicit, gather=name in ("fsdp", "both"))
     compiled = fn.lower(*args).compile()
     results[name] = jax.tree.map(np.asarray, compiled(*args))
     hlo[name] = compiled.as_text()
+    split[name] = sum(x.size for x in jax.tree.leaves(args[0]["params"])
+                      if any(e is not None for e in tuple(getattr(x.sharding, "spec", ()))))
   ref_state, ref_metrics = results["single"]
-  for name in ("explicit", "compiler"):
+  for name in ("explicit", "compiler", "fsdp", "both"):
     state, metrics = results[name]
     for key in ref_metrics:
       np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, atol=1e-6, err_msg=f"{name} {key}")
@@ -406,7 +425,17 @@ def test_data_parallel_step_sums_gradients_once_and_equals_single_device(arch):
   assert "all-reduce" not in hlo["single"] and shd.all_reduce_bytes(hlo["single"]) == 0
   k = ref_metrics["alpha"].shape[0]
   # f32 gradients once + at most the objective's psum-ed [K] sums (tokens, alpha, kl, tv, -log alpha).
+  assert split["explicit"] == 0
   assert 4 * n_params <= shd.all_reduce_bytes(hlo["explicit"]) <= 4 * n_params + 4 * 8 * k
+  assert 0 < split["fsdp"] == split["both"] <= n_params
+  rest = n_params - split["fsdp"]
+  # ... + the partial sums of squares of the split gradients (their global norm, for the clip and grad_norm).
+  n_leaves = len(jax.tree.leaves(ref_state["params"]))
+  assert 4 * rest <= shd.all_reduce_bytes(hlo["fsdp"]) <= 4 * rest + 4 * 8 * k + 8 * n_leaves
+  assert shd.collective_bytes(hlo["fsdp"], "reduce-scatter") == 4 * split["fsdp"] // 8
+  # Both axes: the split gradients are all-reduced over data (2) first, then reduce-scattered over fsdp (4).
+  assert 4 * n_params <= shd.all_reduce_bytes(hlo["both"]) <= 4 * n_params + 4 * 8 * k + 8 * n_leaves
+  assert shd.collective_bytes(hlo["both"], "reduce-scatter") == 4 * split["both"] // 4
 
 
 @pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])

@@ -18,7 +18,8 @@ both are shifted per head with `head_targets` (head k compares with the target a
 draft-vocabulary rows of the head are multiplied (``final_hidden @ lm_head[draft_ids].T``, ``[B, T, Vd]``)
 and the stored lse is used: the same numbers up to float32 rounding, without the ``[B, T, V]`` matmul.
 Every reduction is a masked mean over the global (sharded) batch, so lambda_k of ``lk_hybrid`` is
-computed from the global batch. On a purely data-parallel mesh the gradient is a per-device program
+computed from the global batch. On a data-parallel mesh (and, with ``gather_split_params``, an FSDP
+one) the gradient is a per-device program
 (``shard_map``) whose means ``psum`` their sums and whose parameter gradients are summed over the devices
 once (`make_train_step`, ``explicit_grad_reduce``); on other layouts the partitioner places the collectives.
 
@@ -47,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lkjax import losses_chunked
 from lkjax.losses import lk_objective, needed_grads
 from lkjax.models.base import head_mask, head_targets, shift_right
+from lkjax.sharding import varying_axes
 
 PRECISIONS = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -209,13 +211,16 @@ def _forward_loss(graphdef, loss_fn: Callable, kind: str, kw: Mapping[str, Any],
   return loss_fn(logits, y_d, mask, kind, step=step, target_lse=lse, **kw)
 
 
-def data_parallel_axes(shardings: Mapping[str, Any] | None) -> tuple[str, ...] | None:
-  """The mesh axes the batch is split over, when the layout is purely data parallel; else None.
+def data_parallel_axes(shardings: Mapping[str, Any] | None, allow_split: bool = False) -> tuple[str, ...] | None:
+  """The mesh axes the batch is split over, when the layout is data parallel; else None.
 
-  Purely data parallel: the batch's leading axis is split over some mesh axes (together more than one
-  device), every other mesh axis has size 1, and nothing else (params, optimizer state, ``rest``,
-  ``target``) is split at all. Then the gradient is one per-device program with one explicit sum over
-  those axes (`make_train_step`'s ``explicit_grad_reduce``).
+  Data parallel: the batch's leading axis is split over some mesh axes (together more than one device),
+  every other mesh axis has size 1, and nothing else (parameters, optimizer state, ``rest``, ``target``)
+  is split -- or, with ``allow_split``, split over those same axes only (e.g. the ``embed`` dims over
+  ``fsdp``). Then the gradient is one per-device program (`make_train_step`'s ``explicit_grad_reduce``):
+  split inputs are gathered once at its start, and each parameter's gradient is summed over the devices
+  once at its end -- a ``psum`` for a replicated parameter, a ``psum_scatter`` into its own split for a
+  split one.
   """
   if shardings is None:
     return None
@@ -232,9 +237,43 @@ def data_parallel_axes(shardings: Mapping[str, Any] | None) -> tuple[str, ...] |
     return None
   for key in ("state", "rest", "target"):
     for s in jax.tree.leaves(shardings[key], is_leaf=lambda x: isinstance(x, NamedSharding)):
-      if any(a is not None for a in tuple(s.spec)):
+      if any(a not in axes or not allow_split for entry in tuple(s.spec) for a in _entry_axes(entry)):
         return None
   return axes
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _axis_arg(axes: tuple[str, ...]):
+  return axes[0] if len(axes) == 1 else axes
+
+
+def gather_split(x: jax.Array, spec: P) -> jax.Array:
+  """Inside ``shard_map``: this device's block of an array split as ``spec`` -> the whole array (an
+  ``all_gather`` per split dimension)."""
+  for d, entry in enumerate(tuple(spec)):
+    if _entry_axes(entry):
+      x = jax.lax.all_gather(x, _axis_arg(_entry_axes(entry)), axis=d, tiled=True)
+  return x
+
+
+def sum_split(g: jax.Array, spec: P, axes: tuple[str, ...]) -> jax.Array:
+  """Inside ``shard_map``: per-device gradients ``g`` of a whole parameter -> their sum over the devices
+  of ``axes``, as this device's block of the split ``spec`` (``psum`` over the axes the parameter is
+  replicated on, ``psum_scatter`` over those it is split on)."""
+  split = [a for entry in tuple(spec) for a in _entry_axes(entry)]
+  whole = tuple(a for a in axes if a not in split)
+  if whole:
+    g = jax.lax.psum(g, whole)
+  for d, entry in enumerate(tuple(spec)):
+    if _entry_axes(entry):
+      g = jax.lax.psum_scatter(g, _axis_arg(_entry_axes(entry)), scatter_dimension=d, tiled=True)
+  return g
 
 
 def _split_micro(batch: Mapping[str, jax.Array], accum: int, batch_axes) -> dict[str, jax.Array]:
@@ -254,7 +293,8 @@ def _split_micro(batch: Mapping[str, jax.Array], accum: int, batch_axes) -> dict
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg, *,
                     total_steps: int, precision: str = "fp32", grad_accum: int = 1,
                     shardings: Mapping[str, Any] | None = None, loss_fn: Callable | None = None,
-                    donate: bool = True, explicit_grad_reduce: bool = True) -> Callable:
+                    donate: bool = True, explicit_grad_reduce: bool = True,
+                    gather_split_params: bool = False) -> Callable:
   """Build the jitted ``train_step(state, rest, target, batch) -> (state, metrics)``.
 
   Args:
@@ -271,16 +311,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     explicit_grad_reduce: on a purely data-parallel layout (`data_parallel_axes`), compute the gradient
       as a per-device program (``shard_map``) whose parameter gradients are summed over the devices ONCE,
       after every use of a parameter and every micro-batch has added its share, with the loss's means
-      taken over the global batch (``psum`` in `lkjax.losses.lk_objective`). Left to the partitioner, XLA's CPU backend sums the
-      contributions of each use separately: an EAGLE-3 step all-reduced 250 MB of gradients (the LM head's
-      once per TTT step) for 39 MB of parameters. Same numbers either way (up to float rounding); False,
-      or any other layout, leaves the placement to the partitioner.
+      taken over the global batch (``psum`` in `lkjax.losses.lk_objective`). Left to the partitioner,
+      XLA's CPU backend sums the contributions of each use separately: an EAGLE-3 step all-reduced 250 MB
+      of gradients (the LM head's once per TTT step) for 39 MB of parameters. Same numbers either way (up
+      to float rounding); False, or any other layout, leaves the placement to the partitioner.
+    gather_split_params: with ``explicit_grad_reduce``, also take the per-device program on layouts whose
+      parameters (and ``rest``, ``target``) are split over the batch's mesh axes only (FSDP over
+      ``fsdp``; `data_parallel_axes` with ``allow_split``). Split inputs are gathered once at its start,
+      parameters cast to the compute dtype first (`gather_split`), and their gradients are
+      reduce-scattered back into the split (`sum_split`), so the optimizer updates each device's part
+      only. Config ``mesh.gather_split_params``; which architectures gain is in docs/bench_train.md.
 
   Returns metrics: per head ``alpha``, ``lambda``, ``kl``, ``tv`` ``[K]`` (and the other lk_loss metrics),
   scalars ``loss``, ``tau``, ``grad_norm`` (before clipping), ``lr``-free (the loop logs the schedule).
   """
   # A caller's loss_fn may not take axis_name: its step keeps the partitioner's placement.
-  dp_axes = data_parallel_axes(shardings) if explicit_grad_reduce and loss_fn is None else None
+  dp_axes = (data_parallel_axes(shardings, allow_split=gather_split_params)
+             if explicit_grad_reduce and loss_fn is None else None)
   loss_fn, impl = _loss_fn_and_impl(loss_cfg, loss_fn)
   dtype = compute_dtype(precision)
   kind = loss_cfg.kind
@@ -297,37 +344,53 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     return grads, metrics
 
   def varying(tree):
-    return tree if dp_axes is None else jax.lax.pcast(tree, dp_axes, to="varying")
+    # Per-device values over every axis of dp_axes (a gathered block is already per-device over its own).
+    def leaf(x):
+      missing = tuple(a for a in dp_axes if a not in varying_axes(x))
+      return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return tree if dp_axes is None else jax.tree.map(leaf, tree)
 
   def accumulated_grads(params, rest, target, batch, step):
-    # In shard_map the parameters are made per-device values once, here: each device's gradient is then
-    # its own partial sum (over every use of a parameter and every micro-batch), and one psum at the end
-    # is the step's only gradient collective.
-    params = varying(params)
+    to_param_dtype = lambda g: g  # noqa: E731
+    if dp_axes is not None:
+      # Each device gathers what is split once, here: the parameters already cast to the compute dtype
+      # (half the bytes in bf16; the forward would cast them anyway, so the values are unchanged). They
+      # are made per-device values, so each device's gradient is its own partial sum over every use of a
+      # parameter and every micro-batch, summed over the devices once at the end (`sum_split`).
+      dtypes = jax.tree.map(lambda p: p.dtype, params)
+      to_param_dtype = lambda g: jax.tree.map(lambda x, d: x.astype(d), g, dtypes)  # noqa: E731
+      params = varying(jax.tree.map(lambda p, s: gather_split(cast_floating(p, dtype), s), params, specs["params"]))
+      rest = jax.tree.map(gather_split, rest, specs["rest"])
+      target = jax.tree.map(gather_split, target, specs["target"])
     if accum == 1:
       grads, metrics = grads_of(params, rest, target, batch, step)
+      grads = to_param_dtype(grads)
     else:
       micro = _split_micro(batch, accum, batch_axes)
 
       def body(carry, mb):
         g, m = grads_of(params, rest, target, mb, step)
-        return jax.tree.map(jnp.add, carry, (g, m)), None
+        return jax.tree.map(jnp.add, carry, (to_param_dtype(g), m)), None
 
       shapes = jax.eval_shape(lambda: grads_of(params, rest, target, jax.tree.map(lambda x: x[0], micro), step))
       gzero, mzero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      (gsum, msum), _ = jax.lax.scan(body, (varying(gzero), mzero), micro)
+      (gsum, msum), _ = jax.lax.scan(body, (varying(to_param_dtype(gzero)), mzero), micro)
       grads = jax.tree.map(lambda g: g / accum, gsum)
       metrics = jax.tree.map(lambda m: m / accum, msum)
       metrics["tokens"] = msum["tokens"]  # counts add up, they are not averaged
     if dp_axes is not None:
-      grads = jax.lax.psum(grads, dp_axes)
+      grads = jax.tree.map(lambda g, s: sum_split(g, s, dp_axes), grads, specs["params"])
     return grads, metrics
 
   if dp_axes is not None:
+    spec_of = lambda tree: jax.tree.map(lambda s: s.spec, tree, is_leaf=lambda x: isinstance(x, NamedSharding))  # noqa: E731
+    specs = dict(params=spec_of(shardings["state"]["params"]), rest=spec_of(shardings["rest"]),
+                 target=spec_of(shardings["target"]))
     batch_in = jax.tree.map(lambda _: P(dp_axes), shardings["batch"],
                             is_leaf=lambda x: isinstance(x, NamedSharding))
     accumulated_grads = jax.shard_map(accumulated_grads, mesh=shardings["mesh"],
-                                      in_specs=(P(), P(), P(), batch_in, P()), out_specs=(P(), P()))
+                                      in_specs=(specs["params"], specs["rest"], specs["target"], batch_in, P()),
+                                      out_specs=(specs["params"], P()))
 
   def train_step(state, rest, target, batch):
     params, step = state["params"], state["step"]
