@@ -171,7 +171,7 @@ def _forward(st: _Static, z, y, dv, lse_given):
     keep = valid & (pt > 0)    # p~ = 0 columns (-inf target logits) contribute 0 to KL
     d_alpha, d_kl, d_eg = _row_sums(jnp.where(valid, jnp.minimum(p, q), 0.0),
                                     jnp.where(keep, pt * (jnp.where(keep, log_pt, 0.0) - log_q), 0.0),
-                                    jnp.where(valid, q * _min_grad(q, p), 0.0))
+                                    jnp.where(valid & (q <= p), jnp.where(q < p, q, 0.5 * q), 0.0))
     return alpha + d_alpha, kl + d_kl, eg + d_eg
 
   alpha, kl, eg = _chunk_loop(_num_chunks(vd, cs), pass2, (zero, zero, zero))
