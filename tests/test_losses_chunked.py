@@ -164,3 +164,30 @@ def test_chunked_never_holds_a_full_vocabulary_array():
   t_ref, t_chunk = temp(None), temp(1024)
   assert t_ref >= 2 * full, t_ref
   assert t_chunk < 0.5 * full, t_chunk
+
+
+@pytest.mark.parametrize("chunk", [5, 24])
+def test_ties_follow_jnp_minimum(chunk):
+  """q == p in every column (the draft's logits are the target's): jnp.minimum gives each side half of the
+  gradient, so d alpha / dz = q (1/2 - E_q[1/2]) = 0. The forward's E_q[g] must count each tie as q/2 for
+  the chunked backward to get 0 (counting it as q or 0 gives -q/2 or +q/2), in both the raw-logits path
+  and the precomputed-`TargetProbs` path the trainer uses."""
+  y = jnp.asarray(RNG.standard_normal((3, 24)) * 2, jnp.float32)
+  lse = jax.nn.logsumexp(y, axis=-1)
+
+  def ref(z):
+    q = jax.nn.softmax(z, axis=-1)
+    return jnp.sum(jnp.minimum(jax.lax.stop_gradient(jax.nn.softmax(y, axis=-1)), q))
+
+  def raw(z):
+    return jnp.sum(losses_chunked.token_alpha_kl(z, y, chunk_size=chunk, grad_kl=False)[0])
+
+  def probs(z):
+    return jnp.sum(losses_chunked.token_alpha_kl_probs(z, losses_chunked.target_probs(y, lse), chunk_size=chunk,
+                                                       grad_kl=False)[0])
+
+  want = jax.grad(ref)(y)
+  np.testing.assert_allclose(np.asarray(want), 0.0, atol=1e-7)
+  for f in (raw, probs):
+    np.testing.assert_allclose(np.asarray(f(y)), 3.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.grad(f)(y)), np.asarray(want), atol=1e-7)
