@@ -115,6 +115,10 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
   # split parameters once per step and reduce-scatters their gradients, so each device updates its part.
   # Pays off for MEDUSA (configs/medusa.py); not for the others (docs/bench_train.md, session 8).
   c.mesh.gather_split_params = False
+  # In that program, embedding tables split on their feature dim that stay split: each device looks up its
+  # columns for every device's tokens (lkjax/models/layers.py table_rows). Trainable (the MLP-Speculator's
+  # `emb`, its config's default) or frozen (the target embedding `embed_tokens` of EAGLE-3 and MTP).
+  c.mesh.split_tables = ()
 
   c.precision = "bf16"               # bf16: bf16 compute, fp32 params + optimizer state; fp32: all fp32
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))

@@ -16,7 +16,9 @@ A mesh written ``8x1x1/compiler`` runs the step with ``--explicit_grad_reduce=Fa
 collectives placed by the partitioner instead of the step's one explicit sum over the data-parallel
 devices (`lkjax.train.step.make_train_step`), for a side-by-side comparison of the two. One written
 ``1x8x1/gather`` runs it with ``--gather_split_params``: on an FSDP mesh, the per-device program too, with
-the split parameters gathered once and their gradients reduce-scattered.
+the split parameters gathered once and their gradients reduce-scattered; ``1x8x1/tables`` also keeps the
+embedding tables split (``--split_tables``: the MLP-Speculator's ``emb``, the target embedding
+``embed_tokens`` of EAGLE-3 and MTP; MEDUSA has none).
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ import bench_processes  # noqa: E402
 flags.DEFINE_string("archs", "eagle3", "Comma-separated architectures (bench_train.py --archs).")
 flags.DEFINE_list("meshes", ["1x1x1", "8x1x1"], "Meshes as DATAxFSDPxTENSOR; the first is the reference.")
 flags.DEFINE_integer("batch", 8, "Global batch rows (divisible by every mesh's data x fsdp).")
+flags.DEFINE_bool("batch_per_shard", False, "--batch is per batch shard: a mesh whose batch is split N ways "
+                  "runs N x --batch rows, so each device's share stays the same (weak scaling). Default: "
+                  "every mesh runs the same global batch (strong scaling).")
 flags.DEFINE_integer("seq", 256, "Tokens per row.")
 flags.DEFINE_integer("rounds", 3, "Rounds; each runs every mesh once.")
 flags.DEFINE_integer("steps", 3, "Timed steps per bench_train.py run.")
@@ -48,39 +53,58 @@ FLAGS = flags.FLAGS
 
 COMPILER_SUFFIX = "/compiler"
 GATHER_SUFFIX = "/gather"
+TABLES_SUFFIX = "/tables"
+TABLES = ("emb", "embed_tokens")   # each draft keeps the ones it has (bench_train.py --split_tables)
+CONFIG_PREFIX = "config:"
 
 
-def parse_mesh(text: str) -> tuple[tuple[int, int, int], bool, bool]:
-  """``DATAxFSDPxTENSOR[/compiler|/gather]`` -> (shape, explicit_grad_reduce, gather_split_params)."""
-  body, explicit, gather = text, True, False
+def parse_mesh(text: str) -> dict:
+  """``DATAxFSDPxTENSOR[/compiler|/gather|/tables]`` or ``config:N`` -> ``dict(devices, args, expect,
+  split_batch)``: the child's device count, its layout flags for bench_train.py, the top-level fields its
+  table must report, and how many ways the batch is split."""
+  if text.startswith(CONFIG_PREFIX):
+    n = text[len(CONFIG_PREFIX):]
+    if not n.isdigit() or int(n) < 1:
+      raise app.UsageError(f"--meshes: {text!r}: expected {CONFIG_PREFIX}N with N devices, e.g. {CONFIG_PREFIX}8")
+    # Every config's batch rule splits the batch over all devices (mesh.shape (-1,1,1) or (1,-1,1)).
+    return dict(devices=int(n), args=["--mesh=config"], expect=dict(mesh="config"), split_batch=int(n))
+  body, explicit, gather, tables = text, True, False, ()
   if text.endswith(COMPILER_SUFFIX):
     body, explicit = text[: -len(COMPILER_SUFFIX)], False
   elif text.endswith(GATHER_SUFFIX):
     body, gather = text[: -len(GATHER_SUFFIX)], True
+  elif text.endswith(TABLES_SUFFIX):
+    body, gather, tables = text[: -len(TABLES_SUFFIX)], True, TABLES
   try:
     shape = tuple(int(x) for x in body.split("x"))
   except ValueError:
     shape = ()
   if len(shape) != 3 or min(shape) < 1:
     raise app.UsageError(f"--meshes: {text!r} is not DATAxFSDPxTENSOR with positive sizes, e.g. 8x1x1, "
-                         f"optionally followed by {COMPILER_SUFFIX} or {GATHER_SUFFIX}")
-  return shape, explicit, gather
+                         f"optionally followed by {COMPILER_SUFFIX}, {GATHER_SUFFIX} or {TABLES_SUFFIX}, "
+                         f"or {CONFIG_PREFIX}N")
+  args = [f"--mesh={','.join(map(str, shape))}", f"--explicit_grad_reduce={explicit}",
+          f"--gather_split_params={gather}", f"--split_tables={','.join(tables)}"]
+  expect = dict(explicit_grad_reduce=explicit, gather_split_params=gather, split_tables=list(tables))
+  return dict(devices=math.prod(shape), args=args, expect=expect, split_batch=shape[0] * shape[1])
 
 
-def run_once(entry: tuple[tuple[int, int, int], bool], out: str) -> dict:
-  mesh, explicit, gather = entry
-  args = [f"--archs={FLAGS.archs}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}",
-          f"--seq={FLAGS.seq}", f"--mesh={','.join(map(str, mesh))}", f"--explicit_grad_reduce={explicit}",
-          f"--gather_split_params={gather}"]
+def global_batch(entry: dict) -> int:
+  """The batch rows a mesh's process runs: --batch, or --batch per batch shard with --batch_per_shard."""
+  return FLAGS.batch * entry["split_batch"] if FLAGS.batch_per_shard else FLAGS.batch
+
+
+def run_once(entry: dict, out: str) -> dict:
+  args = [f"--archs={FLAGS.archs}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}",
+          f"--batch={global_batch(entry)}", f"--seq={FLAGS.seq}", *entry["args"]]
   args += ["--small"] if FLAGS.small else []
   flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  flags_env.append(f"--xla_force_host_platform_device_count={math.prod(mesh)}")
+  flags_env.append(f"--xla_force_host_platform_device_count={entry['devices']}")
   # The child decides its own malloc tunables for its device count (lkjax/runtime.py: no retained heap
   # with several CPU devices, jemalloc instead where installed); the check below holds it to that.
   env = dict(os.environ, XLA_FLAGS=" ".join(flags_env))
   return bench_processes.run_bench_train(
-      args, env, out, expect=dict(devices=math.prod(mesh), explicit_grad_reduce=explicit, gather_split_params=gather,
-                                **runtime.planned_malloc(env)))
+      args, env, out, expect=dict(devices=entry["devices"], **entry["expect"], **runtime.planned_malloc(env)))
 
 
 def main(argv):
@@ -88,9 +112,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import numpy as np
   meshes = [parse_mesh(m) for m in FLAGS.meshes]
-  for m, _, _ in meshes:
-    if FLAGS.batch % (m[0] * m[1]):
-      raise app.UsageError(f"--batch={FLAGS.batch} is not divisible by data x fsdp = {m[0] * m[1]} of mesh {m}")
+  for name, m in zip(FLAGS.meshes, meshes):
+    if global_batch(m) % m["split_batch"]:
+      raise app.UsageError(f"--batch={FLAGS.batch} is not divisible by data x fsdp = {m['split_batch']} of mesh {name}")
   if len(set(FLAGS.meshes)) != len(FLAGS.meshes):
     raise app.UsageError(f"--meshes: {FLAGS.meshes} names a mesh twice")
   names = list(FLAGS.meshes)   # the summary's keys, in --meshes order
@@ -99,12 +123,13 @@ def main(argv):
     name = names[meshes.index(entry)]
     for row in table["rows"]:
       runs.append(dict(round=r, mesh=name, devices=table["devices"], gflop_per_step=row["gflop_per_step"],
-                       explicit_grad_reduce=entry[1], gather_split_params=entry[2],
+                       batch=table["batch"], mesh_shape=row["mesh_shape"],
+                       explicit_grad_reduce=row["explicit_grad_reduce"], gather_split_params=row["gather_split_params"],
                        retained_heap=table["retained_heap"], jemalloc=table["jemalloc"],
                        **bench_processes.step_record(row)))
       print(f"round {r} mesh {name:<16} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
             f"LK {row['step_s']:.2f} s  faults/step {row['page_faults_per_step']:>8.0f}  "
-            f"kernel s/step {row['kernel_s_per_step']:.2f}", flush=True)
+            f"kernel s/step {row['kernel_s_per_step']:.2f}  user s/step {row['user_s_per_step']:.2f}", flush=True)
   summary = []
   for arch in dict.fromkeys(r["arch"] for r in runs):
     def pick(name, r):
@@ -119,16 +144,18 @@ def main(argv):
                           gflop_per_step=sel[0]["gflop_per_step"],
                           page_faults_per_step=float(np.median([x["page_faults_per_step"] for x in sel])),
                           kernel_s_per_step=float(np.median([x["kernel_s_per_step"] for x in sel])),
+                          user_s_per_step=float(np.median([x["user_s_per_step"] for x in sel])),
                           retained_heap=sel[0]["retained_heap"], jemalloc=sel[0]["jemalloc"]))
   print(f"{'arch':<16}{'mesh':<17}{'devices':>8}{'tok/s':>9}{'vs ' + names[0]:>12}{'per round':>24}"
-        f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}")
+        f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}{'user s':>8}")
   for s in summary:
     print(f"{s['arch']:<16}{s['mesh']:<17}{s['devices']:>8}{s['tokens_per_s']:>9.0f}{s['efficiency']:>12.1%}"
           f"{' '.join(f'{x:.2f}' for x in s['efficiency_per_round']):>24}{s['gflop_per_step']:>12.1f}"
-          f"{s['page_faults_per_step']:>9.0f}{s['kernel_s_per_step']:>10.2f}")
+          f"{s['page_faults_per_step']:>9.0f}{s['kernel_s_per_step']:>10.2f}{s['user_s_per_step']:>8.2f}")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
-    json.dump(dict(archs=FLAGS.archs, meshes=names, batch=FLAGS.batch, seq=FLAGS.seq, rounds=FLAGS.rounds,
+    json.dump(dict(archs=FLAGS.archs, meshes=names, batch=FLAGS.batch, batch_per_shard=FLAGS.batch_per_shard,
+                   seq=FLAGS.seq, rounds=FLAGS.rounds,
                    steps=FLAGS.steps, warmup=FLAGS.warmup, small=FLAGS.small,
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                    runs=runs, summary=summary), f, indent=1)

@@ -46,13 +46,19 @@ flags.DEFINE_integer("warmup", 1, "Untimed rounds of every program before the ti
                      "with two programs alternating it grows over the first two rounds.")
 flags.DEFINE_integer("batch", 0, "Global batch rows (0: 4, or 2 with --small).")
 flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
-flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices.")
+flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices, or 'config': each "
+                    "architecture on its config's layout (mesh.shape, explicit_grad_reduce, "
+                    "gather_split_params, split_tables), overriding the three layout flags below.")
 flags.DEFINE_bool("explicit_grad_reduce", True, "make_train_step's explicit_grad_reduce (config mesh."
                   "explicit_grad_reduce): on a data-parallel mesh, one gradient sum per step; False leaves "
                   "the collectives to the partitioner.")
 flags.DEFINE_bool("gather_split_params", False, "make_train_step's gather_split_params (config mesh."
                   "gather_split_params): on an FSDP mesh, the per-device program too, gathering the split "
                   "parameters once and reduce-scattering their gradients.")
+flags.DEFINE_list("split_tables", [], "make_train_step's split_tables (config mesh.split_tables), with "
+                  "--gather_split_params: tables kept split in the per-device program (the MLP-Speculator's emb, "
+                  "the target embedding embed_tokens of EAGLE-3 and MTP). Each architecture takes the names "
+                  "its draft has; its row records them (split_tables).")
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
@@ -152,7 +158,7 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
                precision: str, target_lse: bool = True, attention: str | None = None,
                causal_block: int | None = None, explicit_grad_reduce: bool = True,
-               gather_split_params: bool = False) -> dict:
+               gather_split_params: bool = False, split_tables: tuple[str, ...] = ()) -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
   import jax
   import ml_collections
@@ -204,8 +210,10 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   state = jax.device_put(step_lib.init_state(params, tx, 0), ssh)
   rest, target = jax.device_put(rest, rsh), jax.device_put(target, sh["target"])
   dev_batch = jax.device_put(host_batch, bsh)
+  split_tables = tuple(n for n in split_tables if n in params or n in rest)   # the names this draft has
   fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh,
-                                explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params)
+                                explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
+                                split_tables=split_tables)
   t0 = time.perf_counter()
   from lkjax.models import layers
   with layers.attention_variant(attention, causal_block):     # read while tracing
@@ -215,7 +223,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   flops *= mesh.size  # an SPMD-partitioned step reports the cost of one device's program
-  box = {"state": state, "minflt": [], "sys_s": []}
+  box = {"state": state, "minflt": [], "sys_s": [], "user_s": []}
 
   def run() -> float:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -226,24 +234,31 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     box["minflt"].append(r1.ru_minflt - r0.ru_minflt)     # page faults: see lkjax/runtime.py
     box["sys_s"].append(r1.ru_stime - r0.ru_stime)
+    box["user_s"].append(r1.ru_utime - r0.ru_utime)     # CPU time of all threads: work, not waiting
     box["loss"] = float(m["loss"])
     return dt
 
   run()  # warm-up
+  hlo = compiled.as_text()
   return dict(arch=arch, kind=kind, target_lse=target_lse, run=run, compiled=compiled, last=box,
               gflop_per_step=flops / 1e9, compile_s=compile_s,
-              all_reduce_mb=shd.all_reduce_bytes(compiled.as_text()) / 1e6,
+              all_reduce_mb=shd.all_reduce_bytes(hlo) / 1e6,
+              all_gather_mb=shd.collective_bytes(hlo, "all-gather") / 1e6,
+              reduce_scatter_mb=shd.collective_bytes(hlo, "reduce-scatter") / 1e6, split_tables=list(split_tables),
+              mesh_shape=tuple(mesh.devices.shape),
               num_params=int(sum(x.size for x in jax.tree.leaves(params))))
 
 
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
                profile_dir: str = "", target_lse: bool = True, ab: str = "", warmup: int = 1,
-               explicit_grad_reduce: bool = True, gather_split_params: bool = False) -> dict:
+               explicit_grad_reduce: bool = True, gather_split_params: bool = False,
+               split_tables: tuple[str, ...] = ()) -> dict:
   """L_lambda and KL (and B) steps of ``arch``, timed interleaved so all see the same load; the order
   within a round rotates from round to round (LK KL B, KL B LK, B LK KL, ...)."""
   import numpy as np
   kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision,
-            explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params)
+            explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
+            split_tables=split_tables)
   lk, kl = (build_step(arch, kind, info, target_lse=target_lse, **kw) for kind in ("lk_hybrid", "kl"))
   variant = None
   if ab == "no_target_lse":
@@ -296,15 +311,28 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
   extra.update(ceiling_samples=ceil, utilisation=float(np.median(util)),
                page_faults_per_step=float(np.median(lk["last"]["minflt"][timed])),
-               kernel_s_per_step=float(np.median(lk["last"]["sys_s"][timed])), warmup=warmup,
+               kernel_s_per_step=float(np.median(lk["last"]["sys_s"][timed])),
+               user_s_per_step=float(np.median(lk["last"]["user_s"][timed])), warmup=warmup,
                lk_page_faults=lk["last"]["minflt"][timed], lk_kernel_s=lk["last"]["sys_s"][timed],
                kl_page_faults=kl["last"]["minflt"][timed], kl_kernel_s=kl["last"]["sys_s"][timed])
   return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
               compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],
               all_reduce_mb=lk["all_reduce_mb"], kl_all_reduce_mb=kl["all_reduce_mb"],
+              all_gather_mb=lk["all_gather_mb"], reduce_scatter_mb=lk["reduce_scatter_mb"],
+              split_tables=lk["split_tables"], mesh_shape=list(lk["mesh_shape"]),
+              explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
               kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
               lk_times=t_lk, kl_times=t_kl, **extra)
+
+
+def config_layout(arch: str) -> dict:
+  """``arch``'s mesh layout from ``configs/<arch>.py``: shape and the train step's layout switches."""
+  from lkjax.config_args import load_config
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  m = load_config(os.path.join(root, f"configs/{arch}.py")).mesh
+  return dict(mesh_shape=tuple(m.shape), explicit_grad_reduce=bool(m.explicit_grad_reduce),
+              gather_split_params=bool(m.gather_split_params), split_tables=tuple(m.split_tables))
 
 
 def main(argv):
@@ -314,7 +342,11 @@ def main(argv):
   small = FLAGS.small
   batch = FLAGS.batch or (2 if small else 4)
   seq = FLAGS.seq or (64 if small else 512)
-  mesh_shape = tuple(int(x) for x in FLAGS.mesh.split(","))
+  if FLAGS.mesh != "config":
+    try:
+      mesh_shape = tuple(int(x) for x in FLAGS.mesh.split(","))
+    except ValueError:
+      raise app.UsageError(f"--mesh={FLAGS.mesh!r}: expected DATA,FSDP,TENSOR (e.g. -1,1,1) or config") from None
   if FLAGS.warmup < 1 or FLAGS.steps < 1:
     raise app.UsageError(f"--warmup={FLAGS.warmup} and --steps={FLAGS.steps} must both be >= 1")
   info = target_info(small)
@@ -328,10 +360,14 @@ def main(argv):
         f"bf16 matmul ceiling at start {matmul_ceiling(small):.1f} GFLOP/s", flush=True)
   rows = []
   for arch in archs:
-    row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps, mesh_shape=mesh_shape,
+    if FLAGS.mesh == "config":
+      layout = config_layout(arch)
+    else:
+      layout = dict(mesh_shape=mesh_shape, explicit_grad_reduce=FLAGS.explicit_grad_reduce,
+                    gather_split_params=FLAGS.gather_split_params, split_tables=tuple(FLAGS.split_tables))
+    row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps,
                      precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse == "on",
-                     ab=FLAGS.ab, warmup=FLAGS.warmup, explicit_grad_reduce=FLAGS.explicit_grad_reduce,
-                     gather_split_params=FLAGS.gather_split_params)
+                     ab=FLAGS.ab, warmup=FLAGS.warmup, **layout)
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
@@ -343,9 +379,11 @@ def main(argv):
           + (f"{r['b_step_s']:>9.3f}{r['b_over_lk']:>7.2f}" if both else ""))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
-    json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), precision=FLAGS.precision,
+    json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), mesh=FLAGS.mesh,
+                   precision=FLAGS.precision,
                    target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
                    explicit_grad_reduce=FLAGS.explicit_grad_reduce, gather_split_params=FLAGS.gather_split_params,
+                   split_tables=list(FLAGS.split_tables),
                    hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
                    jemalloc=runtime.jemalloc_active(),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)

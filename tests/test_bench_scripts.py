@@ -27,6 +27,7 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
   for r in table["rows"]:
     assert len(r["lk_times"]) == len(r["kl_times"]) == len(r["b_times"]) == 2
     assert len(r["lk_page_faults"]) == len(r["kl_kernel_s"]) == 2 and r["warmup"] == 1
+    assert r["user_s_per_step"] > 0
     assert r["tokens_per_s"] > 0 and r["gflop_per_step"] > 0 and r["lk_over_kl"] > 0 and r["b_over_lk"] > 0
     # Without the precomputed lse the step multiplies the full-vocabulary head: more FLOPs.
     assert r["ab"] == "no_target_lse" and r["b_gflop_per_step"] > r["gflop_per_step"]
@@ -78,24 +79,55 @@ def test_bench_matmul_small(tmp_path):
 
 def test_bench_mesh_small_compares_meshes_in_alternating_processes(tmp_path):
   out = tmp_path / "bench_mesh.json"
-  # "/compiler": that mesh's step leaves the gradient collectives to the partitioner.
-  res = _run(["experiments/bench_mesh.py", "--small", "--archs=medusa", "--meshes=1x1x1,2x1x1/compiler", "--batch=2",
-              "--seq=16", "--rounds=2", "--steps=1", f"--out={out}"], tmp_path)
+  # "/compiler": that mesh's step leaves the gradient collectives to the partitioner; "config:2": the
+  # config's layout on 2 devices (the MLP-Speculator's: FSDP in the per-device program, its embedding
+  # tables kept split). --batch_per_shard: one row per batch shard (weak scaling).
+  two, cfg = "2x1x1/compiler", "config:2"
+  res = _run(["experiments/bench_mesh.py", "--small", "--archs=mlp_speculator", f"--meshes=1x1x1,{two},{cfg}",
+              "--batch=1", "--batch_per_shard", "--seq=16", "--rounds=2", "--steps=1", f"--out={out}"], tmp_path)
   table = json.loads(out.read_text())
-  two = "2x1x1/compiler"
-  assert [(r["round"], r["mesh"]) for r in table["runs"]] == [(0, "1x1x1"), (0, two), (1, two), (1, "1x1x1")]
-  assert {r["mesh"]: r["devices"] for r in table["runs"]} == {"1x1x1": 1, two: 2}
-  assert {r["mesh"]: r["explicit_grad_reduce"] for r in table["runs"]} == {"1x1x1": True, two: False}
+  assert [(r["round"], r["mesh"]) for r in table["runs"]] == [(0, "1x1x1"), (0, two), (0, cfg),
+                                                              (1, two), (1, cfg), (1, "1x1x1")]
+  assert {r["mesh"]: (r["devices"], r["batch"]) for r in table["runs"]} == {"1x1x1": (1, 1), two: (2, 2), cfg: (2, 2)}
+  assert {r["mesh"]: tuple(r["mesh_shape"]) for r in table["runs"]} == {
+      "1x1x1": (1, 1, 1), two: (2, 1, 1), cfg: (1, 2, 1)}
+  assert {r["mesh"]: r["explicit_grad_reduce"] for r in table["runs"]} == {"1x1x1": True, two: False, cfg: True}
+  assert {r["mesh"]: (r["gather_split_params"], tuple(r["split_tables"])) for r in table["runs"]} == {
+      "1x1x1": (False, ()), two: (False, ()), cfg: (True, ("emb",))}
   # Each child decides its own malloc tunables: the retained heap only with one CPU device.
   from lkjax import runtime
   assert {r["mesh"]: r["retained_heap"] for r in table["runs"]} == {"1x1x1": runtime.retained_heap_supported({}),
-                                                                    two: False}
-  ref, two = table["summary"]
-  assert ref["efficiency"] == 1.0 and two["efficiency"] > 0 and len(two["efficiency_per_round"]) == 2
+                                                                    two: False, cfg: False}
+  # Collective bytes per step: none on one device; the FSDP program gathers and reduce-scatters.
+  by_mesh = {r["mesh"]: r for r in table["runs"]}
+  assert by_mesh["1x1x1"]["all_gather_mb"] == by_mesh["1x1x1"]["reduce_scatter_mb"] == 0
+  assert by_mesh[cfg]["all_gather_mb"] > 0 and by_mesh[cfg]["reduce_scatter_mb"] > 0
+  assert all(r["user_s_per_step"] > 0 for r in table["runs"])
+  ref, *others = table["summary"]
+  assert ref["efficiency"] == 1.0 and len(others) == 2
+  assert all(o["efficiency"] > 0 and len(o["efficiency_per_round"]) == 2 for o in others)
   assert "vs 1x1x1" in res.stdout
   bad = subprocess.run([sys.executable, "experiments/bench_mesh.py", "--meshes=1x1x1,3x1x1", "--batch=8"], cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "not divisible" in bad.stderr
+
+
+def test_bench_mesh_parses_layout_suffixes_and_config_meshes():
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import bench_mesh
+  from absl import app
+  tables = bench_mesh.parse_mesh("1x8x1/tables")
+  assert tables["devices"] == 8 and tables["split_batch"] == 8
+  assert "--mesh=1,8,1" in tables["args"] and "--split_tables=emb,embed_tokens" in tables["args"]
+  assert tables["expect"] == dict(explicit_grad_reduce=True, gather_split_params=True,
+                                  split_tables=["emb", "embed_tokens"])
+  assert bench_mesh.parse_mesh("2x2x2/compiler")["expect"]["explicit_grad_reduce"] is False
+  assert bench_mesh.parse_mesh("2x2x2")["split_batch"] == 4
+  cfg = bench_mesh.parse_mesh("config:8")
+  assert cfg == dict(devices=8, args=["--mesh=config"], expect=dict(mesh="config"), split_batch=8)
+  for bad in ("8x1", "config:", "config:x", "8x1x1/other"):
+    with pytest.raises(app.UsageError):
+      bench_mesh.parse_mesh(bad)
 
 
 _SETTINGS_ENV = """

@@ -22,9 +22,11 @@ def test_paper_recipe_defaults(arch):
   assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.clip, c.optim.schedule) == (4e-4, 0.9, 0.95, 0.5, "cosine")
   assert c.loss.gamma == 0.8 and c.loss.kind == "lk_hybrid"
   assert c.data.auto_prepare and c.mesh.explicit_grad_reduce
-  # MEDUSA: FSDP in the per-device gradient program on several devices; the others data parallel.
-  fsdp = arch == "medusa"
+  # MEDUSA and the MLP-Speculator (its tables kept split): FSDP in the per-device gradient program on
+  # several devices; the others data parallel.
+  fsdp = arch in ("medusa", "mlp_speculator")
   assert c.mesh.shape == ((1, -1, 1) if fsdp else (-1, 1, 1)) and c.mesh.gather_split_params == fsdp
+  assert tuple(c.mesh.split_tables) == (("emb",) if arch == "mlp_speculator" else ())
   p = load_config(os.path.join(ROOT, f"configs/{arch}.py:paper"))
   assert (p.batch_size, p.num_epochs, p.optim.warmup_steps) == (64, 10, 100)
   s = load_config(os.path.join(ROOT, f"configs/{arch}.py:smoke"))

@@ -301,3 +301,53 @@ def test_unstack_equals_indexing_in_value_and_gradient(dtype):
   assert g.dtype == x.dtype and g.shape == x.shape
   np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
   assert not np.asarray(g[3], np.float32).any()
+
+
+@pytest.mark.parametrize("mesh_shape,axes", [((1, 8, 1), ("fsdp",)), ((2, 4, 1), ("fsdp",)),
+                                             ((2, 4, 1), ("data", "fsdp"))])
+def test_table_rows_of_a_split_table_equal_indexing_in_value_and_gradient(mesh_shape, axes):
+  """A table split on its feature dim, kept split in a per-device program (`split_tables`): each device
+  gets its own tokens' whole rows, and each block's gradient is the scatter-add of every device's tokens
+  (over the table's axes) -- the same as indexing the whole table, value and gradient."""
+  from jax.sharding import PartitionSpec as P
+  from lkjax import sharding as shd
+  mesh = shd.make_mesh(mesh_shape)
+  E, V, D, B, T = 3, 50, 16, 8, 5
+  table = jax.random.normal(jax.random.key(0), (E, V, D))
+  ids = jax.random.randint(jax.random.key(1), (E, B, T), 0, V)
+  which = np.arange(E, dtype=np.int32)[:, None, None]
+  weight = jax.random.normal(jax.random.key(2), (E, B, T, D))
+
+  def loss(tab, ids, w):
+    return jnp.sum(L.table_rows(tab, (which, ids), D) * w)
+
+  ref_value, ref_grad = jax.value_and_grad(loss)(table, ids, weight)
+  ref_rows = table[which, ids]
+
+  def per_device(tab, ids, w):
+    batch = ("data", "fsdp")
+    rest = tuple(a for a in batch if a not in axes)   # devices holding the same block, other tokens
+    if rest:   # per-device gradients, summed below (as the train step does)
+      tab = jax.lax.pcast(tab, rest, to="varying")
+    with L.split_tables(axes):
+      rows = L.table_rows(tab, (which, ids), D)
+      value, grad = jax.value_and_grad(loss)(tab, ids, w)
+    if rest:
+      grad = jax.lax.psum(grad, rest)
+    return rows, jax.lax.psum(value, batch), grad
+
+  split = axes if len(axes) > 1 else axes[0]
+  fn = jax.jit(jax.shard_map(per_device, mesh=mesh,
+                             in_specs=(P(None, None, split), P(None, ("data", "fsdp")), P(None, ("data", "fsdp"))),
+                             out_specs=(P(None, ("data", "fsdp")), P(), P(None, None, split))))
+  rows, value, grad = fn(table, ids, weight)
+  np.testing.assert_array_equal(np.asarray(rows), np.asarray(ref_rows))
+  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-6)
+
+
+def test_table_rows_of_a_narrow_table_outside_split_tables_is_an_error():
+  table = jnp.zeros((10, 4))
+  np.testing.assert_array_equal(L.table_rows(table, (jnp.array([1, 2]),), 4), jnp.zeros((2, 4)))
+  with pytest.raises(ValueError, match="column block"):
+    L.table_rows(table, (jnp.array([1, 2]),), 8)

@@ -373,7 +373,7 @@ def test_all_reduce_bytes_counts_every_result_of_every_all_reduce():
   assert shd.collective_bytes(hlo, "all-gather") == 0
 
 
-def _arch_step(arch, mesh_shape, explicit, gather=False):
+def _arch_step(arch, mesh_shape, explicit, gather=False, split_tables=()):
   """A real draft's fp32 train step (`tiny_draft`, batch 8 x 10) on ``mesh_shape`` (None: single device,
   no shardings) -> (jitted step, its arguments, number of trainable parameters)."""
   graphdef, params, rest, target, batch = tiny_draft(arch, 8, 10)
@@ -392,7 +392,7 @@ def _arch_step(arch, mesh_shape, explicit, gather=False):
     target, batch = jax.device_put(target, sh["target"]), jax.device_put(batch, sh["batch"])
   fn = step_lib.make_train_step(graphdef, tx, loss_cfg("lk_hybrid"), total_steps=10, precision="fp32",
                                 shardings=sh, donate=False, explicit_grad_reduce=explicit,
-                                gather_split_params=gather)
+                                gather_split_params=gather, split_tables=split_tables)
   return fn, (state, pure_rest, target, batch), sum(x.size for x in jax.tree.leaves(pure_params))
 
 
@@ -452,3 +452,63 @@ def test_output_layers_equal_feature_logits(arch):
   for k, f in enumerate(feats):
     np.testing.assert_allclose(heads[k](f), model.feature_logits(f, k), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(logits[k], heads[k](f), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,table", [("mlp_speculator", "emb"), ("eagle3", "embed_tokens"),
+                                        ("mtp", "embed_tokens")])
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 4, 1)])
+def test_split_table_step_equals_single_device_and_moves_no_table(arch, table, mesh_shape):
+  """Embedding tables kept split in the per-device program (``split_tables``): the MLP-Speculator's
+  trainable stage embeddings and the frozen target embedding of EAGLE-3 and MTP. The same state and
+  metrics as one device, and the table is neither gathered nor reduce-scattered -- only the other split
+  arrays are (a trainable table's gradient is psum-ed over ``data`` only, on 2x4x1), plus the token ids
+  of the devices that share a block."""
+  ref_fn, ref_args, _ = _arch_step(arch, None, True)
+  ref_state, ref_metrics = jax.tree.map(np.asarray, ref_fn(*ref_args))
+  fn, args, n_params = _arch_step(arch, mesh_shape, True, gather=True, split_tables=(table,))
+  compiled = fn.lower(*args).compile()
+  state, metrics = jax.tree.map(np.asarray, compiled(*args))
+  for key in ref_metrics:
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=2e-5, atol=1e-6), state, ref_state)
+  params, rest = args[0]["params"], args[1]
+  assert tuple({**rest, **params}[table].sharding.spec)[-1] == "fsdp"
+  fsdp = mesh_shape[1]
+  split = lambda x: any(e is not None for e in tuple(x.sharding.spec))  # noqa: E731
+  others = sum(x.size for k, x in params.items() if k != table for x in jax.tree.leaves(x) if split(x))
+  rest_bytes = sum(x.nbytes for k, x in rest.items() if k != table for x in jax.tree.leaves(x) if split(x))
+  assert others > 0
+  hlo = compiled.as_text()
+  assert shd.collective_bytes(hlo, "reduce-scatter") == 4 * others // fsdp
+  # The other split parameters (float32 here) and frozen arrays, and per lookup the int32 token ids of
+  # the devices sharing a block: [fsdp, B / (data * fsdp), T] = B / data * T ids.
+  ids = shd.collective_bytes(hlo, "all-gather") - 4 * others - rest_bytes
+  per_lookup = 4 * (args[3]["input_ids"].shape[0] // mesh_shape[0]) * args[3]["input_ids"].shape[1]
+  assert ids > 0 and ids % per_lookup == 0
+  if arch == "mlp_speculator":   # one lookup of every stage's tokens
+    assert ids == per_lookup * ref_metrics["alpha"].shape[0]
+  assert shd.collective_bytes(hlo, "all-to-all") > 0
+  with pytest.raises(ValueError, match="not a parameter"):
+    _arch_step(arch, mesh_shape, True, gather=True, split_tables=("embedding",))
+
+
+def test_split_tables_must_be_split_on_the_feature_dim_only():
+  with pytest.raises(ValueError, match="last .feature. dim"):
+    _arch_step("mlp_speculator", (1, 8, 1), True, gather=True, split_tables=("head",))
+
+
+def test_gather_split_moves_bf16_blocks_as_16_bit_words():
+  """`gather_split` of a bf16 block: the whole array, bit for bit, gathered as uint16 (XLA's CPU backend
+  would widen a bf16 all-gather to float32, doubling its bytes)."""
+  mesh = shd.make_mesh((2, 4, 1))
+  x = jax.random.normal(jax.random.key(0), (6, 64, 8))
+  spec = P(None, "fsdp", "data")
+  fn = jax.jit(jax.shard_map(lambda b: step_lib.gather_split(b.astype(jnp.bfloat16), spec), mesh=mesh,
+                             in_specs=spec, out_specs=P(), check_vma=False))
+  compiled = fn.lower(x).compile()
+  np.testing.assert_array_equal(np.asarray(compiled(x), np.float32), np.asarray(x.astype(jnp.bfloat16), np.float32))
+  hlo = compiled.as_text()
+  gathers = [line for line in hlo.splitlines() if "all-gather(" in line]
+  assert len(gathers) == 2 and all(" u16[" in line for line in gathers)
+  # the fsdp gather (6*64*4 words from 6*16*4) and the data one (all 6*64*8): 2 bytes each
+  assert shd.collective_bytes(hlo, "all-gather") == 2 * (6 * 64 * 4 + 6 * 64 * 8)

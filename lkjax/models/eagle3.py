@@ -139,7 +139,8 @@ class Eagle3(nnx.Module):
 
   # ------------------------------------------------------------------ pieces
   def _embed(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+    # A plain lookup; with the table kept split (mesh.split_tables) a lookup in column blocks.
+    return L.table_rows(self.embed_tokens[...], (tokens,), self.hidden_size).astype(self.dtype)
 
   def _first_hidden(self, aux: jax.Array) -> jax.Array:
     """``aux [B, T, A*Ht] -> g [B, T, H]``."""

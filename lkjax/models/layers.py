@@ -32,7 +32,7 @@ from flax import nnx
 
 from lkjax.models import matmul as matmul_lib
 from lkjax.models.base import Frozen
-from lkjax.sharding import cotangent_like
+from lkjax.sharding import cotangent_like, varying_axes
 
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "head_dim", "vocab")
 
@@ -99,6 +99,60 @@ def _unstack_bwd(x, cts):
 
 
 unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
+# Mesh axes over which `table_rows` finds tables' feature dims split (None: tables are whole).
+_split_table_axes: tuple[str, ...] | None = None
+
+
+@contextlib.contextmanager
+def split_tables(axes: tuple[str, ...]):
+  """Within the block (inside ``shard_map``, read at trace time), a table passed to `table_rows` whose
+  last dim is narrower than its ``width`` is this device's block of columns of a table split over
+  ``axes``, and the tokens of every device in ``axes`` are looked up in it (`table_rows`). Set by the
+  train step for ``mesh.split_tables``; the previous setting comes back on exit."""
+  global _split_table_axes
+  saved = _split_table_axes
+  _split_table_axes = tuple(axes)
+  try:
+    yield
+  finally:
+    _split_table_axes = saved
+
+
+def table_rows(table: jax.Array, index: tuple, width: int) -> jax.Array:
+  """``table[index]``: rows of ``width`` features, ``index`` integer arrays (or numpy constants)
+  over the table's leading dims, broadcasting to a shape S -> ``[*S, width]``.
+
+  A table of full ``width`` is indexed directly. A narrower one is this device's column block of a table
+  split over the axes set by `split_tables` (an FSDP embedding, kept split in the per-device program):
+  every device's ``index`` is gathered (integers, a few KB), looked up in the block -- this device's
+  columns of every device's rows -- and an ``all_to_all`` hands each device its own rows' columns from
+  all blocks. The gradient (its transpose) sends each device's row cotangents back to the blocks, so
+  each block's gradient is the scatter-add of the tokens of every device in the axes: whole, never a
+  ``[V, width]`` array per device to be summed.
+  """
+  n, rem = divmod(width, table.shape[-1])
+  if n == 1 and not rem:
+    return table[index]
+  if rem or _split_table_axes is None:
+    raise ValueError(f"table_rows: a table of {table.shape[-1]} columns for rows of {width}: a column block "
+                     f"is only looked up inside the per-device program of a split table (split_tables)")
+  axes = _split_table_axes
+  shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in index))
+
+  def every_device(i):
+    i = jnp.broadcast_to(jnp.asarray(i, jnp.int32), shape)
+    missing = tuple(a for a in axes if a not in varying_axes(i))
+    if len(missing) == len(axes):   # the same on every device (e.g. a constant): nothing to gather
+      return jnp.broadcast_to(i, (n,) + shape)
+    if missing:
+      i = jax.lax.pcast(i, missing, to="varying")
+    return jax.lax.all_gather(i, axes if len(axes) > 1 else axes[0], axis=0)   # [n, *S]
+
+  rows = table[tuple(every_device(i) for i in index)]                             # [n, *S, width / n]
+  rows = jax.lax.all_to_all(rows, axes if len(axes) > 1 else axes[0], 0, rows.ndim - 1, tiled=True)
+  return rows[0]                                                                  # [*S, width]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype: Any) -> jax.Array:

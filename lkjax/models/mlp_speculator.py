@@ -32,7 +32,7 @@ from flax import nnx
 
 from lkjax.models.base import Frozen, shift_left
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
-                                 sample_tokens, unstack)
+                                 sample_tokens, table_rows, unstack)
 from lkjax.models.matmul import matmul
 from lkjax.targets.info import TargetInfo
 
@@ -160,14 +160,16 @@ class MLPSpeculator(nnx.Module):
 
     The same stages as `stage_state`, arranged for the gradient: every stage's embedding rows come from
     ONE gather on the ``[E, V, D]`` tables (its gradient is one scatter-add, not K full-size tables), and
-    the stacked per-stage weights are split once (`layers.unstack`).
+    the stacked per-stage weights are split once (`layers.unstack`). In the FSDP per-device program with
+    ``mesh.split_tables = ("emb",)`` the tables are each device's column block, and that gather is
+    `layers.table_rows`'s lookup of every device's tokens in it.
     """
     K = self.num_heads
     state = self.init_state(batch["final_hidden"])
     ids = batch["input_ids"].astype(jnp.int32)
     table = np.array([self._stage_index(i)[0] for i in range(K)], np.int32)[:, None, None]
     toks = jnp.stack([shift_left(ids, 1 + i, axis=1) for i in range(K)])         # [K, B, T]
-    z = unstack(self.emb[...][table, toks])                                      # K x [B, T, D]
+    z = unstack(table_rows(self.emb[...], (table, toks), self.inner_dim))          # K x [B, T, D]
     ln_w, ln_b = unstack(self.ln_w[...]), unstack(self.ln_b[...])
     proj = unstack(self.proj[...]) if self.proj is not None else ()
     out = []

@@ -123,7 +123,8 @@ class MTP(nnx.Module):
     return self.mtp[0 if self.share_weights else depth]
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embed_tokens[...], tokens.astype(jnp.int32), axis=0).astype(self.dtype)
+    # A plain lookup; with the table kept split (mesh.split_tables) a lookup in column blocks.
+    return L.table_rows(self.embed_tokens[...], (tokens.astype(jnp.int32),), self.hidden_size).astype(self.dtype)
 
   def _logits(self, h: jax.Array) -> jax.Array:
     """``h [..., Ht] -> [..., Vd]`` with the frozen shared head."""

@@ -256,7 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                         precision=config.precision, grad_accum=config.optim.grad_accum,
                                         shardings=shardings,
                                         explicit_grad_reduce=bool(config.mesh.explicit_grad_reduce),
-                                        gather_split_params=bool(config.mesh.gather_split_params))
+                                        gather_split_params=bool(config.mesh.gather_split_params),
+                                        split_tables=tuple(config.mesh.split_tables))
   eval_step = step_lib.make_eval_step(graphdef, config.loss, total_steps=total_steps,
                                       precision=config.precision, shardings=shardings)
 

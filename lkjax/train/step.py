@@ -22,6 +22,8 @@ computed from the global batch. On a data-parallel mesh (and, with ``gather_spli
 one) the gradient is a per-device program
 (``shard_map``) whose means ``psum`` their sums and whose parameter gradients are summed over the devices
 once (`make_train_step`, ``explicit_grad_reduce``); on other layouts the partitioner places the collectives.
+Embedding tables named in ``split_tables`` stay split there: rows are looked up in each device's column
+block (`lkjax.models.layers.table_rows`).
 
 Mixed precision (``precision="bf16"``): the float32 parameters (and floating ``rest``) are cast to bf16
 inside the differentiated function, so the forward/backward run in bf16 while gradients, the optimizer
@@ -35,7 +37,7 @@ per micro-batch) this equals the gradient of the whole batch.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lkjax import losses_chunked
 from lkjax.losses import lk_objective, needed_grads
+from lkjax.models import layers
 from lkjax.models.base import head_mask, head_targets, shift_right
 from lkjax.sharding import varying_axes
 
@@ -255,25 +258,58 @@ def _axis_arg(axes: tuple[str, ...]):
 
 def gather_split(x: jax.Array, spec: P) -> jax.Array:
   """Inside ``shard_map``: this device's block of an array split as ``spec`` -> the whole array (an
-  ``all_gather`` per split dimension)."""
+  ``all_gather`` per split dimension).
+
+  A 16-bit float block is gathered as its bits (uint16): XLA's CPU backend widens a bf16 all-gather to
+  float32 (convert, gather, convert back), which doubles the bytes the gather moves."""
+  dtype = x.dtype
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+    x = jax.lax.bitcast_convert_type(x, jnp.uint16)
   for d, entry in enumerate(tuple(spec)):
     if _entry_axes(entry):
       x = jax.lax.all_gather(x, _axis_arg(_entry_axes(entry)), axis=d, tiled=True)
-  return x
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
-def sum_split(g: jax.Array, spec: P, axes: tuple[str, ...]) -> jax.Array:
+def sum_split(g: jax.Array, spec: P, axes: tuple[str, ...], scatter: bool = True) -> jax.Array:
   """Inside ``shard_map``: per-device gradients ``g`` of a whole parameter -> their sum over the devices
   of ``axes``, as this device's block of the split ``spec`` (``psum`` over the axes the parameter is
-  replicated on, ``psum_scatter`` over those it is split on)."""
+  replicated on, ``psum_scatter`` over those it is split on). ``scatter=False``: ``g`` is already the
+  block's gradient from the tokens of every device it is split over (a table kept split,
+  `split_table_axes`), so only the ``psum`` is taken."""
   split = [a for entry in tuple(spec) for a in _entry_axes(entry)]
   whole = tuple(a for a in axes if a not in split)
   if whole:
     g = jax.lax.psum(g, whole)
+  if not scatter:
+    return g
   for d, entry in enumerate(tuple(spec)):
     if _entry_axes(entry):
       g = jax.lax.psum_scatter(g, _axis_arg(_entry_axes(entry)), scatter_dimension=d, tiled=True)
   return g
+
+
+def split_table_axes(specs: Mapping[str, Any], names: Sequence[str], axes: tuple[str, ...]) -> tuple[str, ...]:
+  """The mesh axes the tables ``names`` (config ``mesh.split_tables``: top-level names of the draft's
+  parameters or of its frozen ``rest``, whose specs ``specs`` maps) are split over, checked: each is one
+  array, split on its last (feature) dim only, over batch ``axes``, all over the same axes. () when none
+  is split (e.g. one device): they are gathered like the rest."""
+  found = set()
+  for name in names:
+    if name not in specs:
+      raise ValueError(f"mesh.split_tables: {name!r} is not a parameter or frozen array of the draft "
+                       f"(have {sorted(specs)})")
+    if not isinstance(specs[name], P):
+      raise ValueError(f"mesh.split_tables: {name!r} is a group of parameters, not one table")
+    entries = tuple(specs[name])
+    if any(_entry_axes(e) for e in entries[:-1]) or any(a not in axes for a in _entry_axes(entries[-1] if entries else None)):
+      raise ValueError(f"mesh.split_tables: {name!r} is split as {specs[name]}; a table kept split "
+                       f"must be split on its last (feature) dim only, over the batch's mesh axes {axes}")
+    if entries and _entry_axes(entries[-1]):
+      found.add(_entry_axes(entries[-1]))
+  if len(found) > 1:
+    raise ValueError(f"mesh.split_tables: {list(names)} are split over different mesh axes {sorted(found)}")
+  return found.pop() if found else ()
 
 
 def _split_micro(batch: Mapping[str, jax.Array], accum: int, batch_axes) -> dict[str, jax.Array]:
@@ -294,7 +330,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
                     total_steps: int, precision: str = "fp32", grad_accum: int = 1,
                     shardings: Mapping[str, Any] | None = None, loss_fn: Callable | None = None,
                     donate: bool = True, explicit_grad_reduce: bool = True,
-                    gather_split_params: bool = False) -> Callable:
+                    gather_split_params: bool = False, split_tables: Sequence[str] = ()) -> Callable:
   """Build the jitted ``train_step(state, rest, target, batch) -> (state, metrics)``.
 
   Args:
@@ -321,6 +357,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
       parameters cast to the compute dtype first (`gather_split`), and their gradients are
       reduce-scattered back into the split (`sum_split`), so the optimizer updates each device's part
       only. Config ``mesh.gather_split_params``; which architectures gain is in docs/bench_train.md.
+    split_tables: in that program, top-level parameters or frozen ``rest`` arrays (embedding tables, split
+      on their feature dim) NOT gathered: the draft looks rows up in each device's column block for the
+      tokens of every device (`lkjax.models.layers.table_rows`), so a trainable table's gradient needs no
+      reduce-scatter and no device holds a whole table or its gradient. Config ``mesh.split_tables``
+      (the MLP-Speculator's ``emb``; the target embedding ``embed_tokens`` of EAGLE-3 and MTP).
 
   Returns metrics: per head ``alpha``, ``lambda``, ``kl``, ``tv`` ``[K]`` (and the other lk_loss metrics),
   scalars ``loss``, ``tau``, ``grad_norm`` (before clipping), ``lr``-free (the loop logs the schedule).
@@ -340,7 +381,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
   def grads_of(params, rest, target, batch, step):
     f = lambda p: _forward_loss(graphdef, loss_fn, kind, kw, dtype, p, rest, target, batch, step, impl, dp_axes)  # noqa: E731
-    (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    if not table_axes:
+      (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+      return grads, metrics
+    with layers.split_tables(table_axes):
+      (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
     return grads, metrics
 
   def varying(tree):
@@ -359,8 +404,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
       # parameter and every micro-batch, summed over the devices once at the end (`sum_split`).
       dtypes = jax.tree.map(lambda p: p.dtype, params)
       to_param_dtype = lambda g: jax.tree.map(lambda x, d: x.astype(d), g, dtypes)  # noqa: E731
-      params = varying(jax.tree.map(lambda p, s: gather_split(cast_floating(p, dtype), s), params, specs["params"]))
-      rest = jax.tree.map(gather_split, rest, specs["rest"])
+      params = varying({k: jax.tree.map(lambda p, s: (cast_floating(p, dtype) if k in kept
+                                                      else gather_split(cast_floating(p, dtype), s)), v, specs["params"][k])
+                        for k, v in params.items()})
+      rest = {k: v if k in kept else jax.tree.map(gather_split, v, specs["rest"][k]) for k, v in rest.items()}
       target = jax.tree.map(gather_split, target, specs["target"])
     if accum == 1:
       grads, metrics = grads_of(params, rest, target, batch, step)
@@ -379,13 +426,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
       metrics = jax.tree.map(lambda m: m / accum, msum)
       metrics["tokens"] = msum["tokens"]  # counts add up, they are not averaged
     if dp_axes is not None:
-      grads = jax.tree.map(lambda g, s: sum_split(g, s, dp_axes), grads, specs["params"])
+      grads = {k: jax.tree.map(lambda g, s: sum_split(g, s, dp_axes, scatter=k not in kept), v, specs["params"][k])
+               for k, v in grads.items()}
     return grads, metrics
 
+  table_axes, kept = (), frozenset()
   if dp_axes is not None:
     spec_of = lambda tree: jax.tree.map(lambda s: s.spec, tree, is_leaf=lambda x: isinstance(x, NamedSharding))  # noqa: E731
     specs = dict(params=spec_of(shardings["state"]["params"]), rest=spec_of(shardings["rest"]),
                  target=spec_of(shardings["target"]))
+    table_axes = split_table_axes({**specs["rest"], **specs["params"]}, tuple(split_tables), dp_axes)
+    kept = frozenset(split_tables) if table_axes else frozenset()
     batch_in = jax.tree.map(lambda _: P(dp_axes), shardings["batch"],
                             is_leaf=lambda x: isinstance(x, NamedSharding))
     accumulated_grads = jax.shard_map(accumulated_grads, mesh=shardings["mesh"],
