@@ -28,18 +28,29 @@ def data_dir(tmp_path_factory):
   return d
 
 
-def tiny_config(data_dir, **overrides):
+def tiny_config(data_dir, config="configs/medusa.py", **overrides):
   base = {"data.dir": str(data_dir), "data.max_length": 16, "data.val_fraction": 0.2,
           "data.auto_prepare": False, "batch_size": 8, "num_steps": 6, "model.num_heads": 2,
           "model.draft_vocab_size": 32, "eval_every": 3, "eval_steps": 1, "log_every": 1,
           "checkpoint.every": 3, "checkpoint.keep": 5, "mesh.shape": (2, 2, 2), "precision": "fp32",
           "optim.warmup_steps": 2, "optim.lr": 1e-2}
   base.update(overrides)
-  return load_config("configs/medusa.py:smoke", base)
+  return load_config(f"{config}:smoke", base)
 
 
 def _records(workdir, split):
   return {r["step"]: r for r in metrics_lib.read_metrics(workdir, split)}
+
+
+def _assert_same_metrics(workdir_a, workdir_b, rel=1e-4, abs=1e-6):
+  """Two runs logged the same steps with the same metrics (timings aside), train and val."""
+  for split in ("train", "val"):
+    a, b = _records(workdir_a, split), _records(workdir_b, split)
+    assert sorted(a) == sorted(b)
+    for st in a:
+      for key in a[st]:
+        if key not in ("tokens_per_s", "step_time_s", "split"):
+          assert b[st][key] == pytest.approx(a[st][key], rel=rel, abs=abs), (split, st, key)
 
 
 @pytest.mark.parametrize("mesh", [dict(), {"mesh.shape": (1, 8, 1), "mesh.gather_split_params": True}],
@@ -52,14 +63,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run(data_dir, tmp_path, mesh):
   assert part["step"] == 3 and "stopped" in part["status"]
   resumed = loop.train_and_evaluate(cfg, tmp_path / "part")
   assert resumed["step"] == 6
-  for split in ("train", "val"):
-    a, b = _records(tmp_path / "full", split), _records(tmp_path / "part", split)
-    assert sorted(a) == sorted(b) and max(a) == 6
-    for s in a:
-      for key in a[s]:
-        if key in ("tokens_per_s", "step_time_s", "split"):
-          continue
-        assert a[s][key] == pytest.approx(b[s][key], rel=1e-6, abs=1e-7), (split, s, key)
+  _assert_same_metrics(tmp_path / "full", tmp_path / "part", rel=1e-6, abs=1e-7)
+  assert max(_records(tmp_path / "full", "train")) == max(_records(tmp_path / "full", "val")) == 6
   rec = _records(tmp_path / "full", "train")[6]
   assert {"alpha/0", "alpha/1", "lambda/1", "kl/0", "tv/1", "loss", "tau", "lr", "tokens_per_s"} <= set(rec)
   # tau is the offline acceptance length of the logged per-head alphas.
@@ -96,13 +101,21 @@ def test_shards_with_target_lse_train_like_shards_without(data_dir, tmp_path):
   got = loop.train_and_evaluate(tiny_config(lse_dir, **over), tmp_path / "lse")
   assert ref["step"] == got["step"] == 3
   assert got["target_lse"] and not ref["target_lse"]   # the second run took the draft-vocabulary-only path
-  for split in ("train", "val"):
-    a, b = _records(tmp_path / "ref", split), _records(tmp_path / "lse", split)
-    assert sorted(a) == sorted(b)
-    for st in a:
-      for key in a[st]:
-        if key not in ("tokens_per_s", "step_time_s", "split"):
-          assert b[st][key] == pytest.approx(a[st][key], rel=1e-4, abs=1e-6), (split, st, key)
+  _assert_same_metrics(tmp_path / "ref", tmp_path / "lse")
+
+
+def test_mlp_speculator_config_layout_trains_like_one_device(data_dir, tmp_path):
+  """The MLP-Speculator's own multi-device layout (FSDP in the per-device program, its stage embeddings
+  kept split: mesh.split_tables) on the 8 test devices gives the run of one device."""
+  cfg = "configs/mlp_speculator.py"
+  layout = load_config(f"{cfg}:smoke").mesh
+  assert tuple(layout.split_tables) == ("emb",) and layout.gather_split_params
+  over = {"num_steps": 3, "checkpoint.every": 3, "model.draft_vocab_size": 0}
+  ref = loop.train_and_evaluate(tiny_config(data_dir, cfg, **over, **{"mesh.shape": (1, 1, 1)}), tmp_path / "one")
+  got = loop.train_and_evaluate(tiny_config(data_dir, cfg, **over, **{"mesh.shape": tuple(layout.shape)}),
+                                tmp_path / "mesh")
+  assert ref["step"] == got["step"] == 3
+  _assert_same_metrics(tmp_path / "one", tmp_path / "mesh")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
