@@ -328,7 +328,7 @@ def test_table_rows_of_a_split_table_equal_indexing_in_value_and_gradient(mesh_s
     batch = ("data", "fsdp")
     rest = tuple(a for a in batch if a not in axes)   # devices holding the same block, other tokens
     if rest:   # per-device gradients, summed below (as the train step does)
-      tab = jax.lax.pcast(tab, rest, to="varying")
+      tab = shd.make_varying(tab, rest)
     with L.split_tables(axes):
       rows = L.table_rows(tab, (which, ids), D)
       value, grad = jax.value_and_grad(loss)(tab, ids, w)
@@ -351,3 +351,19 @@ def test_table_rows_of_a_narrow_table_outside_split_tables_is_an_error():
   np.testing.assert_array_equal(L.table_rows(table, (jnp.array([1, 2]),), 4), jnp.zeros((2, 4)))
   with pytest.raises(ValueError, match="column block"):
     L.table_rows(table, (jnp.array([1, 2]),), 8)
+
+
+def test_table_rows_of_a_block_that_does_not_match_the_split_is_an_error():
+  """A block of 2 of 16 columns is 1/8 of the table; split 4 ways it is not (a wrong width or axis)."""
+  from jax.sharding import PartitionSpec as P
+  from lkjax import sharding as shd
+  mesh = shd.make_mesh((2, 4, 1))
+
+  def per_device(tab, ids):
+    with L.split_tables(("fsdp",)):
+      return L.table_rows(tab, (ids,), 16)
+
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(None, "fsdp"), P(("data", "fsdp"))),
+                     out_specs=P(("data", "fsdp")))
+  with pytest.raises(ValueError, match="split over .'fsdp',. of 4 devices"):
+    jax.jit(fn).lower(jnp.zeros((10, 8)), jnp.zeros((8, 3), jnp.int32))

@@ -32,7 +32,7 @@ from flax import nnx
 
 from lkjax.models import matmul as matmul_lib
 from lkjax.models.base import Frozen
-from lkjax.sharding import cotangent_like, varying_axes
+from lkjax.sharding import axis_arg, cotangent_like, make_varying, varying_axes
 
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "head_dim", "vocab")
 
@@ -113,7 +113,7 @@ def split_tables(axes: tuple[str, ...]):
   train step for ``mesh.split_tables``; the previous setting comes back on exit."""
   global _split_table_axes
   saved = _split_table_axes
-  _split_table_axes = tuple(axes)
+  _split_table_axes = tuple(axes) or None   # (): no table is split
   try:
     yield
   finally:
@@ -139,19 +139,19 @@ def table_rows(table: jax.Array, index: tuple, width: int) -> jax.Array:
     raise ValueError(f"table_rows: a table of {table.shape[-1]} columns for rows of {width}: a column block "
                      f"is only looked up inside the per-device program of a split table (split_tables)")
   axes = _split_table_axes
+  if jax.lax.axis_size(axis_arg(axes)) != n:
+    raise ValueError(f"table_rows: a block of {table.shape[-1]} columns for rows of {width} is 1/{n} of the "
+                     f"table, but the table is split over {axes} of {jax.lax.axis_size(axis_arg(axes))} devices")
   shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in index))
 
   def every_device(i):
     i = jnp.broadcast_to(jnp.asarray(i, jnp.int32), shape)
-    missing = tuple(a for a in axes if a not in varying_axes(i))
-    if len(missing) == len(axes):   # the same on every device (e.g. a constant): nothing to gather
+    if not varying_axes(i) & set(axes):   # the same on every device (e.g. a constant): nothing to gather
       return jnp.broadcast_to(i, (n,) + shape)
-    if missing:
-      i = jax.lax.pcast(i, missing, to="varying")
-    return jax.lax.all_gather(i, axes if len(axes) > 1 else axes[0], axis=0)   # [n, *S]
+    return jax.lax.all_gather(make_varying(i, axes), axis_arg(axes), axis=0)   # [n, *S]
 
   rows = table[tuple(every_device(i) for i in index)]                             # [n, *S, width / n]
-  rows = jax.lax.all_to_all(rows, axes if len(axes) > 1 else axes[0], 0, rows.ndim - 1, tiled=True)
+  rows = jax.lax.all_to_all(rows, axis_arg(axes), 0, rows.ndim - 1, tiled=True)
   return rows[0]                                                                  # [*S, width]
 
 

@@ -51,7 +51,7 @@ from lkjax import losses_chunked
 from lkjax.losses import lk_objective, needed_grads
 from lkjax.models import layers
 from lkjax.models.base import head_mask, head_targets, shift_right
-from lkjax.sharding import varying_axes
+from lkjax.sharding import axis_arg, make_varying
 
 PRECISIONS = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -252,10 +252,6 @@ def _entry_axes(entry) -> tuple[str, ...]:
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _axis_arg(axes: tuple[str, ...]):
-  return axes[0] if len(axes) == 1 else axes
-
-
 def gather_split(x: jax.Array, spec: P) -> jax.Array:
   """Inside ``shard_map``: this device's block of an array split as ``spec`` -> the whole array (an
   ``all_gather`` per split dimension).
@@ -267,7 +263,7 @@ def gather_split(x: jax.Array, spec: P) -> jax.Array:
     x = jax.lax.bitcast_convert_type(x, jnp.uint16)
   for d, entry in enumerate(tuple(spec)):
     if _entry_axes(entry):
-      x = jax.lax.all_gather(x, _axis_arg(_entry_axes(entry)), axis=d, tiled=True)
+      x = jax.lax.all_gather(x, axis_arg(_entry_axes(entry)), axis=d, tiled=True)
   return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
@@ -285,7 +281,7 @@ def sum_split(g: jax.Array, spec: P, axes: tuple[str, ...], scatter: bool = True
     return g
   for d, entry in enumerate(tuple(spec)):
     if _entry_axes(entry):
-      g = jax.lax.psum_scatter(g, _axis_arg(_entry_axes(entry)), scatter_dimension=d, tiled=True)
+      g = jax.lax.psum_scatter(g, axis_arg(_entry_axes(entry)), scatter_dimension=d, tiled=True)
   return g
 
 
@@ -381,19 +377,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
   def grads_of(params, rest, target, batch, step):
     f = lambda p: _forward_loss(graphdef, loss_fn, kind, kw, dtype, p, rest, target, batch, step, impl, dp_axes)  # noqa: E731
-    if not table_axes:
-      (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
-      return grads, metrics
-    with layers.split_tables(table_axes):
+    with layers.split_tables(table_axes):   # (): no table kept split
       (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
     return grads, metrics
 
   def varying(tree):
     # Per-device values over every axis of dp_axes (a gathered block is already per-device over its own).
-    def leaf(x):
-      missing = tuple(a for a in dp_axes if a not in varying_axes(x))
-      return jax.lax.pcast(x, missing, to="varying") if missing else x
-    return tree if dp_axes is None else jax.tree.map(leaf, tree)
+    return tree if dp_axes is None else jax.tree.map(lambda x: make_varying(x, dp_axes), tree)
 
   def accumulated_grads(params, rest, target, batch, step):
     to_param_dtype = lambda g: g  # noqa: E731
