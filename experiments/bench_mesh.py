@@ -122,6 +122,10 @@ def main(argv):
   for r, entry, table in bench_processes.in_rounds(meshes, FLAGS.rounds, run_once):
     name = names[meshes.index(entry)]
     for row in table["rows"]:
+      data, fsdp, _ = row["mesh_shape"]
+      if data * fsdp != entry["split_batch"]:   # config:N assumes the config splits the batch over every device
+        raise RuntimeError(f"mesh {name}: {row['arch']} ran on {row['mesh_shape']}, whose batch is split "
+                           f"{data * fsdp} ways, not {entry['split_batch']}")
       runs.append(dict(round=r, mesh=name, devices=table["devices"], gflop_per_step=row["gflop_per_step"],
                        batch=table["batch"], mesh_shape=row["mesh_shape"],
                        explicit_grad_reduce=row["explicit_grad_reduce"], gather_split_params=row["gather_split_params"],

@@ -382,8 +382,11 @@ def main(argv):
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), mesh=FLAGS.mesh,
                    precision=FLAGS.precision,
                    target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
-                   explicit_grad_reduce=FLAGS.explicit_grad_reduce, gather_split_params=FLAGS.gather_split_params,
-                   split_tables=list(FLAGS.split_tables),
+                   # the layout flags; with --mesh=config each row records its config's layout instead
+                   **(dict(explicit_grad_reduce=None, gather_split_params=None, split_tables=None)
+                      if FLAGS.mesh == "config" else
+                      dict(explicit_grad_reduce=FLAGS.explicit_grad_reduce,
+                           gather_split_params=FLAGS.gather_split_params, split_tables=list(FLAGS.split_tables))),
                    hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
                    jemalloc=runtime.jemalloc_active(),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)
