@@ -13,6 +13,10 @@ process and timed interleaved, the order rotating from round to round:
               weights of L_lambda (``grad_alpha`` and ``grad_kl``) or KL (``grad_kl`` only), from the
               shared `target_probs`; and the L_lambda variant with three single-operand sums instead
               of the one variadic reduce (`lkjax.losses_chunked._row_sums`)
+  norm        forward + backward (input and weight) of one RMSNorm over 576 features
+              (`lkjax.models.layers.rms_norm`, on rows) against the same function on the ``[B, T, 576]``
+              array as given, at B x T = 1 x 256 (one sequence per device: a global batch of 8 on the
+              8-device mesh) and 8 x 256
 
 It prints the median milliseconds per variant and writes them, with every round's times, as JSON.
 """
@@ -28,6 +32,7 @@ from absl import app, flags
 flags.DEFINE_integer("rounds", 7, "Timed rounds (after one warm-up call of each variant).")
 flags.DEFINE_bool("small", False, "Tiny sizes (checks the script, not a measurement).")
 flags.DEFINE_string("out", "runs/bench_parts.json", "Where the JSON goes.")
+flags.DEFINE_list("groups", ["attention", "head_loss", "norm"], "Which groups of variants to time.")
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +101,35 @@ def head_loss_variants(small: bool) -> dict:
           "head loss, L_lambda, three separate sums": (make(True, separate), (z, probs))}
 
 
+def _rms_norm_unflattened(x, weight, eps: float, dtype):
+  """`lkjax.models.layers.rms_norm` as it was before session 10: the sums over the ``[B, T, dim]`` array."""
+  import jax
+  import jax.numpy as jnp
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * weight.astype(jnp.float32)).astype(dtype)
+
+
+def norm_variants(small: bool) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from lkjax.models import layers as L
+  d, t = (64, 32) if small else (576, 256)
+  r = np.random.default_rng(0)
+  w = jnp.asarray(1.0 + 0.1 * r.standard_normal(d), jnp.float32)
+  out = {}
+  for b in (1, 8):
+    x = jnp.asarray(r.standard_normal((b, t, d)), jnp.bfloat16)
+    c = jnp.asarray(r.standard_normal((b, t, d)), jnp.float32)
+    for name, norm in (("rows", L.rms_norm), ("as given", _rms_norm_unflattened)):
+      def f(x, w, c, norm=norm):
+        return jnp.sum(norm(x, w, 1e-5, jnp.bfloat16).astype(jnp.float32) * c)
+      fn = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w, c).compile()
+      out[f"rms norm {b}x{t}x{d}, {name}"] = (fn, (x, w, c))
+  return out
+
+
 def time_rotating(variants: dict, rounds: int) -> dict[str, list[float]]:
   import jax
   names = list(variants)
@@ -116,7 +150,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import numpy as np
   from lkjax import runtime
-  groups = {"attention": attention_variants(FLAGS.small), "head_loss": head_loss_variants(FLAGS.small)}
+  makers = {"attention": attention_variants, "head_loss": head_loss_variants, "norm": norm_variants}
+  unknown = sorted(set(FLAGS.groups) - set(makers))
+  if unknown:
+    raise app.UsageError(f"--groups: unknown {unknown}; expected some of {sorted(makers)}")
+  groups = {g: makers[g](FLAGS.small) for g in makers if g in FLAGS.groups}
   result = dict(small=FLAGS.small, rounds=FLAGS.rounds, hugepage_malloc=runtime.hugepage_malloc_active(),
                 retained_heap=runtime.retained_heap_active(), groups={})
   for group, variants in groups.items():

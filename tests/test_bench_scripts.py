@@ -64,6 +64,8 @@ def test_bench_parts_small_times_every_variant(tmp_path):
   assert [r["name"] for r in groups["attention"]] == [
       "attention, all keys", "attention, causal blocks of 16", "attention, causal blocks of 8"]
   assert len(groups["head_loss"]) == 3
+  assert [r["name"] for r in groups["norm"]] == [
+      "rms norm 1x32x64, rows", "rms norm 1x32x64, as given", "rms norm 8x32x64, rows", "rms norm 8x32x64, as given"]
   for rows in groups.values():
     assert all(len(r["times_s"]) == 2 and r["median_ms"] > 0 for r in rows)
   assert "head loss, KL" in res.stdout

@@ -36,6 +36,26 @@ def test_rms_norm_matches_numpy():
   np.testing.assert_allclose(L.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-6, jnp.float32), want, atol=1e-6)
 
 
+def test_rms_norm_on_rows_keeps_shape_and_gradient():
+  # rms_norm flattens to [rows, dim] (YNNPACK's slow [1, T, dim] sums); shape, values and both
+  # gradients must be those of the norm taken over the array as given.
+  def as_given(x, w):
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    return y * w
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(np.linspace(0.5, 1.5, 8), jnp.float32)
+  for shape in [(8,), (1, 5, 8), (3, 5, 8), (2, 3, 4, 8)]:
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    c = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    got = L.rms_norm(x, w, 1e-6, jnp.float32)
+    assert got.shape == shape
+    np.testing.assert_allclose(got, as_given(x, w), atol=1e-6)
+    g_got = jax.grad(lambda x, w: jnp.sum(L.rms_norm(x, w, 1e-6, jnp.float32) * c), argnums=(0, 1))(x, w)
+    g_want = jax.grad(lambda x, w: jnp.sum(as_given(x, w) * c), argnums=(0, 1))(x, w)
+    for a, b in zip(g_got, g_want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_rotates_pairs_and_is_relative():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(2, 4, 3, 8)).astype(np.float32)

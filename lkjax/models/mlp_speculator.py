@@ -43,12 +43,15 @@ def speculator_norm(x: jax.Array, w: jax.Array | None = None, b: jax.Array | Non
   """fms-extras LayerNormParameterized without mean-centring: ``x * rsqrt(mean(x**2) + 1e-6) * w + b``.
 
   Computed in float32 and cast back to ``x.dtype``; ``w``/``b`` None gives the parameter-free ``ln0``.
+  On ``x`` flattened to ``[rows, dim]``, as `lkjax.models.layers.rms_norm` (YNNPACK's slow reductions
+  over ``[1, T, dim]`` arrays).
   """
-  xf = x.astype(jnp.float32)
+  shape = x.shape
+  xf = x.reshape(-1, shape[-1]).astype(jnp.float32)
   y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + LN_EPS)
   if w is not None:
     y = y * w.astype(jnp.float32) + b.astype(jnp.float32)
-  return y.astype(x.dtype)
+  return y.astype(x.dtype).reshape(shape)
 
 
 class MLPSpeculator(nnx.Module):
