@@ -107,16 +107,10 @@ def matmul_ceiling(small: bool, repeats: int = 5) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
-  """Op time of one profiled step from its perfetto trace: summed per fusion kind (the name without its
-  ``.N`` suffix), summed per (kind, result shape) (the ``2 * top`` largest, with op counts), and the
-  ``top`` longest ops with their result shape and op_name from the optimized HLO.
-
-  Op times add up to more than the step's wall time when independent thunks run concurrently.
-  """
+def trace_ops(trace_dir: str) -> list[tuple[float, str]]:
+  """``(ms, name)`` of every op event in the newest ``perfetto_trace.json.gz`` below ``trace_dir``."""
   import glob
   import gzip
-  import re
   paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"{trace_dir}: no perfetto_trace.json.gz")
@@ -126,8 +120,19 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
   # Python frames, executor/thread-pool spans and the thunk executor's zero-length "end: <op>" markers are
   # not ops (the markers used to show up as kinds of their own, ~2 ms in a 9 s profile, with no HLO shape).
   skip = ("$", "ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "CommonPjRt", "end: ")
-  ops = [(e["dur"] / 1e3, e["name"]) for e in events
-         if e.get("ph") == "X" and not e["name"].startswith(skip)]
+  return [(e["dur"] / 1e3, e["name"]) for e in events
+          if e.get("ph") == "X" and not e["name"].startswith(skip)]
+
+
+def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
+  """Op time of one profiled step from its perfetto trace: summed per fusion kind (the name without its
+  ``.N`` suffix), summed per (kind, result shape) (the ``2 * top`` largest, with op counts), and the
+  ``top`` longest ops with their result shape and op_name from the optimized HLO.
+
+  Op times add up to more than the step's wall time when independent thunks run concurrently.
+  """
+  import re
+  ops = trace_ops(trace_dir)
   def hlo_line(name: str) -> tuple[str, str]:
     """(result shape, op_name) of the instruction ``name``; fusions often carry no op_name."""
     m = re.search(r"\n\s*(?:ROOT )?%" + re.escape(name) + r" = (\S+) ([^\n]*)", hlo_text)

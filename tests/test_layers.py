@@ -54,6 +54,11 @@ def test_rms_norm_on_rows_keeps_shape_and_gradient():
     g_want = jax.grad(lambda x, w: jnp.sum(as_given(x, w) * c), argnums=(0, 1))(x, w)
     for a, b in zip(g_got, g_want):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # No scale, and scale plus bias (the MLP-Speculator's speculator_norm): the same on rows.
+  x = jnp.asarray(rng.normal(size=(1, 5, 8)), jnp.float32)
+  b = jnp.asarray(np.linspace(-0.3, 0.3, 8), jnp.float32)
+  np.testing.assert_allclose(L.rms_norm(x, None, 1e-6, jnp.float32), as_given(x, 1.0), atol=1e-6)
+  np.testing.assert_allclose(L.rms_norm(x, w, 1e-6, jnp.float32, bias=b), as_given(x, w) + b, atol=1e-6)
 
 
 def test_rope_rotates_pairs_and_is_relative():

@@ -2,6 +2,8 @@
 
     python docs/bench_train_runs/fixed_part.py SMALL_DIR LARGE_DIR [--ratio=8] [--name=eagle3_lk_hybrid]
 
+(with the project's environment: it reads traces with ``experiments/bench_train.py``'s `trace_ops`).
+
 SMALL_DIR and LARGE_DIR each hold one single-device profile of the same step at two batch sizes, the
 large one ``--ratio`` times the small one: a ``perfetto_trace.json.gz`` (anywhere below the directory)
 and the optimized HLO ``NAME.hlo.txt`` or ``NAME.hlo.txt.gz``, as ``bench_train.py --profile=DIR``
@@ -24,25 +26,27 @@ import argparse
 import collections
 import glob
 import gzip
-import json
 import os
 import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "experiments"))
+import bench_train  # noqa: E402  (its trace reader; the script runs with the project's environment)
 
 
 def load_ops(d: str) -> dict[str, float]:
-  """Op name -> summed duration (ms) of the newest perfetto trace below ``d``."""
-  paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
-  if not paths:
-    raise SystemExit(f"{d}: no perfetto_trace.json.gz below it")
-  with gzip.open(max(paths, key=os.path.getmtime)) as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  skip = ("$", "ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "CommonPjRt", "end: ")
-  ops: dict[str, float] = collections.defaultdict(float)
-  for e in events:
-    if e.get("ph") == "X" and not e["name"].startswith(skip):
-      ops[e["name"]] += e["dur"] / 1e3
-  return ops
+  """Op name -> summed duration (ms) of the newest perfetto trace below ``d`` (`bench_train.trace_ops`)."""
+  try:
+    return _sum_by_name(bench_train.trace_ops(d))
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from None
+
+
+def _sum_by_name(ops: list[tuple[float, str]]) -> dict[str, float]:
+  out: dict[str, float] = collections.defaultdict(float)
+  for ms, name in ops:
+    out[name] += ms
+  return out
 
 
 def load_hlo(d: str, name: str) -> str:

@@ -155,8 +155,11 @@ def table_rows(table: jax.Array, index: tuple, width: int) -> jax.Array:
   return rows[0]                                                                  # [*S, width]
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype: Any) -> jax.Array:
-  """Llama RMSNorm ``x * rsqrt(mean(x**2) + eps) * w`` over the last axis, statistics in float32.
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float, dtype: Any,
+             bias: jax.Array | None = None) -> jax.Array:
+  """Llama RMSNorm ``x * rsqrt(mean(x**2) + eps) * w (+ b)`` over the last axis, in float32, cast to
+  ``dtype`` at the end. ``weight`` None: no scale; ``bias`` (fms-extras' LayerNormParameterized without
+  mean-centring, `lkjax.models.mlp_speculator.speculator_norm`) is added after the scale.
 
   Computed on ``x`` flattened to ``[rows, dim]``: XLA's CPU backend hands the sums of this function and of
   its gradient to YNNPACK reduce fusions, which were about 6x slower on a ``[1, T, dim]`` array (one
@@ -167,7 +170,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype: Any) -> jax.Arr
   shape = x.shape
   x32 = x.reshape(-1, shape[-1]).astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * weight.astype(jnp.float32)).astype(dtype).reshape(shape)
+  if weight is not None:
+    y = y * weight.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(dtype).reshape(shape)
 
 
 class RMSNorm(nnx.Module):

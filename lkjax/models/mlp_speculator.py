@@ -32,7 +32,7 @@ from flax import nnx
 
 from lkjax.models.base import Frozen, shift_left
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
-                                 sample_tokens, table_rows, unstack)
+                                 rms_norm, sample_tokens, table_rows, unstack)
 from lkjax.models.matmul import matmul
 from lkjax.targets.info import TargetInfo
 
@@ -42,16 +42,10 @@ LN_EPS = 1e-6
 def speculator_norm(x: jax.Array, w: jax.Array | None = None, b: jax.Array | None = None) -> jax.Array:
   """fms-extras LayerNormParameterized without mean-centring: ``x * rsqrt(mean(x**2) + 1e-6) * w + b``.
 
-  Computed in float32 and cast back to ``x.dtype``; ``w``/``b`` None gives the parameter-free ``ln0``.
-  On ``x`` flattened to ``[rows, dim]``, as `lkjax.models.layers.rms_norm` (YNNPACK's slow reductions
-  over ``[1, T, dim]`` arrays).
+  Computed in float32 and cast back to ``x.dtype`` (`lkjax.models.layers.rms_norm`, on rows); ``w``/``b``
+  None gives the parameter-free ``ln0``.
   """
-  shape = x.shape
-  xf = x.reshape(-1, shape[-1]).astype(jnp.float32)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + LN_EPS)
-  if w is not None:
-    y = y * w.astype(jnp.float32) + b.astype(jnp.float32)
-  return y.astype(x.dtype).reshape(shape)
+  return rms_norm(x, w, LN_EPS, x.dtype, bias=b)
 
 
 class MLPSpeculator(nnx.Module):
