@@ -149,6 +149,7 @@ def main(argv):
                           page_faults_per_step=float(np.median([x["page_faults_per_step"] for x in sel])),
                           kernel_s_per_step=float(np.median([x["kernel_s_per_step"] for x in sel])),
                           user_s_per_step=float(np.median([x["user_s_per_step"] for x in sel])),
+                          cpu_s_per_step=float(np.median([x["cpu_s_per_step"] for x in sel])),
                           retained_heap=sel[0]["retained_heap"], jemalloc=sel[0]["jemalloc"]))
   print(f"{'arch':<16}{'mesh':<17}{'devices':>8}{'tok/s':>9}{'vs ' + names[0]:>12}{'per round':>24}"
         f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}{'user s':>8}")

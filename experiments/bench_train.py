@@ -317,7 +317,11 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   extra.update(ceiling_samples=ceil, utilisation=float(np.median(util)),
                page_faults_per_step=float(np.median(lk["last"]["minflt"][timed])),
                kernel_s_per_step=float(np.median(lk["last"]["sys_s"][timed])),
-               user_s_per_step=float(np.median(lk["last"]["user_s"][timed])), warmup=warmup,
+               user_s_per_step=float(np.median(lk["last"]["user_s"][timed])),
+               # user + system: Linux splits a thread's CPU time between the two by timer-tick samples, so a
+               # step of a few ms can read 0 s of user time; their sum is the precisely counted runtime.
+               cpu_s_per_step=float(np.median(np.add(lk["last"]["user_s"], lk["last"]["sys_s"])[timed])),
+               warmup=warmup,
                lk_page_faults=lk["last"]["minflt"][timed], lk_kernel_s=lk["last"]["sys_s"][timed],
                kl_page_faults=kl["last"]["minflt"][timed], kl_kernel_s=kl["last"]["sys_s"][timed])
   return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,
