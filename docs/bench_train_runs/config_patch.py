@@ -1,0 +1,48 @@
+"""Run ``experiments/bench_train.py`` with one config change it has no flag for (session 11's layout probes).
+
+    PATCH=vocab_rules  python docs/bench_train_runs/config_patch.py --archs=medusa --mesh=1,1,8 ...
+    PATCH=draft_vocab:1024 python docs/bench_train_runs/config_patch.py --archs=medusa --mesh=1,1,1 ...
+
+(with the project's environment; every other argument goes to bench_train.py unchanged).
+
+* ``vocab_rules``: the config's logical-axis rules become "batch over every mesh axis, the vocabulary
+  over ``tensor``, everything else replicated". On a ``1,1,8`` mesh (``--explicit_grad_reduce=false``:
+  the partitioner places the collectives) MEDUSA's LM heads are then split over the draft vocabulary,
+  the partitioner's version of a vocabulary-parallel head.
+* ``draft_vocab:N``: the draft vocabulary has N columns instead of the config's: one device's share of
+  the heads' work when N columns are split over several devices.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "experiments"))
+import bench_train  # noqa: E402
+from absl import app  # noqa: E402
+from lkjax import config_args  # noqa: E402
+
+VOCAB_RULES = (("batch", ("data", "fsdp", "tensor")), ("vocab", "tensor"), ("embed", None), ("hidden", None),
+               ("mlp", None), ("heads", None), ("kv", None), ("head_dim", None))
+
+
+def patch(config, spec: str):
+  """``config`` with the change ``spec`` names (see the module docstring)."""
+  if spec == "vocab_rules":
+    config.mesh.rules = VOCAB_RULES
+  else:
+    config.model.draft_vocab_size = int(spec.partition(":")[2])
+  return config
+
+
+def main():
+  spec = os.environ.get("PATCH", "")
+  if spec != "vocab_rules" and not (spec.startswith("draft_vocab:") and spec.partition(":")[2].isdigit()):
+    raise SystemExit(f"PATCH={spec!r}: expected vocab_rules or draft_vocab:N")
+  load = config_args.load_config
+  config_args.load_config = lambda path, overrides=None: patch(load(path, overrides), spec)
+  app.run(bench_train.main)
+
+
+if __name__ == "__main__":
+  main()
