@@ -133,7 +133,8 @@ def main(argv):
                        **bench_processes.step_record(row)))
       print(f"round {r} mesh {name:<16} {row['arch']:<15} {row['tokens_per_s']:7.0f} tok/s  "
             f"LK {row['step_s']:.2f} s  faults/step {row['page_faults_per_step']:>8.0f}  "
-            f"kernel s/step {row['kernel_s_per_step']:.2f}  user s/step {row['user_s_per_step']:.2f}", flush=True)
+            f"kernel s/step {row['kernel_s_per_step']:.2f}  user s/step {row['user_s_per_step']:.2f}  "
+            f"CPU s/step {row['cpu_s_per_step']:.2f}", flush=True)
   summary = []
   for arch in dict.fromkeys(r["arch"] for r in runs):
     def pick(name, r):
@@ -152,11 +153,12 @@ def main(argv):
                           cpu_s_per_step=float(np.median([x["cpu_s_per_step"] for x in sel])),
                           retained_heap=sel[0]["retained_heap"], jemalloc=sel[0]["jemalloc"]))
   print(f"{'arch':<16}{'mesh':<17}{'devices':>8}{'tok/s':>9}{'vs ' + names[0]:>12}{'per round':>24}"
-        f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}{'user s':>8}")
+        f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}{'user s':>8}{'CPU s':>7}")
   for s in summary:
     print(f"{s['arch']:<16}{s['mesh']:<17}{s['devices']:>8}{s['tokens_per_s']:>9.0f}{s['efficiency']:>12.1%}"
           f"{' '.join(f'{x:.2f}' for x in s['efficiency_per_round']):>24}{s['gflop_per_step']:>12.1f}"
-          f"{s['page_faults_per_step']:>9.0f}{s['kernel_s_per_step']:>10.2f}{s['user_s_per_step']:>8.2f}")
+          f"{s['page_faults_per_step']:>9.0f}{s['kernel_s_per_step']:>10.2f}{s['user_s_per_step']:>8.2f}"
+          f"{s['cpu_s_per_step']:>7.2f}")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(dict(archs=FLAGS.archs, meshes=names, batch=FLAGS.batch, batch_per_shard=FLAGS.batch_per_shard,

@@ -50,6 +50,5 @@ def in_rounds(configs: Sequence, rounds: int, run: Callable[[object, str], dict]
 def step_record(row: dict) -> dict:
   """The fields of one bench_train.py row that the process comparisons keep."""
   keys = ("arch", "tokens_per_s", "page_faults_per_step", "kernel_s_per_step", "user_s_per_step", "cpu_s_per_step",
-          "lk_times",
-          "kl_times", "all_reduce_mb", "all_gather_mb", "reduce_scatter_mb", "split_tables")
+          "lk_times", "kl_times", "all_reduce_mb", "all_gather_mb", "reduce_scatter_mb", "split_tables")
   return dict({k: row[k] for k in keys}, lk_step_s=row["step_s"], kl_step_s=row["kl_step_s"])

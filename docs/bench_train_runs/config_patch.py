@@ -26,21 +26,20 @@ VOCAB_RULES = (("batch", ("data", "fsdp", "tensor")), ("vocab", "tensor"), ("emb
                ("mlp", None), ("heads", None), ("kv", None), ("head_dim", None))
 
 
-def patch(config, spec: str):
-  """``config`` with the change ``spec`` names (see the module docstring)."""
+def overrides(spec: str) -> dict:
+  """The dotted config overrides (`lkjax.config_args.apply_overrides`) that ``spec`` names (see the module docstring)."""
+  name, _, value = spec.partition(":")
   if spec == "vocab_rules":
-    config.mesh.rules = VOCAB_RULES
-  else:
-    config.model.draft_vocab_size = int(spec.partition(":")[2])
-  return config
+    return {"mesh.rules": VOCAB_RULES}
+  if name == "draft_vocab" and value.isdigit():
+    return {"model.draft_vocab_size": int(value)}
+  raise SystemExit(f"PATCH={spec!r}: expected vocab_rules or draft_vocab:N")
 
 
 def main():
-  spec = os.environ.get("PATCH", "")
-  if spec != "vocab_rules" and not (spec.startswith("draft_vocab:") and spec.partition(":")[2].isdigit()):
-    raise SystemExit(f"PATCH={spec!r}: expected vocab_rules or draft_vocab:N")
+  extra = overrides(os.environ.get("PATCH", ""))
   load = config_args.load_config
-  config_args.load_config = lambda path, overrides=None: patch(load(path, overrides), spec)
+  config_args.load_config = lambda path, given=None: load(path, {**(given or {}), **extra})
   app.run(bench_train.main)
 
 
