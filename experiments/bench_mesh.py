@@ -19,6 +19,14 @@ devices (`lkjax.train.step.make_train_step`), for a side-by-side comparison of t
 the split parameters gathered once and their gradients reduce-scattered; ``1x8x1/tables`` also keeps the
 embedding tables split (``--split_tables``: the MLP-Speculator's ``emb``, the target embedding
 ``embed_tokens`` of EAGLE-3 and MTP; MEDUSA has none).
+
+A mesh written ``8x1x1/grad`` (data parallel only) times, instead of the train step, its bound on this
+machine (``bench_train.py --program=grad_only``): each device's forward and backward pass of its share of
+the batch with the parameters already in bf16 and replicated, and no collective, gradient sum or
+optimizer update (the tables above are left out of the gradient). Such a mesh's efficiency is taken
+against the first ``/grad`` mesh in ``--meshes`` (``1x1x1/grad``), a step mesh's against the first step
+mesh. ``--meshes=1x1x1,config:8,1x1x1/grad,8x1x1/grad`` thus puts the step's scaling next to the scaling
+of the work every device must do in it, measured side by side.
 """
 from __future__ import annotations
 
@@ -35,7 +43,8 @@ from lkjax import runtime  # noqa: E402
 import bench_processes  # noqa: E402
 
 flags.DEFINE_string("archs", "eagle3", "Comma-separated architectures (bench_train.py --archs).")
-flags.DEFINE_list("meshes", ["1x1x1", "8x1x1"], "Meshes as DATAxFSDPxTENSOR; the first is the reference.")
+flags.DEFINE_list("meshes", ["1x1x1", "8x1x1"], "Meshes as DATAxFSDPxTENSOR (see above); the first one of "
+                  "each program (train step, /grad) is the reference of the others.")
 flags.DEFINE_integer("batch", 8, "Global batch rows (divisible by every mesh's data x fsdp).")
 flags.DEFINE_bool("batch_per_shard", False, "--batch is per batch shard: a mesh whose batch is split N ways "
                   "runs N x --batch rows, so each device's share stays the same (weak scaling). Default: "
@@ -54,20 +63,31 @@ FLAGS = flags.FLAGS
 COMPILER_SUFFIX = "/compiler"
 GATHER_SUFFIX = "/gather"
 TABLES_SUFFIX = "/tables"
+GRAD_SUFFIX = "/grad"
 TABLES = ("emb", "embed_tokens")   # each draft keeps the ones it has (bench_train.py --split_tables)
 CONFIG_PREFIX = "config:"
 
 
 def parse_mesh(text: str) -> dict:
-  """``DATAxFSDPxTENSOR[/compiler|/gather|/tables]`` or ``config:N`` -> ``dict(devices, args, expect,
-  split_batch)``: the child's device count, its layout flags for bench_train.py, the top-level fields its
-  table must report, and how many ways the batch is split."""
+  """``DATAxFSDPxTENSOR[/compiler|/gather|/tables]``, ``DATAx1x1/grad`` or ``config:N`` -> ``dict(devices,
+  args, expect, split_batch, program)``: the child's device count, its layout flags for bench_train.py, the
+  top-level fields its table must report, how many ways the batch is split and what it times."""
+  if text.endswith(GRAD_SUFFIX):
+    body = text[: -len(GRAD_SUFFIX)]
+    parts = body.split("x")
+    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) < 1 or parts[1:] != ["1", "1"]:
+      raise app.UsageError(f"--meshes: {text!r}: a {GRAD_SUFFIX} mesh is data parallel, DATAx1x1{GRAD_SUFFIX} "
+                           f"(e.g. 8x1x1{GRAD_SUFFIX})")
+    n = int(parts[0])
+    return dict(devices=n, args=["--program=grad_only", f"--mesh={n},1,1", f"--split_tables={','.join(TABLES)}"],
+                expect=dict(program="grad_only"), split_batch=n, program="grad_only")
   if text.startswith(CONFIG_PREFIX):
     n = text[len(CONFIG_PREFIX):]
     if not n.isdigit() or int(n) < 1:
       raise app.UsageError(f"--meshes: {text!r}: expected {CONFIG_PREFIX}N with N devices, e.g. {CONFIG_PREFIX}8")
     # Every config's batch rule splits the batch over all devices (mesh.shape (-1,1,1) or (1,-1,1)).
-    return dict(devices=int(n), args=["--mesh=config"], expect=dict(mesh="config"), split_batch=int(n))
+    return dict(devices=int(n), args=["--mesh=config"], expect=dict(mesh="config", program="step"),
+                split_batch=int(n), program="step")
   body, explicit, gather, tables = text, True, False, ()
   if text.endswith(COMPILER_SUFFIX):
     body, explicit = text[: -len(COMPILER_SUFFIX)], False
@@ -85,8 +105,8 @@ def parse_mesh(text: str) -> dict:
                          f"or {CONFIG_PREFIX}N")
   args = [f"--mesh={','.join(map(str, shape))}", f"--explicit_grad_reduce={explicit}",
           f"--gather_split_params={gather}", f"--split_tables={','.join(tables)}"]
-  expect = dict(explicit_grad_reduce=explicit, gather_split_params=gather, split_tables=list(tables))
-  return dict(devices=math.prod(shape), args=args, expect=expect, split_batch=shape[0] * shape[1])
+  expect = dict(explicit_grad_reduce=explicit, gather_split_params=gather, split_tables=list(tables), program="step")
+  return dict(devices=math.prod(shape), args=args, expect=expect, split_batch=shape[0] * shape[1], program="step")
 
 
 def global_batch(entry: dict) -> int:
@@ -118,6 +138,9 @@ def main(argv):
   if len(set(FLAGS.meshes)) != len(FLAGS.meshes):
     raise app.UsageError(f"--meshes: {FLAGS.meshes} names a mesh twice")
   names = list(FLAGS.meshes)   # the summary's keys, in --meshes order
+  # Each mesh's reference: the first mesh in --meshes that times the same program.
+  reference = {name: next(n for n, m2 in zip(names, meshes) if m2["program"] == m["program"])
+               for name, m in zip(names, meshes)}
   runs = []
   for r, entry, table in bench_processes.in_rounds(meshes, FLAGS.rounds, run_once):
     name = names[meshes.index(entry)]
@@ -126,7 +149,8 @@ def main(argv):
       if data * fsdp != entry["split_batch"]:   # config:N assumes the config splits the batch over every device
         raise RuntimeError(f"mesh {name}: {row['arch']} ran on {row['mesh_shape']}, whose batch is split "
                            f"{data * fsdp} ways, not {entry['split_batch']}")
-      runs.append(dict(round=r, mesh=name, devices=table["devices"], gflop_per_step=row["gflop_per_step"],
+      runs.append(dict(round=r, mesh=name, devices=table["devices"], program=table["program"],
+                       gflop_per_step=row["gflop_per_step"],
                        batch=table["batch"], mesh_shape=row["mesh_shape"],
                        explicit_grad_reduce=row["explicit_grad_reduce"], gather_split_params=row["gather_split_params"],
                        retained_heap=table["retained_heap"], jemalloc=table["jemalloc"],
@@ -142,8 +166,9 @@ def main(argv):
       return row
     for name in names:
       sel = [pick(name, r) for r in range(FLAGS.rounds)]
-      ratios = [pick(name, r)["tokens_per_s"] / pick(names[0], r)["tokens_per_s"] for r in range(FLAGS.rounds)]
-      summary.append(dict(arch=arch, mesh=name, devices=sel[0]["devices"],
+      ratios = [pick(name, r)["tokens_per_s"] / pick(reference[name], r)["tokens_per_s"] for r in range(FLAGS.rounds)]
+      summary.append(dict(arch=arch, mesh=name, devices=sel[0]["devices"], program=sel[0]["program"],
+                          reference=reference[name],
                           tokens_per_s=float(np.median([x["tokens_per_s"] for x in sel])),
                           efficiency=float(np.median(ratios)), efficiency_per_round=ratios,
                           gflop_per_step=sel[0]["gflop_per_step"],
@@ -152,7 +177,7 @@ def main(argv):
                           user_s_per_step=float(np.median([x["user_s_per_step"] for x in sel])),
                           cpu_s_per_step=float(np.median([x["cpu_s_per_step"] for x in sel])),
                           retained_heap=sel[0]["retained_heap"], jemalloc=sel[0]["jemalloc"]))
-  print(f"{'arch':<16}{'mesh':<17}{'devices':>8}{'tok/s':>9}{'vs ' + names[0]:>12}{'per round':>24}"
+  print(f"{'arch':<16}{'mesh':<17}{'devices':>8}{'tok/s':>9}{'vs ref':>12}{'per round':>24}"
         f"{'GFLOP/step':>12}{'faults':>9}{'kernel s':>10}{'user s':>8}{'CPU s':>7}")
   for s in summary:
     print(f"{s['arch']:<16}{s['mesh']:<17}{s['devices']:>8}{s['tokens_per_s']:>9.0f}{s['efficiency']:>12.1%}"

@@ -20,8 +20,18 @@ interleaved loop (LK KL B, KL B LK, B LK KL, ...): ``no_target_lse`` (batches wi
 after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``) or ``same`` (a second, separately compiled
 copy of the L_lambda step: an A/A control for how far two copies of one program differ) or
 ``compiler_grad_reduce`` (on a data-parallel mesh, the step with ``explicit_grad_reduce=False``: gradient
-collectives placed by the partitioner instead of one explicit sum per step); columns "B s" and
+collectives placed by the partitioner instead of one explicit sum per step) or ``optax_optimizer`` (the
+step with optax's chain of clip and AdamW transformations instead of the fused update, ``optim.impl``);
+columns "B s" and
 "B/LK" (median over the rounds of B's time / the L_lambda step's).
+``--program=grad_only`` times, instead of the train step, the bound any data-parallel layout of it has on the
+machine: on a mesh of N devices (data parallel over all of them, ``--mesh`` and the config's layout
+ignored) each device runs the forward and backward pass of its share of the batch with every parameter
+already in the compute dtype and replicated, and reduces its gradient to one number. No collective, no
+gradient sum, no optimizer update, no parameter cast; tables the layout keeps split (``--split_tables``, or
+the config's ``mesh.split_tables`` with ``--mesh=config``) are left out of the gradient (their lookups'
+gradients are row updates). `experiments/bench_mesh.py` compares such programs on 1 and N devices
+(meshes ``.../grad``).
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
 Random weights and inputs: the step's cost does not depend on their values.
@@ -63,8 +73,10 @@ flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
 flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention", "same",
-                             "compiler_grad_reduce"],
+                             "compiler_grad_reduce", "optax_optimizer"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
+flags.DEFINE_enum("program", "step", ["step", "grad_only"], "What is timed: the train step, or each device's "
+                  "forward + backward pass alone (grad_only: no collective, no optimizer; see above).")
 flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty); "
                     "the JSON row gets a summary of each trace (op time per fusion kind, longest ops).")
 FLAGS = flags.FLAGS
@@ -163,8 +175,12 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
                precision: str, target_lse: bool = True, attention: str | None = None,
                causal_block: int | None = None, explicit_grad_reduce: bool = True,
-               gather_split_params: bool = False, split_tables: tuple[str, ...] = ()) -> dict:
-  """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step."""
+               gather_split_params: bool = False, split_tables: tuple[str, ...] = (),
+               program: str = "step", optim_impl: str | None = None) -> dict:
+  """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step.
+
+  ``program="grad_only"``: the per-device forward + backward pass alone instead (`grad_only_program`),
+  on a data-parallel mesh over all devices."""
   import jax
   import ml_collections
   import ml_dtypes
@@ -176,7 +192,8 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   from lkjax.train import optim, step as step_lib
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cfg = load_config(os.path.join(root, f"configs/{arch}.py"), {"loss.kind": kind})
+  overrides = {"loss.kind": kind, **({"optim.impl": optim_impl} if optim_impl else {})}
+  cfg = load_config(os.path.join(root, f"configs/{arch}.py"), overrides)
   model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
   model_cfg.dtype = "bfloat16" if precision == "bf16" else "float32"
   vd = 512 if small else int(model_cfg.draft_vocab_size)
@@ -189,6 +206,8 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   weights["lm_head"] = weights["embed_tokens"]
   with nnx.use_eager_sharding(False):
     model = registry.build_draft(model_cfg, info, draft_vocab=ids, target_weights=weights, rngs=nnx.Rngs(0))
+  if program == "grad_only":
+    mesh_shape = (-1, 1, 1)
   mesh = shd.make_mesh(mesh_shape)
   rules = tuple(tuple(x) for x in cfg.mesh.rules)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -212,13 +231,18 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   bsh = shd.batch_shardings(host_batch, mesh, rules)
   sh = dict(mesh=mesh, state=ssh, rest=rsh, target=jax.tree.map(lambda _: rep, target), batch=bsh,
             batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, batch))
-  state = jax.device_put(step_lib.init_state(params, tx, 0), ssh)
+  if program == "step":   # (grad_only: no optimizer state; 8 replicated copies of the MLP-Speculator's are 19 GB)
+    state = jax.device_put(step_lib.init_state(params, tx, 0), ssh)
   rest, target = jax.device_put(rest, rsh), jax.device_put(target, sh["target"])
   dev_batch = jax.device_put(host_batch, bsh)
   split_tables = tuple(n for n in split_tables if n in params or n in rest)   # the names this draft has
-  fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh,
-                                explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
-                                split_tables=split_tables)
+  if program == "grad_only":
+    fn = grad_only_program(graphdef, cfg.loss, precision, mesh, left_out=split_tables)
+    state = jax.device_put(step_lib.cast_floating(params, step_lib.compute_dtype(precision)), rep)
+  else:
+    fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh,
+                                  explicit_grad_reduce=explicit_grad_reduce,
+                                  gather_split_params=gather_split_params, split_tables=split_tables)
   t0 = time.perf_counter()
   from lkjax.models import layers
   with layers.attention_variant(attention, causal_block):     # read while tracing
@@ -233,19 +257,24 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   def run() -> float:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
-    box["state"], m = compiled(box["state"], rest, target, dev_batch)
-    jax.block_until_ready(m)
+    res = compiled(box["state"], rest, target, dev_batch)
+    jax.block_until_ready(res)
+    if program == "step":
+      box["state"], m = res
+    else:   # grad_only: metrics only (the parameters stay as they are)
+      m = res
     dt = time.perf_counter() - t
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     box["minflt"].append(r1.ru_minflt - r0.ru_minflt)     # page faults: see lkjax/runtime.py
     box["sys_s"].append(r1.ru_stime - r0.ru_stime)
     box["user_s"].append(r1.ru_utime - r0.ru_utime)     # CPU time of all threads: work, not waiting
-    box["loss"] = float(m["loss"])
+    box["loss"] = float(np.mean(np.asarray(m["loss"])))   # grad_only: one loss per device
     return dt
 
   run()  # warm-up
   hlo = compiled.as_text()
   return dict(arch=arch, kind=kind, target_lse=target_lse, run=run, compiled=compiled, last=box,
+              parts=dict(graphdef=graphdef, loss_cfg=cfg.loss, inputs=(state, rest, target, dev_batch)),
               gflop_per_step=flops / 1e9, compile_s=compile_s,
               all_reduce_mb=shd.all_reduce_bytes(hlo) / 1e6,
               all_gather_mb=shd.collective_bytes(hlo, "all-gather") / 1e6,
@@ -254,16 +283,59 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
               num_params=int(sum(x.size for x in jax.tree.leaves(params))))
 
 
+def grad_only_program(graphdef, loss_cfg, precision: str, mesh, left_out: tuple[str, ...] = ()):
+  """Jitted ``f(params, rest, target, batch) -> {"loss", "grad_sq"}`` (``[devices]`` each): every device's forward and
+  backward pass of the loss on its rows of the batch (split over all of ``mesh``'s devices), with
+  ``params`` (already in the compute dtype), ``rest`` and ``target`` replicated. The loss's means are
+  taken over each device's own rows and each device's gradient is reduced to its sum of squares, so the
+  program has no collective; the top-level parameters ``left_out`` are not differentiated. The strong-
+  scaling bound of the train step on this machine: what a data-parallel layout computes on every device
+  before it communicates or updates anything."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  from lkjax.sharding import make_varying
+  from lkjax.train import step as step_lib
+
+  dtype = step_lib.compute_dtype(precision)
+  loss_fn, impl = step_lib._loss_fn_and_impl(loss_cfg, None)
+  kw = step_lib.loss_kwargs(loss_cfg, 1000)
+  axes = tuple(mesh.axis_names)
+
+  def local(params, rest, target, batch):
+    fixed = {k: v for k, v in params.items() if k in left_out}
+    diff = {k: v for k, v in params.items() if k not in left_out}
+    if mesh.size > 1:   # per-device values: their gradients stay each device's own (no implicit sum)
+      diff = jax.tree.map(lambda x: make_varying(x, axes), diff)
+
+    def f(d):
+      return step_lib._forward_loss(graphdef, loss_fn, loss_cfg.kind, kw, dtype, {**d, **fixed}, rest, target,
+                                    batch, jnp.zeros((), jnp.int32), impl)
+    (loss, _), grads = jax.value_and_grad(f, has_aux=True)(diff)
+    grad_sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+    return loss[None], grad_sq[None]
+
+  if mesh.size > 1:
+    local = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(axes)), out_specs=(P(axes), P(axes)))
+
+  def program(params, rest, target, batch):
+    # Only the metrics come out: returning the parameters too would copy them on every call.
+    loss, grad_sq = local(params, rest, target, batch)   # [devices] each, left where they are
+    return {"loss": loss, "grad_sq": grad_sq}
+
+  return jax.jit(program)
+
+
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
                profile_dir: str = "", target_lse: bool = True, ab: str = "", warmup: int = 1,
                explicit_grad_reduce: bool = True, gather_split_params: bool = False,
-               split_tables: tuple[str, ...] = ()) -> dict:
+               split_tables: tuple[str, ...] = (), program: str = "step") -> dict:
   """L_lambda and KL (and B) steps of ``arch``, timed interleaved so all see the same load; the order
   within a round rotates from round to round (LK KL B, KL B LK, B LK KL, ...)."""
   import numpy as np
   kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision,
             explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
-            split_tables=split_tables)
+            split_tables=split_tables, program=program)
   lk, kl = (build_step(arch, kind, info, target_lse=target_lse, **kw) for kind in ("lk_hybrid", "kl"))
   variant = None
   if ab == "no_target_lse":
@@ -274,6 +346,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, causal_block=0, **kw)
   elif ab == "same":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **kw)
+  elif ab == "optax_optimizer":
+    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, optim_impl="optax", **kw)
   elif ab == "compiler_grad_reduce":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **dict(kw, explicit_grad_reduce=False))
   t_lk, t_kl, t_b, ceil = [], [], [], []
@@ -331,7 +405,7 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
               all_gather_mb=lk["all_gather_mb"], reduce_scatter_mb=lk["reduce_scatter_mb"],
               split_tables=lk["split_tables"], mesh_shape=list(lk["mesh_shape"]),
               explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
-              kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
+              program=program, kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
               lk_times=t_lk, kl_times=t_kl, **extra)
 
 
@@ -376,7 +450,7 @@ def main(argv):
                     gather_split_params=FLAGS.gather_split_params, split_tables=tuple(FLAGS.split_tables))
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps,
                      precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse == "on",
-                     ab=FLAGS.ab, warmup=FLAGS.warmup, **layout)
+                     ab=FLAGS.ab, warmup=FLAGS.warmup, program=FLAGS.program, **layout)
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
@@ -390,7 +464,7 @@ def main(argv):
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), mesh=FLAGS.mesh,
                    precision=FLAGS.precision,
-                   target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
+                   target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup, program=FLAGS.program,
                    # the layout flags; with --mesh=config each row records its config's layout instead
                    **(dict(explicit_grad_reduce=None, gather_split_params=None, split_tables=None)
                       if FLAGS.mesh == "config" else

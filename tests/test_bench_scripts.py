@@ -110,10 +110,64 @@ def test_bench_mesh_small_compares_meshes_in_alternating_processes(tmp_path):
   ref, *others = table["summary"]
   assert ref["efficiency"] == 1.0 and len(others) == 2
   assert all(o["efficiency"] > 0 and len(o["efficiency_per_round"]) == 2 for o in others)
-  assert "vs 1x1x1" in res.stdout
+  assert "vs ref" in res.stdout
   bad = subprocess.run([sys.executable, "experiments/bench_mesh.py", "--meshes=1x1x1,3x1x1", "--batch=8"], cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "not divisible" in bad.stderr
+
+
+def test_bench_mesh_grad_meshes_are_compared_with_the_first_grad_mesh(tmp_path):
+  out = tmp_path / "bench_mesh.json"
+  res = _run(["experiments/bench_mesh.py", "--small", "--archs=medusa", "--meshes=1x1x1,1x1x1/grad,2x1x1/grad",
+              "--batch=2", "--seq=16", "--rounds=1", "--steps=1", "--warmup=1", f"--out={out}"], tmp_path)
+  table = json.loads(out.read_text())
+  assert {r["mesh"]: (r["program"], r["devices"]) for r in table["runs"]} == {
+      "1x1x1": ("step", 1), "1x1x1/grad": ("grad_only", 1), "2x1x1/grad": ("grad_only", 2)}
+  # The bound's programs have no collective; each mesh is measured against the first of its program.
+  assert all(r["all_reduce_mb"] == r["all_gather_mb"] == r["reduce_scatter_mb"] == 0 for r in table["runs"])
+  summary = {s["mesh"]: s for s in table["summary"]}
+  assert {m: s["reference"] for m, s in summary.items()} == {
+      "1x1x1": "1x1x1", "1x1x1/grad": "1x1x1/grad", "2x1x1/grad": "1x1x1/grad"}
+  by_mesh = {r["mesh"]: r for r in table["runs"]}
+  assert summary["2x1x1/grad"]["efficiency"] == pytest.approx(
+      by_mesh["2x1x1/grad"]["tokens_per_s"] / by_mesh["1x1x1/grad"]["tokens_per_s"])
+  assert summary["1x1x1/grad"]["efficiency"] == 1.0 and "vs ref" in res.stdout
+
+
+_GRAD_ONLY_CHECK = """
+import sys
+sys.path.insert(0, "experiments")
+import jax
+import numpy as np
+import bench_train
+from lkjax import sharding as shd
+info = bench_train.target_info(True)
+built = bench_train.build_step("medusa", "lk_hybrid", info, small=True, batch=8, seq=8, mesh_shape=None,
+                               precision="bf16", program="grad_only")
+assert built["mesh_shape"] == (8, 1, 1), built["mesh_shape"]
+assert built["all_reduce_mb"] == built["all_gather_mb"] == built["reduce_scatter_mb"] == 0
+parts = built["parts"]
+m8 = built["compiled"](*parts["inputs"])
+loss8, sq8 = np.asarray(m8["loss"]), np.asarray(m8["grad_sq"])
+assert loss8.shape == sq8.shape == (8,) and np.ptp(sq8) > 1e-3 * sq8.max(), sq8   # the rows differ
+one = bench_train.grad_only_program(parts["graphdef"], parts["loss_cfg"], "bf16", shd.make_mesh((1, 1, 1)))
+params, rest, target, batch = jax.tree.map(np.asarray, parts["inputs"])
+for i in range(8):
+  m1 = one(params, rest, target, {k: v[i:i + 1] for k, v in batch.items()})
+  np.testing.assert_allclose(np.asarray(m1["loss"])[0], loss8[i], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(m1["grad_sq"])[0], sq8[i], rtol=1e-4)
+print("ok")
+"""
+
+
+def test_grad_only_program_is_each_devices_own_gradient():
+  """bench_train's --program=grad_only on 8 devices: device i's loss and gradient are those of row i alone
+  (the batch is split, and no gradient is summed over the devices), with no collective in the program.
+  (In a child process: bench_train's absl flags clash with bench_mesh's in one process.)"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
+  res = subprocess.run([sys.executable, "-c", _GRAD_ONLY_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
 def test_bench_mesh_parses_layout_suffixes_and_config_meshes():
@@ -124,12 +178,17 @@ def test_bench_mesh_parses_layout_suffixes_and_config_meshes():
   assert tables["devices"] == 8 and tables["split_batch"] == 8
   assert "--mesh=1,8,1" in tables["args"] and "--split_tables=emb,embed_tokens" in tables["args"]
   assert tables["expect"] == dict(explicit_grad_reduce=True, gather_split_params=True,
-                                  split_tables=["emb", "embed_tokens"])
+                                  split_tables=["emb", "embed_tokens"], program="step")
   assert bench_mesh.parse_mesh("2x2x2/compiler")["expect"]["explicit_grad_reduce"] is False
   assert bench_mesh.parse_mesh("2x2x2")["split_batch"] == 4
   cfg = bench_mesh.parse_mesh("config:8")
-  assert cfg == dict(devices=8, args=["--mesh=config"], expect=dict(mesh="config"), split_batch=8)
-  for bad in ("8x1", "config:", "config:x", "8x1x1/other"):
+  assert cfg == dict(devices=8, args=["--mesh=config"], expect=dict(mesh="config", program="step"), split_batch=8,
+                     program="step")
+  grad = bench_mesh.parse_mesh("8x1x1/grad")
+  assert grad["devices"] == grad["split_batch"] == 8 and grad["program"] == "grad_only"
+  assert "--program=grad_only" in grad["args"] and "--mesh=8,1,1" in grad["args"]
+  assert grad["expect"] == dict(program="grad_only")
+  for bad in ("8x1", "config:", "config:x", "8x1x1/other", "2x2x1/grad", "x1x1/grad", "config:8/grad"):
     with pytest.raises(app.UsageError):
       bench_mesh.parse_mesh(bad)
 
