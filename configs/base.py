@@ -86,7 +86,6 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
   c.optim.weight_decay = 0.01
   c.optim.clip = 0.5                 # global-norm gradient clip (0: off)
   c.optim.grad_accum = 1             # micro-batches per step (the batch is split, gradients averaged)
-  c.optim.impl = "fused"             # fused | optax: the same clip + AdamW, one loop per parameter or optax's chain
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = "runs/data/smollm2_default"

@@ -20,9 +20,7 @@ interleaved loop (LK KL B, KL B LK, B LK KL, ...): ``no_target_lse`` (batches wi
 after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``) or ``same`` (a second, separately compiled
 copy of the L_lambda step: an A/A control for how far two copies of one program differ) or
 ``compiler_grad_reduce`` (on a data-parallel mesh, the step with ``explicit_grad_reduce=False``: gradient
-collectives placed by the partitioner instead of one explicit sum per step) or ``optax_optimizer`` (the
-step with optax's chain of clip and AdamW transformations instead of the fused update, ``optim.impl``);
-columns "B s" and
+collectives placed by the partitioner instead of one explicit sum per step); columns "B s" and
 "B/LK" (median over the rounds of B's time / the L_lambda step's).
 ``--program=grad_only`` times, instead of the train step, the bound any data-parallel layout of it has on the
 machine: on a mesh of N devices (data parallel over all of them, ``--mesh`` and the config's layout
@@ -73,7 +71,7 @@ flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
 flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention", "same",
-                             "compiler_grad_reduce", "optax_optimizer"],
+                             "compiler_grad_reduce"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
 flags.DEFINE_enum("program", "step", ["step", "grad_only"], "What is timed: the train step, or each device's "
                   "forward + backward pass alone (grad_only: no collective, no optimizer; see above).")
@@ -176,7 +174,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
                precision: str, target_lse: bool = True, attention: str | None = None,
                causal_block: int | None = None, explicit_grad_reduce: bool = True,
                gather_split_params: bool = False, split_tables: tuple[str, ...] = (),
-               program: str = "step", optim_impl: str | None = None) -> dict:
+               program: str = "step") -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step.
 
   ``program="grad_only"``: the per-device forward + backward pass alone instead (`grad_only_program`),
@@ -192,8 +190,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   from lkjax.train import optim, step as step_lib
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  overrides = {"loss.kind": kind, **({"optim.impl": optim_impl} if optim_impl else {})}
-  cfg = load_config(os.path.join(root, f"configs/{arch}.py"), overrides)
+  cfg = load_config(os.path.join(root, f"configs/{arch}.py"), {"loss.kind": kind})
   model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
   model_cfg.dtype = "bfloat16" if precision == "bf16" else "float32"
   vd = 512 if small else int(model_cfg.draft_vocab_size)
@@ -346,8 +343,6 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, causal_block=0, **kw)
   elif ab == "same":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **kw)
-  elif ab == "optax_optimizer":
-    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, optim_impl="optax", **kw)
   elif ab == "compiler_grad_reduce":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **dict(kw, explicit_grad_reduce=False))
   t_lk, t_kl, t_b, ceil = [], [], [], []

@@ -55,7 +55,7 @@ def main() -> None:
         key = (re.sub(r"\.\d+$", "", name), m.group(1) if m else "?")
         acc[key][0] += t
         acc[key][1] += 1
-    print(f"\nB by result shape:")
+    print("\nB by result shape:")
     for (kind, shape), (t, n) in sorted(acc.items(), key=lambda kv: -kv[1][0]):
       print(f"{kind[:32]:32s} {shape:32s} {t:9.1f} ms {n:5d} ops")
 
