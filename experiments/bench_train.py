@@ -73,6 +73,9 @@ flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precompu
 flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention", "same",
                              "compiler_grad_reduce"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
+flags.DEFINE_string("config_overrides", "", "JSON object of dotted config keys set in every architecture's "
+                    "config before anything is built (`lkjax.config_args.apply_overrides`; unknown keys are "
+                    "rejected), e.g. '{\"model.num_layers\": 2}'. --mesh=config takes the overridden layout.")
 flags.DEFINE_enum("program", "step", ["step", "grad_only"], "What is timed: the train step, or each device's "
                   "forward + backward pass alone (grad_only: no collective, no optimizer; see above).")
 flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty); "
@@ -174,7 +177,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
                precision: str, target_lse: bool = True, attention: str | None = None,
                causal_block: int | None = None, explicit_grad_reduce: bool = True,
                gather_split_params: bool = False, split_tables: tuple[str, ...] = (),
-               program: str = "step") -> dict:
+               program: str = "step", config_overrides: dict | None = None) -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step.
 
   ``program="grad_only"``: the per-device forward + backward pass alone instead (`grad_only_program`),
@@ -190,7 +193,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   from lkjax.train import optim, step as step_lib
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cfg = load_config(os.path.join(root, f"configs/{arch}.py"), {"loss.kind": kind})
+  cfg = load_config(os.path.join(root, f"configs/{arch}.py"), {**(config_overrides or {}), "loss.kind": kind})
   model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
   model_cfg.dtype = "bfloat16" if precision == "bf16" else "float32"
   vd = 512 if small else int(model_cfg.draft_vocab_size)
@@ -234,7 +237,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   dev_batch = jax.device_put(host_batch, bsh)
   split_tables = tuple(n for n in split_tables if n in params or n in rest)   # the names this draft has
   if program == "grad_only":
-    fn = grad_only_program(graphdef, cfg.loss, precision, mesh, left_out=split_tables)
+    fn = grad_only_program(graphdef, cfg.loss, precision, mesh, left_out=split_tables, total_steps=1000)
     state = jax.device_put(step_lib.cast_floating(params, step_lib.compute_dtype(precision)), rep)
   else:
     fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh,
@@ -280,7 +283,8 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
               num_params=int(sum(x.size for x in jax.tree.leaves(params))))
 
 
-def grad_only_program(graphdef, loss_cfg, precision: str, mesh, left_out: tuple[str, ...] = ()):
+def grad_only_program(graphdef, loss_cfg, precision: str, mesh, left_out: tuple[str, ...] = (),
+                      total_steps: int = 1000):
   """Jitted ``f(params, rest, target, batch) -> {"loss", "grad_sq"}`` (``[devices]`` each): every device's forward and
   backward pass of the loss on its rows of the batch (split over all of ``mesh``'s devices), with
   ``params`` (already in the compute dtype), ``rest`` and ``target`` replicated. The loss's means are
@@ -296,7 +300,7 @@ def grad_only_program(graphdef, loss_cfg, precision: str, mesh, left_out: tuple[
 
   dtype = step_lib.compute_dtype(precision)
   loss_fn, impl = step_lib._loss_fn_and_impl(loss_cfg, None)
-  kw = step_lib.loss_kwargs(loss_cfg, 1000)
+  kw = step_lib.loss_kwargs(loss_cfg, total_steps)
   axes = tuple(mesh.axis_names)
 
   def local(params, rest, target, batch):
@@ -326,13 +330,14 @@ def grad_only_program(graphdef, loss_cfg, precision: str, mesh, left_out: tuple[
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
                profile_dir: str = "", target_lse: bool = True, ab: str = "", warmup: int = 1,
                explicit_grad_reduce: bool = True, gather_split_params: bool = False,
-               split_tables: tuple[str, ...] = (), program: str = "step") -> dict:
+               split_tables: tuple[str, ...] = (), program: str = "step",
+               config_overrides: dict | None = None) -> dict:
   """L_lambda and KL (and B) steps of ``arch``, timed interleaved so all see the same load; the order
   within a round rotates from round to round (LK KL B, KL B LK, B LK KL, ...)."""
   import numpy as np
   kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision,
             explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
-            split_tables=split_tables, program=program)
+            split_tables=split_tables, program=program, config_overrides=config_overrides)
   lk, kl = (build_step(arch, kind, info, target_lse=target_lse, **kw) for kind in ("lk_hybrid", "kl"))
   variant = None
   if ab == "no_target_lse":
@@ -392,6 +397,7 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
                cpu_s_per_step=float(np.median(np.add(lk["last"]["user_s"], lk["last"]["sys_s"])[timed])),
                warmup=warmup,
                lk_page_faults=lk["last"]["minflt"][timed], lk_kernel_s=lk["last"]["sys_s"][timed],
+               lk_user_s=lk["last"]["user_s"][timed],
                kl_page_faults=kl["last"]["minflt"][timed], kl_kernel_s=kl["last"]["sys_s"][timed])
   return dict(arch=arch, kind="lk_hybrid", target_lse=target_lse, step_s=step_s, tokens_per_s=batch * seq / step_s,
               gflop_per_step=lk["gflop_per_step"], gflops=lk["gflop_per_step"] / step_s,
@@ -404,11 +410,12 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
               lk_times=t_lk, kl_times=t_kl, **extra)
 
 
-def config_layout(arch: str) -> dict:
-  """``arch``'s mesh layout from ``configs/<arch>.py``: shape and the train step's layout switches."""
+def config_layout(arch: str, config_overrides: dict | None = None) -> dict:
+  """``arch``'s mesh layout from ``configs/<arch>.py`` (with ``config_overrides``): shape and the train
+  step's layout switches."""
   from lkjax.config_args import load_config
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  m = load_config(os.path.join(root, f"configs/{arch}.py")).mesh
+  m = load_config(os.path.join(root, f"configs/{arch}.py"), config_overrides).mesh
   return dict(mesh_shape=tuple(m.shape), explicit_grad_reduce=bool(m.explicit_grad_reduce),
               gather_split_params=bool(m.gather_split_params), split_tables=tuple(m.split_tables))
 
@@ -432,6 +439,16 @@ def main(argv):
   unknown = sorted(set(archs) - set(K))
   if unknown:
     raise app.UsageError(f"--archs: unknown {unknown}; expected {sorted(K)}")
+  try:
+    overrides = json.loads(FLAGS.config_overrides) if FLAGS.config_overrides else {}
+  except json.JSONDecodeError as e:
+    raise app.UsageError(f"--config_overrides={FLAGS.config_overrides!r}: not JSON ({e})") from None
+  if not isinstance(overrides, dict):
+    raise app.UsageError(f"--config_overrides={FLAGS.config_overrides!r}: expected a JSON object of dotted keys")
+  try:   # loads every config with the overrides: a bad key fails here, before anything compiles
+    config_layouts = {arch: config_layout(arch, overrides) for arch in archs}
+  except ValueError as e:
+    raise app.UsageError(f"--config_overrides: {e}") from None
   from lkjax import runtime
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {batch} x {seq}; "
         f"precision {FLAGS.precision}; {runtime.describe()}; "
@@ -439,13 +456,14 @@ def main(argv):
   rows = []
   for arch in archs:
     if FLAGS.mesh == "config":
-      layout = config_layout(arch)
+      layout = config_layouts[arch]
     else:
       layout = dict(mesh_shape=mesh_shape, explicit_grad_reduce=FLAGS.explicit_grad_reduce,
                     gather_split_params=FLAGS.gather_split_params, split_tables=tuple(FLAGS.split_tables))
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps,
                      precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse == "on",
-                     ab=FLAGS.ab, warmup=FLAGS.warmup, program=FLAGS.program, **layout)
+                     ab=FLAGS.ab, warmup=FLAGS.warmup, program=FLAGS.program, config_overrides=overrides,
+                     **layout)
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
@@ -460,6 +478,7 @@ def main(argv):
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), mesh=FLAGS.mesh,
                    precision=FLAGS.precision,
                    target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup, program=FLAGS.program,
+                   config_overrides=overrides,
                    # the layout flags; with --mesh=config each row records its config's layout instead
                    **(dict(explicit_grad_reduce=None, gather_split_params=None, split_tables=None)
                       if FLAGS.mesh == "config" else

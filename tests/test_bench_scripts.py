@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -29,6 +30,10 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
     assert len(r["lk_page_faults"]) == len(r["kl_kernel_s"]) == 2 and r["warmup"] == 1
     # CPU time: user + system is counted precisely; the split between them goes by timer ticks.
     assert r["cpu_s_per_step"] > 0 and 0 <= r["user_s_per_step"] <= r["cpu_s_per_step"]
+    # ... and the CPU column is the median over the timed steps of user + kernel time, not user time alone.
+    assert len(r["lk_user_s"]) == 2
+    assert r["cpu_s_per_step"] == pytest.approx(statistics.median(
+        u + k for u, k in zip(r["lk_user_s"], r["lk_kernel_s"])))
     assert r["tokens_per_s"] > 0 and r["gflop_per_step"] > 0 and r["lk_over_kl"] > 0 and r["b_over_lk"] > 0
     # Without the precomputed lse the step multiplies the full-vocabulary head: more FLOPs.
     assert r["ab"] == "no_target_lse" and r["b_gflop_per_step"] > r["gflop_per_step"]
@@ -43,6 +48,22 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
       rows = p["op_ms_by_kind_shape"]
       assert rows and sum(r["ms"] for r in rows) <= p["op_ms_total"] * (1 + 1e-9)
       assert all(r["shape"] for r in rows if r["kind"].endswith("fusion"))   # every fusion's shape is found
+
+
+def test_bench_train_config_overrides_reach_the_model_and_bad_keys_fail_early(tmp_path):
+  out = tmp_path / "bench_train.json"
+  _run(["experiments/bench_train.py", "--small", "--archs=medusa", "--steps=1", '--config_overrides={"model.num_layers": 2}',
+        f"--out={out}"], tmp_path)
+  table = json.loads(out.read_text())
+  (row,) = table["rows"]
+  assert table["config_overrides"] == {"model.num_layers": 2}
+  # --small MEDUSA: K = 6 heads, hidden 64, draft vocabulary 512; a second residual block per head adds
+  # 6 x (64 x 64 + 64) parameters to the 6 x (64 x 64 + 64) + 6 x 64 x 512 of one.
+  assert row["num_params"] == 6 * 2 * (64 * 64 + 64) + 6 * 64 * 512
+  bad = subprocess.run([sys.executable, "experiments/bench_train.py", "--small", "--archs=medusa",
+                        '--config_overrides={"model.nope": 1}'], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "unknown key 'nope'" in bad.stderr and "matmul ceiling" not in bad.stdout
 
 
 def test_bench_train_full_attention_and_same_ab(tmp_path):

@@ -1,33 +1,30 @@
-"""Run ``experiments/bench_train.py`` with one config change it has no flag for (session 11's layout probes).
+"""Run ``experiments/bench_train.py`` with one named config change (session 11's layout probes).
 
     PATCH=vocab_rules  python docs/bench_train_runs/config_patch.py --archs=medusa --mesh=1,1,8 ...
     PATCH=draft_vocab:1024 python docs/bench_train_runs/config_patch.py --archs=medusa --mesh=1,1,1 ...
 
-(with the project's environment; every other argument goes to bench_train.py unchanged).
+(with the project's environment). Every argument goes to bench_train.py unchanged, followed by the
+patch as its ``--config_overrides``:
 
 * ``vocab_rules``: the config's logical-axis rules become "batch over every mesh axis, the vocabulary
   over ``tensor``, everything else replicated". On a ``1,1,8`` mesh (``--explicit_grad_reduce=false``:
   the partitioner places the collectives) MEDUSA's LM heads are then split over the draft vocabulary,
   the partitioner's version of a vocabulary-parallel head.
 * ``draft_vocab:N``: the draft vocabulary has N columns instead of the config's: one device's share of
-  the heads' work when N columns are split over several devices.
+  the heads' work when N columns are split over several devices (full-size runs; ``--small`` fixes 512).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "experiments"))
-import bench_train  # noqa: E402
-from absl import app  # noqa: E402
-from lkjax import config_args  # noqa: E402
 
 VOCAB_RULES = (("batch", ("data", "fsdp", "tensor")), ("vocab", "tensor"), ("embed", None), ("hidden", None),
                ("mlp", None), ("heads", None), ("kv", None), ("head_dim", None))
 
 
 def overrides(spec: str) -> dict:
-  """The dotted config overrides (`lkjax.config_args.apply_overrides`) that ``spec`` names (see the module docstring)."""
+  """The dotted config overrides (bench_train.py ``--config_overrides``) that ``spec`` names."""
   name, _, value = spec.partition(":")
   if spec == "vocab_rules":
     return {"mesh.rules": VOCAB_RULES}
@@ -38,9 +35,8 @@ def overrides(spec: str) -> dict:
 
 def main():
   extra = overrides(os.environ.get("PATCH", ""))
-  load = config_args.load_config
-  config_args.load_config = lambda path, given=None: load(path, {**(given or {}), **extra})
-  app.run(bench_train.main)
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "experiments", "bench_train.py")
+  os.execv(sys.executable, [sys.executable, script, *sys.argv[1:], f"--config_overrides={json.dumps(extra)}"])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     python docs/bench_train_runs/dots_bound.py [--devices=8] [--rounds=3]
 
 (with the project's environment). The parent runs alternating child processes, one device and
-``--devices`` devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, jemalloc preloaded where
-installed, as `lkjax.runtime` does for the 8-device benchmarks), the order rotating each round.
+``--devices`` devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``), the order rotating each
+round (`bench_processes.rotated`). Each child first takes the malloc settings every entry script takes
+(`lkjax.runtime.reexec_with_malloc_tunables`: the retained heap and huge pages on one device, jemalloc
+with several).
 
 Each child times one program: for each of the K = 6 heads, the three NN dots of a ``[T, 576] @ [576, 8192]``
 layer's forward and backward pass as `lkjax.models.matmul` runs them in training (``x @ W``,
@@ -17,12 +19,16 @@ leave of one device's speed for the work that dominates MEDUSA's step (348 of it
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import resource
 import subprocess
 import sys
 import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+import bench_processes  # noqa: E402
+from lkjax import runtime  # noqa: E402
 
 K, H, V, T = 6, 576, 8192, 2048
 
@@ -77,22 +83,21 @@ def main() -> None:
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a.child:
+    runtime.reexec_with_malloc_tunables()   # restarts the child with its device count's malloc settings
+    print(f"MALLOC {runtime.describe()}", flush=True)
     child(a.reps)
     return
   if T % a.devices:
     sys.exit(f"--devices={a.devices} does not divide the {T} rows")
-  jemalloc = sorted(glob.glob("/usr/lib/*/libjemalloc.so*"))
   results = {1: [], a.devices: []}
   for r in range(a.rounds):
-    order = [1, a.devices] if r % 2 == 0 else [a.devices, 1]
-    for n in order:
+    for n in bench_processes.rotated([1, a.devices], r):
       env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-      if n > 1 and jemalloc:
-        env["LD_PRELOAD"] = jemalloc[0]
       out = subprocess.run([sys.executable, __file__, "--child", f"--reps={a.reps}"], env=env,
                            capture_output=True, text=True, check=True).stdout
       line = [x for x in out.splitlines() if x.startswith("RESULT")][0]
-      print(f"round {r} {line[len('RESULT '):]}", flush=True)
+      malloc = [x for x in out.splitlines() if x.startswith("MALLOC")][-1]
+      print(f"round {r} {line[len('RESULT '):]}  ({malloc[len('MALLOC '):]})", flush=True)
       results[n].append(float(line.split("tokens_per_s=")[1].split()[0]))
   ratios = [b / o for o, b in zip(results[1], results[a.devices])]
   print(f"{a.devices} devices / 1 device, per round: {' '.join(f'{x:.3f}' for x in ratios)}")
