@@ -22,7 +22,21 @@ def test_physical_transpose_is_transpose(shape):
   np.testing.assert_array_equal(M.physical_transpose(a), a.T)
 
 
-@pytest.mark.parametrize("xshape,wshape", [((12, 8), (8, 6)), ((3, 4, 8), (8, 10)), ((5, 7), (7, 9))])
+# The first three take dx = g @ w.T, the last two (few rows) dx = (w @ g.T).T (`transposes_cotangent`).
+MATMUL_SHAPES = [((12, 8), (8, 6)), ((3, 4, 8), (8, 10)), ((5, 7), (7, 9)), ((4, 16), (16, 32)),
+                 ((2, 3, 24), (24, 40))]
+
+
+def test_transposes_cotangent_for_few_rows_only():
+  rows = lambda xs: int(np.prod(xs[:-1]))  # noqa: E731
+  assert [M.transposes_cotangent(rows(xs), *ws) for xs, ws in MATMUL_SHAPES] == [False] * 3 + [True] * 2
+  # An LM head [576, 8192]: one 256-token sequence per device copies g and the product, 512 rows the weight.
+  assert M.transposes_cotangent(128, 576, 8192) and M.transposes_cotangent(256, 576, 8192)
+  assert not M.transposes_cotangent(512, 576, 8192) and not M.transposes_cotangent(2048, 576, 8192)
+  assert M.transposes_cotangent(128, 576, 576) and not M.transposes_cotangent(256, 576, 576)
+
+
+@pytest.mark.parametrize("xshape,wshape", MATMUL_SHAPES)
 def test_matmul_value_and_grads_equal_dot_fp32(nn_impl, xshape, wshape):
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, xshape, jnp.float32)

@@ -84,7 +84,10 @@ def setup(mesh_shape=None, kind="lk_hybrid", accum=1, precision="fp32", with_lse
   tx = optim.make_optimizer(optim_cfg(grad_accum=accum), total_steps=10)
   pure_params, pure_rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   state = step_lib.init_state(pure_params, tx, seed=0)
-  target = make_target()
+  target = full_target = make_target()
+  if with_lse:   # what the train loop hands the step for such batches: the head's draft rows only
+    target = step_lib.make_target(target["lm_head"], target["draft_ids"], full_head=False)
+    assert set(target) == {"draft_head"}
   sh = None
   if mesh_shape is not None:
     mesh = shd.make_mesh(mesh_shape)
@@ -92,7 +95,7 @@ def setup(mesh_shape=None, kind="lk_hybrid", accum=1, precision="fp32", with_lse
     rep = shd.replicated(mesh)
     sh = dict(mesh=mesh, state=step_lib.state_shardings(psh, tx, pure_params, mesh),
               rest=shd.state_shardings(rest, mesh, RULES), target=jax.tree.map(lambda _: rep, target),
-              batch=shd.batch_shardings(add_target_lse(make_batch(), target) if with_lse else make_batch(),
+              batch=shd.batch_shardings(add_target_lse(make_batch(), full_target) if with_lse else make_batch(),
                                         mesh, RULES),
               batch_spec=lambda nd: shd.batch_spec(nd, mesh, RULES, B))
     state = jax.device_put(state, sh["state"])
@@ -122,14 +125,36 @@ def test_target_distribution_matches_numpy():
   h = np.asarray(batch["final_hidden"], np.float64)
   full = h @ target["lm_head"].astype(np.float64).T                     # [B, T, V]
   ref_lse = np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1)) + full.max(-1)
-  # Without target_lse the step computes the full head; with it, only the draft rows.
-  for b in (batch, dict(batch, target_lse=ref_lse.astype(np.float32))):
-    y_d, lse = step_lib.target_distribution(jax.tree.map(jnp.asarray, b), target, K)
+  # Without target_lse the step computes the full head; with it, only the draft rows (taken in the step,
+  # or once by make_target).
+  with_lse = dict(batch, target_lse=ref_lse.astype(np.float32))
+  draft_only = step_lib.make_target(target["lm_head"], target["draft_ids"], full_head=False)
+  for b, tgt in ((batch, target), (with_lse, target), (with_lse, draft_only)):
+    y_d, lse = step_lib.target_distribution(jax.tree.map(jnp.asarray, b), tgt, K)
     for k in range(K):
       np.testing.assert_allclose(np.asarray(y_d[k, :, : T - k - 1]), full[:, k + 1:, target["draft_ids"]],
                                  rtol=1e-5, atol=1e-5)
       np.testing.assert_allclose(np.asarray(lse[k, :, : T - k - 1]), ref_lse[:, k + 1:], rtol=1e-5, atol=1e-5)
       assert np.all(np.asarray(y_d[k, :, T - k - 1:]) == 0)
+
+
+def test_make_target_rows_and_bad_input():
+  target = make_target()
+  t = step_lib.make_target(target["lm_head"], target["draft_ids"])
+  np.testing.assert_array_equal(t["draft_head"], target["lm_head"][target["draft_ids"]])
+  np.testing.assert_array_equal(t["lm_head"], target["lm_head"])
+  np.testing.assert_array_equal(t["draft_ids"], target["draft_ids"])
+  whole = step_lib.make_target(target["lm_head"], None, full_head=False)   # Vd = V: the head itself
+  assert set(whole) == {"draft_head"}
+  np.testing.assert_array_equal(whole["draft_head"], target["lm_head"])
+  with pytest.raises(ValueError, match="draft_ids must be 1-D target ids in"):
+    step_lib.make_target(target["lm_head"], np.array([0, V]))
+  with pytest.raises(ValueError, match=r"lm_head must be \[V, Ht\]"):
+    step_lib.make_target(target["lm_head"][0])
+  # A batch without the precomputed lse needs the whole head: a clear error, not a KeyError.
+  with pytest.raises(ValueError, match="has no target_lse"):
+    step_lib.batch_target(jax.tree.map(jnp.asarray, make_batch()),
+                          step_lib.make_target(target["lm_head"], target["draft_ids"], full_head=False))
 
 
 @pytest.fixture(scope="module")

@@ -432,10 +432,7 @@ def offline_estimate(draft: Any, config: Any, data_dir: str | os.PathLike | None
   shards.read_manifest(data_dir)
   weights = shards.load_target_weights(data_dir)
   rows = int(batch_size or config.batch_size)
-  target = {"lm_head": jnp.asarray(weights["lm_head"])}
-  ids = draft_vocab_ids(draft)
-  if ids is not None:
-    target["draft_ids"] = jnp.asarray(ids.astype(np.int32))
+  target = jax.tree.map(jnp.asarray, step_lib.make_target(weights["lm_head"], draft_vocab_ids(draft)))
   graphdef, params, rest = nnx.split(draft, nnx.Param, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   rest = step_lib.precast_rest(rest, config.precision)

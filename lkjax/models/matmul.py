@@ -11,6 +11,9 @@ dot's dimension numbers ("NT" / "TN"), and such bf16 dots are upcast to float32 
 the NN speed.  A transpose written as split-reshape -> transpose -> reshape is not folded: XLA
 materialises it (a cheap copy of one operand) and the dot stays a bf16 NN dot.
 
+With few rows (one sequence per device on a mesh) the weight's copy costs more than the dot saves, and
+``dx`` is taken as ``(w @ g.T).T`` instead, copying the smaller cotangent (`transposes_cotangent`).
+
 `matmul` is ``x @ w`` with a custom VJP built that way; `dense_dot_general` plugs it into
 ``nnx.Linear``.  The numbers are those of ``x @ w``: float32 accumulation, then a cast to the operand
 dtype.  On other backends (GPU, TPU) the plain XLA dot is used: their libraries take transposed
@@ -54,6 +57,20 @@ def _dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
   return jax.lax.dot(a, b, preferred_element_type=jnp.float32)
 
 
+def transposes_cotangent(m: int, k: int, n: int) -> bool:
+  """Whether the backward pass of an ``[m, k] @ [k, n]`` `matmul` computes ``dx = g @ w.T`` as
+  ``(w @ g.T).T`` (NN dots either way): it materialises ``g`` and the ``[k, m]`` product (m * (n + k)
+  elements) instead of the ``[n, k]`` weight (k * n), which pays when that is at most half the elements.
+
+  With few rows per device (one 256-token sequence: a global batch of 8 on the 8-device mesh) every
+  device otherwise copies every LM head ``[576, 8192]`` in every step. One device, bf16, median ms of
+  ``w.T`` / ``(w g.T).T`` (``docs/bench_train_runs/dx_transpose.py``, run 70): LM head 5.56 / 4.67 at 128
+  rows, 8.14 / 7.07 at 256, 14.17 / 14.27 at 512, 52.83 / 57.64 at 2048. The 576-wide layers' shapes,
+  where it picks ``(w g.T).T`` at 128 rows only: 0.64-0.98 of ``w.T``'s time there, 0.83-1.17 at 256-2048.
+  """
+  return 2 * m * (n + k) < k * n
+
+
 @jax.custom_vjp
 def _nn_matmul(x2: jax.Array, w: jax.Array) -> jax.Array:
   # float32 out: the cast to the operand dtype happens outside (in `matmul`), where XLA fuses it into
@@ -70,7 +87,10 @@ def _nn_bwd(res, g):
   # g is the f32 cotangent of the cast in `matmul`, i.e. an exactly representable operand-dtype value:
   # casting it back is lossless.
   g = g.astype(jnp.result_type(x2, w))
-  dx = _dot_f32(g, physical_transpose(w)).astype(x2.dtype)
+  if transposes_cotangent(x2.shape[0], *w.shape):
+    dx = physical_transpose(_dot_f32(w, physical_transpose(g)).astype(x2.dtype))
+  else:
+    dx = _dot_f32(g, physical_transpose(w)).astype(x2.dtype)
   dw = _dot_f32(physical_transpose(x2), g).astype(w.dtype)
   return cotangent_like(dx, x2), cotangent_like(dw, w)
 

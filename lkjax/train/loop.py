@@ -220,9 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   rest = step_lib.precast_rest(rest, config.precision)
   state_sh = step_lib.state_shardings(param_sh, tx, params, mesh)
-  target = {"lm_head": setup.target_weights["lm_head"]}
-  if setup.draft_vocab is not None:
-    target["draft_ids"] = setup.draft_vocab.token_ids.astype(np.int32)
+  target = step_lib.make_target(setup.target_weights["lm_head"],
+                                None if setup.draft_vocab is None else setup.draft_vocab.token_ids,
+                                full_head=not setup.target_lse)
   rep = shd.replicated(mesh)
   target_sh = jax.tree.map(lambda _: rep, target)
   example = _example_batch(config, setup.target_info, target_lse=setup.target_lse)

@@ -7,8 +7,10 @@ Train state (a plain pytree, what orbax checkpoints):
   rng        uint32 key data (split every step; kept so a resumed run continues the same stream)
 
 Non-trained inputs: ``rest`` (the pure dict of every other model variable, e.g. the ``Frozen`` target
-embedding / vocabulary maps, never donated, never updated) and ``target`` = ``{"lm_head": f32[V, Ht],
-"draft_ids": int32[Vd]}`` (the target's LM head and the draft vocabulary's target ids).
+embedding / vocabulary maps, never donated, never updated) and ``target`` (`make_target`):
+``{"draft_head": f32[Vd, Ht]}``, the draft-vocabulary rows of the target's LM head, taken once, plus
+``"lm_head": f32[V, Ht]`` and ``"draft_ids": int32[Vd]`` (the whole head and the draft vocabulary's target
+ids) when batches come without the precomputed lse.
 
 Per batch, once (outside the gradient): ``y = final_hidden @ lm_head.T`` in float32 ``[B, T, V]``,
 ``lse = logsumexp_V(y)`` ``[B, T]`` and the draft-vocabulary columns ``y[..., draft_ids]`` ``[B, T, Vd]``;
@@ -17,6 +19,8 @@ both are shifted per head with `head_targets` (head k compares with the target a
 `head_mask`. When the batch carries the shards' precomputed ``target_lse`` (`lkjax.data.shards`), only the
 draft-vocabulary rows of the head are multiplied (``final_hidden @ lm_head[draft_ids].T``, ``[B, T, Vd]``)
 and the stored lse is used: the same numbers up to float32 rounding, without the ``[B, T, V]`` matmul.
+Those rows are ``target["draft_head"]``, taken from the head once by `make_target`, not on every device in
+every step.
 Every reduction is a masked mean over the global (sharded) batch, so lambda_k of ``lk_hybrid`` is
 computed from the global batch. On a data-parallel mesh (and, with ``gather_split_params``, an FSDP
 one) the gradient is a per-device program
@@ -105,13 +109,43 @@ def draft_target_logits(final_hidden: jax.Array, lm_head: jax.Array, draft_ids: 
                     precision=jax.lax.Precision.HIGHEST)
 
 
+def make_target(lm_head: Any, draft_ids: Any = None, *, full_head: bool = True) -> dict[str, np.ndarray]:
+  """The steps' ``target`` input from the target's LM head ``[V, Ht]`` and the draft vocabulary's target ids.
+
+  ``draft_head`` (f32 ``[Vd, Ht]``, the head's draft-vocabulary rows; the whole head when ``draft_ids`` is
+  None) is what a batch with the precomputed ``target_lse`` multiplies. It is taken here, once: taken inside
+  the step, every device repeated the take in every step (run 68 in docs/bench_train_runs/README.md).
+  ``full_head``: also keep ``lm_head`` (and ``draft_ids``), which batches without the lse need for the
+  full-vocabulary lse (`target_logits`).
+  """
+  head = np.asarray(lm_head, np.float32)
+  ids = None if draft_ids is None else np.asarray(draft_ids, np.int32)
+  if head.ndim != 2:
+    raise ValueError(f"make_target: lm_head must be [V, Ht], got shape {head.shape}")
+  if ids is not None and (ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= head.shape[0]))):
+    raise ValueError(f"make_target: draft_ids must be 1-D target ids in [0, {head.shape[0]}), got shape "
+                     f"{ids.shape}" + (f", range [{ids.min()}, {ids.max()}]" if ids.size else ""))
+  out = {"draft_head": head if ids is None else head[ids]}
+  if full_head:
+    out["lm_head"] = head
+    if ids is not None:
+      out["draft_ids"] = ids
+  return out
+
+
 def batch_target(batch: Mapping[str, jax.Array], target: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """``(y_d [B, T, Vd], lse [B, T])`` float32 for a batch: from the precomputed ``target_lse`` when the
-  batch has it (`draft_target_logits`), else from the full-vocabulary head (`target_logits`)."""
+  batch has it (`draft_target_logits` on ``target["draft_head"]``, or on the rows of ``lm_head``), else
+  from the full-vocabulary head (`target_logits`)."""
   h = jax.lax.stop_gradient(batch["final_hidden"])
   if "target_lse" in batch:
-    return (draft_target_logits(h, target["lm_head"], target.get("draft_ids")),
-            jax.lax.stop_gradient(batch["target_lse"]).astype(jnp.float32))
+    lse = jax.lax.stop_gradient(batch["target_lse"]).astype(jnp.float32)
+    if "draft_head" in target:
+      return draft_target_logits(h, target["draft_head"], None), lse
+    return draft_target_logits(h, target["lm_head"], target.get("draft_ids")), lse
+  if "lm_head" not in target:
+    raise ValueError("batch_target: the batch has no target_lse, so the loss needs the target's whole LM head, "
+                     "but the target holds only its draft rows (build it with make_target(..., full_head=True))")
   return target_logits(h, target["lm_head"], target.get("draft_ids"))
 
 
