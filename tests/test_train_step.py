@@ -537,3 +537,21 @@ def test_gather_split_moves_bf16_blocks_as_16_bit_words():
   assert len(gathers) == 2 and all(" u16[" in line for line in gathers)
   # the fsdp gather (6*64*4 words from 6*16*4) and the data one (all 6*64*8): 2 bytes each
   assert shd.collective_bytes(hlo, "all-gather") == 2 * (6 * 64 * 4 + 6 * 64 * 8)
+
+
+@pytest.mark.parametrize("slice_by_slice", [False, True])
+def test_sum_split_scatters_stacked_gradients_slice_by_slice(monkeypatch, slice_by_slice):
+  """`sum_split` of a stacked gradient split below its stacking dim (a [K, Ht, Vd] head split on Ht): the
+  device sum as this device's block, whether scattered whole or slice by slice (which large slices take)."""
+  monkeypatch.setattr(step_lib, "MIN_SCATTER_SLICE", 1 if slice_by_slice else 10 ** 9)
+  mesh = shd.make_mesh((1, 8, 1))
+  g = jax.random.normal(jax.random.key(0), (8, 3, 16, 5))   # device i's gradient: g[i]
+  spec = P(None, "fsdp", None)
+  fn = jax.jit(jax.shard_map(lambda x: step_lib.sum_split(x[0], spec, ("fsdp",)), mesh=mesh,
+                             in_specs=P("fsdp"), out_specs=spec, check_vma=False))
+  compiled = fn.lower(g).compile()
+  np.testing.assert_allclose(np.asarray(compiled(g)), np.asarray(g).sum(0), rtol=1e-5, atol=1e-5)
+  scatters = [line for line in compiled.as_text().splitlines() if "reduce-scatter(" in line]
+  # three [16, 5] slices each scattered on its own leading dim into [2, 5] blocks, or [3, 16, 5] at once
+  want = (3, "f32[2,5]") if slice_by_slice else (1, "f32[3,2,5]")
+  assert len(scatters) == want[0] and all(f"= {want[1]}" in line for line in scatters), scatters

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Two code states side by side (session 13): the train step of REV_A (default HEAD, from `git archive`)
-# against the working tree, each on one device and at each config's 8-device layout (bench_train
+# against REV_B (default: the working tree), each on one device and at each config's 8-device layout (bench_train
 # --mesh=config). Alternating processes, the order rotating from round to round; ROUNDS rounds (default 2),
 # ARCH (default medusa), BATCH (default 8) x 256; LABELS picks the processes (default "a1 b1 a8 b8"). PROGRAM=grad_only times the strong-scaling bound instead
 # (bench_train --program=grad_only, each device's forward + backward alone, data parallel on 8 devices).
@@ -12,8 +12,13 @@ OUT=${OUT:-/tmp/runs/tree_ab}; mkdir -p "$OUT"
 A=/tmp/tree_ab_a; B=/tmp/tree_ab_b
 rm -rf "$A" "$B"; mkdir -p "$A" "$B"
 git archive "${REV_A:-HEAD}" lkjax experiments configs | tar -x -C "$A"
-cp -r lkjax experiments configs "$B"/
-echo "A = $(git rev-parse --short "${REV_A:-HEAD}"), B = working tree ($(git status --short lkjax experiments configs | wc -l) changed files)"
+if [ -n "${REV_B:-}" ]; then
+  git archive "$REV_B" lkjax experiments configs | tar -x -C "$B"
+  echo "A = $(git rev-parse --short "${REV_A:-HEAD}"), B = $(git rev-parse --short "$REV_B")"
+else
+  cp -r lkjax experiments configs "$B"/
+  echo "A = $(git rev-parse --short "${REV_A:-HEAD}"), B = working tree ($(git status --short lkjax experiments configs | wc -l) changed files)"
+fi
 run() {  # label tree devices mesh
   local label=$1 tree=$2 n=$3 mesh=$4
   (cd "$tree" && XLA_FLAGS="--xla_force_host_platform_device_count=$n" PYTHONPATH=$tree python experiments/bench_train.py \

@@ -306,17 +306,36 @@ def sum_split(g: jax.Array, spec: P, axes: tuple[str, ...], scatter: bool = True
   of ``axes``, as this device's block of the split ``spec`` (``psum`` over the axes the parameter is
   replicated on, ``psum_scatter`` over those it is split on). ``scatter=False``: ``g`` is already the
   block's gradient from the tokens of every device it is split over (a table kept split,
-  `split_table_axes`), so only the ``psum`` is taken."""
+  `split_table_axes`), so only the ``psum`` is taken. A gradient split on one dim below its leading dims
+  (a stacked ``[K, Ht, Vd]`` head split on Ht) with at most `MAX_SCATTER_SLICES` slices of at least
+  `MIN_SCATTER_SLICE` elements is scattered slice by slice (docs/bench_train.md, session 13)."""
   split = [a for entry in tuple(spec) for a in _entry_axes(entry)]
   whole = tuple(a for a in axes if a not in split)
   if whole:
     g = jax.lax.psum(g, whole)
   if not scatter:
     return g
-  for d, entry in enumerate(tuple(spec)):
-    if _entry_axes(entry):
-      g = jax.lax.psum_scatter(g, axis_arg(_entry_axes(entry)), scatter_dimension=d, tiled=True)
+  dims = [d for d, entry in enumerate(tuple(spec)) if _entry_axes(entry)]
+  if (len(dims) == 1 and 0 < dims[0] and int(np.prod(g.shape[:dims[0]])) <= MAX_SCATTER_SLICES
+      and int(np.prod(g.shape[dims[0]:])) >= MIN_SCATTER_SLICE):
+    # A stacked parameter split below its stacking dims (the heads' [K, Ht, Vd] split on Ht): scattering
+    # the whole gradient on dim d first copies it into a d-major layout. Each slice over the dims before d
+    # is scattered on its own leading dim instead, where every device's block is contiguous.
+    d = dims[0]
+    lead = g.shape[:d]
+    flat = g.reshape((-1,) + g.shape[d:])
+    blocks = [jax.lax.psum_scatter(flat[i], axis_arg(_entry_axes(tuple(spec)[d])), scatter_dimension=0, tiled=True)
+              for i in range(flat.shape[0])]
+    return jnp.stack(blocks).reshape(lead + blocks[0].shape)
+  for d in dims:
+    g = jax.lax.psum_scatter(g, axis_arg(_entry_axes(tuple(spec)[d])), scatter_dimension=d, tiled=True)
   return g
+
+
+# `sum_split` scatters a gradient split below its leading dims slice by slice when it has at most this many
+# slices of at least this many elements each.
+MAX_SCATTER_SLICES = 16
+MIN_SCATTER_SLICE = 1 << 20
 
 
 def split_table_axes(specs: Mapping[str, Any], names: Sequence[str], axes: tuple[str, ...]) -> tuple[str, ...]:
