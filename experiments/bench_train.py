@@ -217,8 +217,8 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   tx = optim.make_optimizer(cfg.optim, total_steps=1000)
   ssh = step_lib.state_shardings(psh, tx, params, mesh)
   rep = shd.replicated(mesh)
-  target = step_lib.make_target(weights["lm_head"], ids, full_head=not target_lse)
-  full = step_lib.make_target(weights["lm_head"], ids)   # for the lse below
+  full = step_lib.make_target(weights["lm_head"], ids)
+  target = {"draft_head": full["draft_head"]} if target_lse else full   # what the train loop hands the step
   bf16 = ml_dtypes.bfloat16
   seg = np.ones((batch, seq), np.int32)
   host_batch = dict(input_ids=r.integers(0, info.vocab_size, (batch, seq)).astype(np.int32),

@@ -9,7 +9,8 @@
   (w g.T).T  ``T(w @ T(g))``: the cotangent ``[M, N]`` and the ``[K, M]`` product are (M * (N + K))
 
 (``T`` = `lkjax.models.matmul.physical_transpose`, each variant ending in the bf16 cast the backward
-pass makes). Prints the median milliseconds of each over ``--rounds`` alternating calls, for the LM-head
+pass makes). Prints the median milliseconds of each over ``--rounds`` alternating calls
+(`experiments/bench_parts.py`'s ``time_rotating``), for the LM-head
 shape ``[576, 8192]`` and the 576-wide layers' shapes, and the rule `matmul.transposes_cotangent`'s pick.
 The process takes the malloc settings every entry script takes (`lkjax.runtime`).
 """
@@ -18,10 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
 
 from lkjax import runtime  # noqa: E402
 
@@ -36,6 +36,7 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from bench_parts import time_rotating   # warm-up call, then rounds in rotating order
   from lkjax.models import matmul as mm
   print(f"MALLOC {runtime.describe()}", flush=True)
   r = np.random.default_rng(0)
@@ -48,15 +49,8 @@ def main() -> None:
       g, w = mk(m, n), mk(k, n)
       np.testing.assert_allclose(np.asarray(by_w(g, w), np.float32), np.asarray(by_g(g, w), np.float32),
                                  rtol=2e-2, atol=0.5)   # the same dx up to the f32 sums' order
-      times = {by_w: [], by_g: []}
-      for f in times:
-        jax.block_until_ready(f(g, w))
-      for i in range(args.rounds):
-        for f in ((by_w, by_g) if i % 2 else (by_g, by_w)):
-          t = time.perf_counter()
-          jax.block_until_ready(f(g, w))
-          times[f].append(time.perf_counter() - t)
-      a, b = (1e3 * float(np.median(times[f])) for f in (by_w, by_g))
+      times = time_rotating({"w.T": (by_w, (g, w)), "(w g.T).T": (by_g, (g, w))}, args.rounds)
+      a, b = (1e3 * float(np.median(times[name])) for name in ("w.T", "(w g.T).T"))
       pick = "(w g.T).T" if mm.transposes_cotangent(m, k, n) else "w.T"
       print(f"{m:5d} {k:5d} {n:5d} {a:8.2f} {b:13.2f} {b / a:6.2f}  {pick}", flush=True)
 

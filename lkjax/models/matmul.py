@@ -64,9 +64,9 @@ def transposes_cotangent(m: int, k: int, n: int) -> bool:
 
   With few rows per device (one 256-token sequence: a global batch of 8 on the 8-device mesh) every
   device otherwise copies every LM head ``[576, 8192]`` in every step. One device, bf16, median ms of
-  ``w.T`` / ``(w g.T).T`` (``docs/bench_train_runs/dx_transpose.py``, run 70): LM head 5.56 / 4.67 at 128
-  rows, 8.14 / 7.07 at 256, 14.17 / 14.27 at 512, 52.83 / 57.64 at 2048. The 576-wide layers' shapes,
-  where it picks ``(w g.T).T`` at 128 rows only: 0.64-0.98 of ``w.T``'s time there, 0.83-1.17 at 256-2048.
+  ``w.T`` / ``(w g.T).T`` (``docs/bench_train_runs/dx_transpose.py``, run 70): LM head 5.00 / 3.85 at 128
+  rows, 8.58 / 7.20 at 256, 14.51 / 14.43 at 512, 52.81 / 58.19 at 2048. The 576-wide layers' shapes,
+  where it picks ``(w g.T).T`` at 128 rows only: 0.76-0.86 of ``w.T``'s time there, 0.88-1.17 at 256-2048.
   """
   return 2 * m * (n + k) < k * n
 
