@@ -1,6 +1,8 @@
 """lkjax.models.matmul: the NN-form matmul equals ``x @ w`` in value and gradient."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,12 +91,14 @@ def test_bad_arguments():
     M.matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
 
 
-@pytest.mark.parametrize("rows", [1, 3, M.MIN_ROWS_TO_TRANSPOSE + 5])
-def test_matmul_t_equals_dot_with_transpose_for_few_and_many_rows(nn_impl, rows):
+# Many rows: the weight's gradient as (x.T @ g).T with 10 output columns, as g.T @ x with 4.
+@pytest.mark.parametrize("rows,cols", [(1, 10), (3, 10), (M.MIN_ROWS_TO_TRANSPOSE + 5, 10),
+                                       (M.MIN_ROWS_TO_TRANSPOSE + 5, 4)])
+def test_matmul_t_equals_dot_with_transpose_for_few_and_many_rows(nn_impl, rows, cols):
   kx, kw, kg = jax.random.split(jax.random.key(2), 3)
   x = jax.random.normal(kx, (rows, 8), jnp.float32)
-  w_rows = jax.random.normal(kw, (10, 8), jnp.float32)
-  g = jax.random.normal(kg, (rows, 10), jnp.float32)
+  w_rows = jax.random.normal(kw, (cols, 8), jnp.float32)
+  g = jax.random.normal(kg, (rows, cols), jnp.float32)
   np.testing.assert_allclose(M.matmul_t(x, w_rows), jnp.matmul(x, w_rows.T, precision="highest"),
                              rtol=1e-5, atol=1e-5)
   got = jax.grad(lambda x, w: jnp.sum(M.matmul_t(x, w) * g), (0, 1))(x, w_rows)
@@ -103,3 +107,21 @@ def test_matmul_t_equals_dot_with_transpose_for_few_and_many_rows(nn_impl, rows)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="do not contract"):
     M.matmul_t(x, jnp.ones((10, 9)))
+
+
+def test_matmul_t_backward_copies_no_weight():
+  """dx takes the stored rows as they are at every row count, and the weight's gradient copies the
+  smaller side (`grad_rows_from_cotangent`)."""
+  assert not M.grad_rows_from_cotangent(M.MIN_ROWS_TO_TRANSPOSE + 5, 8, 10)
+  assert M.grad_rows_from_cotangent(M.MIN_ROWS_TO_TRANSPOSE + 5, 8, 4)
+  assert not M.grad_rows_from_cotangent(2048, 576, 8192) and M.grad_rows_from_cotangent(256, 576, 300)
+  M.set_impl("nn")
+  try:
+    dx = jax.jit(jax.grad(lambda x, w: jnp.sum(M.matmul_t(x, w).astype(jnp.float32))))
+    hlo = dx.lower(jnp.ones((256, 576), jnp.bfloat16), jnp.ones((8192, 576), jnp.bfloat16)).compile().as_text()
+  finally:
+    M.set_impl("auto")
+  # One sequence against a [8192, 576] head: dx is one dot on the rows as stored (contracting their dim 0),
+  # with no transposed copy of the cotangent (bf16[8192,256]) or of the weight (bf16[576,8192]).
+  assert re.search(r"f32\[256,576\]\S* dot\(.*rhs_contracting_dims=\{0\}", hlo), hlo
+  assert "[8192,256]" not in hlo and "[576,8192]" not in hlo, hlo

@@ -115,6 +115,40 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 MIN_ROWS_TO_TRANSPOSE = 128
 
 
+@jax.custom_vjp
+def _nn_matmul_t(x2: jax.Array, w_rows: jax.Array) -> jax.Array:
+  # x2 @ w_rows.T with the weight's transpose materialised once; float32 out (cast outside, as `_nn_matmul`).
+  return _dot_f32(x2, physical_transpose(w_rows))
+
+
+def _nn_t_fwd(x2, w_rows):
+  return _nn_matmul_t(x2, w_rows), (x2, w_rows)
+
+
+def _nn_t_bwd(res, g):
+  x2, w_rows = res
+  g = g.astype(jnp.result_type(x2, w_rows))   # lossless, as in `_nn_bwd`
+  # dx = g @ w_rows is an NN dot on the stored rows: no copy at any row count. (`matmul`'s
+  # `transposes_cotangent` form would copy g and the product in every use of a shared head, as in MTP's
+  # K steps: 16% of MTP's 8-device step, docs/bench_train.md, session 14.)
+  dx = _dot_f32(g, w_rows).astype(x2.dtype)
+  if grad_rows_from_cotangent(*x2.shape, w_rows.shape[0]):
+    dw = _dot_f32(physical_transpose(g), x2).astype(w_rows.dtype)
+  else:
+    dw = physical_transpose(_dot_f32(physical_transpose(x2), g).astype(w_rows.dtype))
+  return cotangent_like(dx, x2), cotangent_like(dw, w_rows)
+
+
+def grad_rows_from_cotangent(m: int, k: int, n: int) -> bool:
+  """Whether `matmul_t`'s backward pass for ``x [m, k] @ w_rows[n, k].T`` takes the weight's gradient as
+  ``g.T @ x`` (copying ``g``, m * n elements) rather than ``(x.T @ g).T`` (copying ``x`` and the result,
+  k * (m + n)): whichever copies fewer elements. (A frozen head's gradient is not computed at all.)"""
+  return m * n <= k * (m + n)
+
+
+_nn_matmul_t.defvjp(_nn_t_fwd, _nn_t_bwd)
+
+
 def matmul_t(x: jax.Array, w_rows: jax.Array) -> jax.Array:
   """``x [..., K] @ w_rows.T`` for a weight stored as rows ``[N, K]`` (PyTorch layout) -> ``[..., N]``.
 
@@ -127,7 +161,9 @@ def matmul_t(x: jax.Array, w_rows: jax.Array) -> jax.Array:
   for d in x.shape[:-1]:
     rows *= d
   if use_nn() and rows >= MIN_ROWS_TO_TRANSPOSE:
-    return matmul(x, physical_transpose(w_rows))
+    lead = x.shape[:-1]
+    y = _nn_matmul_t(x.reshape(-1, x.shape[-1]), w_rows)
+    return y.reshape(*lead, w_rows.shape[0]).astype(jnp.result_type(x, w_rows))
   return jnp.einsum("...k,nk->...n", x, w_rows, preferred_element_type=jnp.float32).astype(
       jnp.result_type(x, w_rows))
 
