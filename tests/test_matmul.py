@@ -109,18 +109,14 @@ def test_matmul_t_equals_dot_with_transpose_for_few_and_many_rows(nn_impl, rows,
     M.matmul_t(x, jnp.ones((10, 9)))
 
 
-def test_matmul_t_backward_copies_no_weight():
+def test_matmul_t_backward_copies_no_weight(nn_impl):
   """dx takes the stored rows as they are at every row count, and the weight's gradient copies the
   smaller side (`grad_rows_from_cotangent`)."""
   assert not M.grad_rows_from_cotangent(M.MIN_ROWS_TO_TRANSPOSE + 5, 8, 10)
   assert M.grad_rows_from_cotangent(M.MIN_ROWS_TO_TRANSPOSE + 5, 8, 4)
   assert not M.grad_rows_from_cotangent(2048, 576, 8192) and M.grad_rows_from_cotangent(256, 576, 300)
-  M.set_impl("nn")
-  try:
-    dx = jax.jit(jax.grad(lambda x, w: jnp.sum(M.matmul_t(x, w).astype(jnp.float32))))
-    hlo = dx.lower(jnp.ones((256, 576), jnp.bfloat16), jnp.ones((8192, 576), jnp.bfloat16)).compile().as_text()
-  finally:
-    M.set_impl("auto")
+  dx = jax.jit(jax.grad(lambda x, w: jnp.sum(M.matmul_t(x, w).astype(jnp.float32))))
+  hlo = dx.lower(jnp.ones((256, 576), jnp.bfloat16), jnp.ones((8192, 576), jnp.bfloat16)).compile().as_text()
   # One sequence against a [8192, 576] head: dx is one dot on the rows as stored (contracting their dim 0),
   # with no transposed copy of the cotangent (bf16[8192,256]) or of the weight (bf16[576,8192]).
   assert re.search(r"f32\[256,576\]\S* dot\(.*rhs_contracting_dims=\{0\}", hlo), hlo

@@ -13,6 +13,7 @@ materialises it (a cheap copy of one operand) and the dot stays a bf16 NN dot.
 
 With few rows (one sequence per device on a mesh) the weight's copy costs more than the dot saves, and
 ``dx`` is taken as ``(w @ g.T).T`` instead, copying the smaller cotangent (`transposes_cotangent`).
+A weight stored as rows ``[N, K]`` (`matmul_t`) needs no copy for ``dx`` at all: ``g @ w_rows``.
 
 `matmul` is ``x @ w`` with a custom VJP built that way; `dense_dot_general` plugs it into
 ``nnx.Linear``.  The numbers are those of ``x @ w``: float32 accumulation, then a cast to the operand
@@ -152,8 +153,9 @@ _nn_matmul_t.defvjp(_nn_t_fwd, _nn_t_bwd)
 def matmul_t(x: jax.Array, w_rows: jax.Array) -> jax.Array:
   """``x [..., K] @ w_rows.T`` for a weight stored as rows ``[N, K]`` (PyTorch layout) -> ``[..., N]``.
 
-  Many rows (training): the transpose is materialised once and the dot runs as an NN `matmul`.  Few rows
-  (drafting) or a non-CPU backend: XLA's dot with the transposed operand.
+  Many rows (training): the forward materialises the transpose once and runs an NN dot; the backward's
+  ``dx = g @ w_rows`` is an NN dot on the rows as stored (`_nn_t_bwd`).  Few rows (drafting) or a non-CPU
+  backend: XLA's dot with the transposed operand.
   """
   if w_rows.ndim != 2 or x.shape[-1] != w_rows.shape[1]:
     raise ValueError(f"matmul_t: x {x.shape} and w_rows {w_rows.shape} do not contract (need x[-1] == w_rows[1])")
