@@ -217,8 +217,8 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   tx = optim.make_optimizer(cfg.optim, total_steps=1000)
   ssh = step_lib.state_shardings(psh, tx, params, mesh)
   rep = shd.replicated(mesh)
-  full = step_lib.make_target(weights["lm_head"], ids)
-  target = {"draft_head": full["draft_head"]} if target_lse else full   # what the train loop hands the step
+  # What the train loop hands the step: the head's draft rows only when the batch carries the lse.
+  target = step_lib.make_target(weights["lm_head"], ids, full_head=not target_lse)
   bf16 = ml_dtypes.bfloat16
   seg = np.ones((batch, seq), np.int32)
   host_batch = dict(input_ids=r.integers(0, info.vocab_size, (batch, seq)).astype(np.int32),
@@ -228,7 +228,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
                     final_hidden=r.standard_normal((batch, seq, h)).astype(bf16))
   if target_lse:  # what precompute stores: the full-vocabulary lse of the stored (bf16) hidden states
     host_batch["target_lse"] = np.asarray(jax.jit(step_lib.target_logits)(
-        host_batch["final_hidden"], full["lm_head"], full["draft_ids"])[1])
+        host_batch["final_hidden"], weights["lm_head"], ids.astype(np.int32))[1])
   bsh = shd.batch_shardings(host_batch, mesh, rules)
   sh = dict(mesh=mesh, state=ssh, rest=rsh, target=jax.tree.map(lambda _: rep, target), batch=bsh,
             batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, batch))

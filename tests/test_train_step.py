@@ -147,7 +147,7 @@ def test_make_target_rows_and_bad_input():
   whole = step_lib.make_target(target["lm_head"], None, full_head=False)   # Vd = V: the head itself
   assert set(whole) == {"draft_head"}
   np.testing.assert_array_equal(whole["draft_head"], target["lm_head"])
-  with pytest.raises(ValueError, match="draft_ids must be 1-D target ids in"):
+  with pytest.raises(ValueError, match="ids must be strictly ascending target ids in"):
     step_lib.make_target(target["lm_head"], np.array([0, V]))
   with pytest.raises(ValueError, match=r"lm_head must be \[V, Ht\]"):
     step_lib.make_target(target["lm_head"][0])

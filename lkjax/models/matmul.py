@@ -105,9 +105,14 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     raise ValueError(f"matmul: x {x.shape} and w {w.shape} do not contract (need w 2-D, x[-1] == w[0])")
   if not use_nn():
     return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
-  lead = x.shape[:-1]
-  y = _nn_matmul(x.reshape(-1, x.shape[-1]), w)
-  return y.reshape(*lead, w.shape[1]).astype(jnp.result_type(x, w))
+  return _on_rows(_nn_matmul, x, w, w.shape[1])
+
+
+def _on_rows(f, x: jax.Array, w: jax.Array, n: int) -> jax.Array:
+  """``f(x2, w)`` (float32 ``[rows, n]``) on ``x [..., K]`` flattened to rows, reshaped back to ``[..., n]``
+  and cast to the operands' dtype."""
+  y = f(x.reshape(-1, x.shape[-1]), w)
+  return y.reshape(*x.shape[:-1], n).astype(jnp.result_type(x, w))
 
 
 # Below this many rows, `matmul_t` keeps XLA's transposed-operand dot: materialising an [N, K] weight costs
@@ -163,9 +168,7 @@ def matmul_t(x: jax.Array, w_rows: jax.Array) -> jax.Array:
   for d in x.shape[:-1]:
     rows *= d
   if use_nn() and rows >= MIN_ROWS_TO_TRANSPOSE:
-    lead = x.shape[:-1]
-    y = _nn_matmul_t(x.reshape(-1, x.shape[-1]), w_rows)
-    return y.reshape(*lead, w_rows.shape[0]).astype(jnp.result_type(x, w_rows))
+    return _on_rows(_nn_matmul_t, x, w_rows, w_rows.shape[0])
   return jnp.einsum("...k,nk->...n", x, w_rows, preferred_element_type=jnp.float32).astype(
       jnp.result_type(x, w_rows))
 

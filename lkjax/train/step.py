@@ -110,7 +110,8 @@ def draft_target_logits(final_hidden: jax.Array, lm_head: jax.Array, draft_ids: 
 
 
 def make_target(lm_head: Any, draft_ids: Any = None, *, full_head: bool = True) -> dict[str, np.ndarray]:
-  """The steps' ``target`` input from the target's LM head ``[V, Ht]`` and the draft vocabulary's target ids.
+  """The steps' ``target`` input from the target's LM head ``[V, Ht]`` and the draft vocabulary's target ids
+  (strictly ascending, checked by `layers.check_draft_vocab`; None: Vd = V).
 
   ``draft_head`` (f32 ``[Vd, Ht]``, the head's draft-vocabulary rows; the whole head when ``draft_ids`` is
   None) is what a batch with the precomputed ``target_lse`` multiplies. It is taken here, once: taken inside
@@ -119,12 +120,9 @@ def make_target(lm_head: Any, draft_ids: Any = None, *, full_head: bool = True) 
   full-vocabulary lse (`target_logits`).
   """
   head = np.asarray(lm_head, np.float32)
-  ids = None if draft_ids is None else np.asarray(draft_ids, np.int32)
   if head.ndim != 2:
     raise ValueError(f"make_target: lm_head must be [V, Ht], got shape {head.shape}")
-  if ids is not None and (ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= head.shape[0]))):
-    raise ValueError(f"make_target: draft_ids must be 1-D target ids in [0, {head.shape[0]}), got shape "
-                     f"{ids.shape}" + (f", range [{ids.min()}, {ids.max()}]" if ids.size else ""))
+  ids = layers.check_draft_vocab(draft_ids, head.shape[0])
   out = {"draft_head": head if ids is None else head[ids]}
   if full_head:
     out["lm_head"] = head
@@ -322,10 +320,9 @@ def sum_split(g: jax.Array, spec: P, axes: tuple[str, ...], scatter: bool = True
     # the whole gradient on dim d first copies it into a d-major layout. Each slice over the dims before d
     # is scattered on its own leading dim instead, where every device's block is contiguous.
     d = dims[0]
-    lead = g.shape[:d]
+    lead, axis = g.shape[:d], axis_arg(_entry_axes(tuple(spec)[d]))
     flat = g.reshape((-1,) + g.shape[d:])
-    blocks = [jax.lax.psum_scatter(flat[i], axis_arg(_entry_axes(tuple(spec)[d])), scatter_dimension=0, tiled=True)
-              for i in range(flat.shape[0])]
+    blocks = [jax.lax.psum_scatter(flat[i], axis, scatter_dimension=0, tiled=True) for i in range(flat.shape[0])]
     return jnp.stack(blocks).reshape(lead + blocks[0].shape)
   for d in dims:
     g = jax.lax.psum_scatter(g, axis_arg(_entry_axes(tuple(spec)[d])), scatter_dimension=d, tiled=True)
