@@ -37,7 +37,10 @@ def main() -> None:
   print(f"samples: A {sum(a.values())}, B {sum(b.values())}")
   print(f"{'A':>7} {'B':>7} {'B - A':>7}  symbol")
   rows = sorted(set(a) | set(b), key=lambda k: b[k] - a[k], reverse=True)
-  for k in rows[:args.top] + (["..."] if len(rows) > 2 * args.top else []) + rows[-args.top // 2:]:
+  tail = args.top // 2   # the largest drops, after the largest growths
+  if len(rows) > args.top + tail:
+    rows = rows[:args.top] + ["..."] + rows[-tail:]
+  for k in rows:
     print("    ..." if k == "..." else f"{a[k]:7d} {b[k]:7d} {b[k] - a[k]:+7d}  {k[:110]}")
 
 
