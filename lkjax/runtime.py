@@ -27,9 +27,12 @@ Two sets of tunables address this; `reexec_with_malloc_tunables` sets both where
   or every step's buffer without the retained heap) comes 2 MiB at a time.
 
 With several CPU devices the process instead preloads **jemalloc** (Debian/Ubuntu ``libjemalloc2``) when
-it is installed, with ``MALLOC_CONF=JEMALLOC_CONF``: one arena and no purging of freed pages (decay times
--1). Its size-class allocator reuses the step buffers of 8 device threads without the glibc heap's
-fragmentation: an 8-device EAGLE-3 process stayed at 5.7 GB over 20 alternating L_lambda / KL steps,
+it is installed, with ``MALLOC_CONF=JEMALLOC_CONF``: one arena, no purging of freed pages (decay times
+-1), and its memory advised onto transparent huge pages (``thp:always``, ``metadata_thp:always``), as glibc's
+``hugetlb=1`` does for single-device processes. Without that advice, a 256 MiB block took 65,537 page faults
+to touch against 129 with it, and the 8-device train steps were faster with it in 13 of 16 alternating
+pairs of processes, by 1.0% at the median (``docs/bench_train_runs/96_jemalloc_thp_ab.txt``). Its
+size-class allocator reuses the step buffers of 8 device threads without the glibc heap's fragmentation: an 8-device EAGLE-3 process stayed at 5.7 GB over 20 alternating L_lambda / KL steps,
 none with more than 411 page faults or 0.03 s of kernel time (``docs/bench_train_runs/29_heap_jemalloc.txt``),
 where glibc with huge pages faulted about 5,000 huge pages (0.2-1 s of kernel time) per step
 (``docs/bench_train_runs/33_mesh_medusa_unstack_hugepages.json``, ``37_alloc_ab_eagle3_mesh8.txt``).
@@ -56,8 +59,8 @@ OPT_OUT_ENV = "LKJAX_DEFAULT_MALLOC"
 ADDED_ENV = "LKJAX_MALLOC_TUNABLES_ADDED"   # which tunables `reexec_with_malloc_tunables` added (comma-separated)
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 # jemalloc for multi-device CPU processes: one arena, freed pages never returned (no decay), so the next
-# step's buffers are served from memory that is already mapped.
-JEMALLOC_CONF = "narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# step's buffers are served from memory that is already mapped; that memory advised onto huge pages.
+JEMALLOC_CONF = "narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always,metadata_thp:always"
 JEMALLOC_ENV = "LKJAX_JEMALLOC"               # path of libjemalloc.so.2 (overrides the search; empty: off)
 PRELOAD_ADDED_ENV = "LKJAX_PRELOAD_ADDED"     # the LD_PRELOAD entry `reexec_with_malloc_tunables` added
 JEMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
