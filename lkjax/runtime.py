@@ -26,15 +26,16 @@ Two sets of tunables address this; `reexec_with_malloc_tunables` sets both where
   glibc advises the memory it maps onto 2 MiB pages, so what does get faulted in (the heap as it grows,
   or every step's buffer without the retained heap) comes 2 MiB at a time.
 
-With several CPU devices the process instead preloads **jemalloc** (Debian/Ubuntu ``libjemalloc2``) when
-it is installed, with ``MALLOC_CONF=JEMALLOC_CONF``: one arena, no purging of freed pages (decay times
--1), and its memory advised onto transparent huge pages (``thp:always``, ``metadata_thp:always``), as glibc's
-``hugetlb=1`` does for single-device processes. Without that advice, a 256 MiB block took 65,537 page faults
-to touch against 129 with it, and the 8-device train steps were faster with it in 13 of 16 alternating
-pairs of processes, by 1.0% at the median (``docs/bench_train_runs/96_jemalloc_thp_ab.txt``). Its
-size-class allocator reuses the step buffers of 8 device threads without the glibc heap's fragmentation: an 8-device EAGLE-3 process stayed at 5.7 GB over 20 alternating L_lambda / KL steps,
-none with more than 411 page faults or 0.03 s of kernel time (``docs/bench_train_runs/29_heap_jemalloc.txt``),
-where glibc with huge pages faulted about 5,000 huge pages (0.2-1 s of kernel time) per step
+With several CPU devices the process instead preloads **jemalloc** (Debian/Ubuntu ``libjemalloc2``) when it is
+installed, with ``MALLOC_CONF=JEMALLOC_CONF``: one arena, no purging of freed pages (decay times -1), and its
+memory advised onto transparent huge pages (``thp:always``, ``metadata_thp:always``), as glibc's ``hugetlb=1``
+does for single-device processes. Without that advice, a 256 MiB block took 65,537 page faults to touch
+against 129 with it, and the 8-device train steps were faster with it in 13 of 16 alternating pairs of
+processes, by 1.0% at the median (``docs/bench_train_runs/96_jemalloc_thp_ab.txt``). Its size-class allocator
+reuses the step buffers of 8 device threads without the glibc heap's fragmentation: an 8-device EAGLE-3
+process stayed at 5.7 GB over 20 alternating L_lambda / KL steps, none with more than 411 page faults or
+0.03 s of kernel time (``docs/bench_train_runs/29_heap_jemalloc.txt``), where glibc with huge pages faulted
+about 5,000 huge pages (0.2-1 s of kernel time) per step
 (``docs/bench_train_runs/33_mesh_medusa_unstack_hugepages.json``, ``37_alloc_ab_eagle3_mesh8.txt``).
 `find_jemalloc` looks in the usual library directories, or at ``LKJAX_JEMALLOC`` (a path; empty turns it
 off). Without it, such processes get huge pages only.

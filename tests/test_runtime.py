@@ -196,17 +196,18 @@ print(runtime.jemalloc_active(), resource.getrusage(resource.RUSAGE_SELF).ru_min
 """
 
 
-@pytest.mark.skipif(runtime.find_jemalloc({}) is None or runtime._thp_mode() not in ("madvise", "always"),
-                    reason="needs libjemalloc2 and transparent huge pages")
+@pytest.mark.skipif(runtime.find_jemalloc({}) is None or runtime._thp_mode() != "madvise",
+                    reason="needs libjemalloc2 and transparent huge pages on madvise")
 def test_an_8_device_process_gets_huge_pages_from_jemalloc():
-  """JEMALLOC_CONF's thp:always: a 256 MiB block is faulted in 2 MiB at a time (about 130 faults), where
-  jemalloc's default takes 65,537."""
+  """JEMALLOC_CONF's thp:always: a 256 MiB block is faulted in 2 MiB at a time (about 130 faults on these
+  machines), where jemalloc's default takes 65,537. The bound allows for half the block on 4 KiB pages (a
+  kernel short of free huge pages); the control stays above it."""
   eight = _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
   jem, faults = _python(_BLOCK_FAULTS.format(repo=REPO), eight).split()
-  assert jem == "True" and int(faults) < 4096, faults
+  assert jem == "True" and int(faults) < 32768, faults
   plain = _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", MALLOC_CONF="narenas:1")
   jem, faults = _python(_BLOCK_FAULTS.format(repo=REPO), plain).split()
-  assert jem == "True" and int(faults) > 32768, faults   # the control: without the advice, 4 KiB pages
+  assert jem == "True" and int(faults) > 60000, faults   # the control: without the advice, 4 KiB pages
 
 
 def test_strip_malloc_tunables():
