@@ -1,6 +1,8 @@
 """Precompute: run the target over prompt + reply and write hidden-state shards (format: `lkjax.data.shards`).
 
-Input: a replies JSONL from `lkjax.data.generate` (``{"id", "prompt", "reply", "finished"}`` per line).
+Input: a replies JSONL from `lkjax.data.generate` (``{"id", "prompt", "reply", "finished"}`` per line, and
+``reply_ids`` -- the generated token ids, used as they are instead of re-tokenizing the reply text -- when
+the generator recorded them).
 Output directory:
   shard-00000.array_record ...    records of `shards.RECORD_SCHEMA` (int32 ids, uint8 mask, bf16 states)
                                   + ``target_lse`` f32[T] (`shards.OPTIONAL_SCHEMA`) unless disabled
@@ -112,7 +114,8 @@ def _prepare_lines(target, lines: Sequence[dict], *, max_length: int, first_line
       skipped.append({"id": rec["id"], "line": first_line + k + 1, "reason": "empty reply"})
       warnings.warn(f"{where}: empty reply, skipped")
       continue
-    input_ids, mask = target.encode_conversation(rec["prompt"], rec["reply"], finished=rec.get("finished", True))
+    input_ids, mask = target.encode_conversation(rec["prompt"], rec["reply"], finished=rec.get("finished", True),
+                                                 reply_ids=rec.get("reply_ids"))
     if len(input_ids) > max_length:
       stats["truncated"] += 1
       input_ids, mask = input_ids[:max_length], mask[:max_length]

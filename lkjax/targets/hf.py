@@ -196,16 +196,25 @@ class TargetModel:
     text = self.format_prompt(prompt)
     return list(self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"])
 
-  def encode_conversation(self, prompt: str | Messages, reply: str, *,
-                          finished: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  def encode_conversation(self, prompt: str | Messages, reply: str, *, finished: bool = True,
+                          reply_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Training sequence of one exchange (convention in the module docstring).
+
+    ``reply_ids``: the reply's token ids as the target generated them (then ``reply`` is not re-tokenized;
+    text -> ids is not always the inverse of ids -> text).
 
     Returns:
       ``(input_ids int32[T], loss_mask uint8[T])``; the mask is 1 exactly on the reply tokens and, when
       ``finished``, the end-of-turn token after them.
     """
     prompt_ids = self.encode_prompt(prompt)
-    reply_ids = list(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else []
+    if reply_ids is not None:
+      reply_ids = [int(t) for t in reply_ids]
+      bad = [t for t in reply_ids if not 0 <= t < self.vocab_size]
+      if bad:
+        raise ValueError(f"reply_ids: token ids {bad[:5]} outside the target vocabulary [0, {self.vocab_size})")
+    else:
+      reply_ids = list(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else []
     if finished and self.eot_token_id is not None:
       reply_ids.append(int(self.eot_token_id))
     ids = np.asarray(prompt_ids + reply_ids, dtype=np.int32)
@@ -216,38 +225,24 @@ class TargetModel:
   # --- generation --------------------------------------------------------------------------------------
   @torch.no_grad()
   def generate(self, prompts: Sequence[str | Messages], *, max_new_tokens: int, temperature: float = 0.0,
-               seed: int = 0) -> list[Generation]:
-    """Batched generation (left padding) of replies to ``prompts``.
+               seed: int = 0, prefill_tokens: int = 4096) -> list[Generation]:
+    """Batched generation of replies to ``prompts`` (`lkjax.targets.decode.decode`: left padding, a
+    preallocated KV cache, finished rows dropped from the batch).
 
     ``temperature == 0`` is greedy; otherwise plain sampling from the tempered distribution (no top-k /
-    top-p, as for the paper's target-generated data).  ``seed`` seeds torch before sampling.
+    top-p, as for the paper's target-generated data), from a generator seeded with ``seed``.  Generation
+    stops at the end-of-turn token, which is not part of ``token_ids``.
     """
+    from lkjax.targets import decode
+
     if not prompts:
       return []
-    encoded = [self.encode_prompt(p) for p in prompts]
-    width = max(len(e) for e in encoded)
-    pad = self.pad_token_id
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-      ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
-      attn[i, width - len(e):] = 1
-    kwargs: dict[str, Any] = dict(max_new_tokens=int(max_new_tokens), pad_token_id=pad)
     eos = self.eot_token_id
-    if eos is not None:
-      kwargs["eos_token_id"] = int(eos)
-    if temperature > 0:
-      kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
-    else:
-      kwargs.update(do_sample=False)
-    torch.manual_seed(int(seed))
-    out = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
-    results = []
-    for row in out[:, width:].tolist():
-      finished = eos is not None and eos in row
-      new = row[:row.index(eos)] if finished else row
-      results.append(Generation(self.tokenizer.decode(new, skip_special_tokens=True), new, finished))
-    return results
+    out = decode.decode(self.model, [self.encode_prompt(p) for p in prompts], max_new_tokens=max_new_tokens,
+                        pad_token_id=self.pad_token_id, stop_token_ids=() if eos is None else (int(eos),),
+                        temperature=temperature, seed=seed, prefill_tokens=prefill_tokens)
+    return [Generation(self.tokenizer.decode(d.token_ids, skip_special_tokens=True), d.token_ids, d.finished)
+            for d in out]
 
   # --- features ----------------------------------------------------------------------------------------
   @torch.no_grad()

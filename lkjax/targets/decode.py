@@ -1,0 +1,225 @@
+"""Batched autoregressive decoding on any transformers causal LM: a preallocated KV cache and batch compaction.
+
+Why not ``model.generate``: its `DynamicCache` concatenates every layer's keys and values at every step
+(an O(length) copy per token, which dominates a CPU decode step at batch 64+), and a batch keeps decoding
+rows that already ended.  Here:
+
+* `PreallocatedLayer` stores keys/values in a buffer with room to spare, writes new positions in place and
+  hands attention a view of the filled part (no copy per step, no attention over empty slots).  Layers of
+  other kinds (sliding-window, linear attention) keep their transformers implementation.
+* `decode` drops finished rows from the batch (cache, mask, positions) once enough of them ended, so the
+  step cost follows the rows still running.
+* The prompt pass runs in row chunks of at most ``prefill_tokens`` padded tokens (large activations of a
+  whole batch fall out of the CPU caches), written into the same cache.
+
+The math is the model's own forward: greedy output equals ``model.generate(do_sample=False)`` on the same
+left-padded batch (tested); sampled output draws from ``softmax(logits / T)`` with no top-k / top-p.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+
+def _make_layer_class():
+  from transformers.cache_utils import DynamicLayer
+
+  class _Preallocated(DynamicLayer):
+    """`DynamicLayer` whose buffer has spare capacity: ``update`` writes in place, returns ``[:, :, :n]`` views."""
+
+    def __init__(self, capacity: int = 256):
+      super().__init__()
+      self.capacity = int(capacity)
+      self.n = 0
+
+    def lazy_initialization(self, key_states, value_states):
+      self.dtype, self.device = key_states.dtype, key_states.device
+      b, h = key_states.shape[:2]
+      cap = max(self.capacity, key_states.shape[-2])
+      self._k = key_states.new_empty((b, h, cap, key_states.shape[-1]))
+      self._v = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+      self.n = 0
+      self.is_initialized = True
+
+    def _grow(self, need: int):
+      cap = self._k.shape[2]
+      if need <= cap:
+        return
+      new = max(need, 2 * cap)
+      for name in ("_k", "_v"):
+        old = getattr(self, name)
+        buf = old.new_empty(old.shape[:2] + (new,) + old.shape[3:])
+        buf[:, :, :self.n] = old[:, :, :self.n]
+        setattr(self, name, buf)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+      if not self.is_initialized:
+        self.lazy_initialization(key_states, value_states)
+      t = key_states.shape[-2]
+      self._grow(self.n + t)
+      self._k[:, :, self.n:self.n + t] = key_states
+      self._v[:, :, self.n:self.n + t] = value_states
+      self.n += t
+      self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
+      return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+      return self.n if self.is_initialized else 0
+
+    def reset(self) -> None:
+      self.n = 0
+      self.keys = self.values = None
+      self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+      if tokens_to_remove > 0:
+        raise ValueError("crop takes a negative count (tokens to remove)")
+      if tokens_to_remove == 0 or not self.is_initialized:
+        return
+      self.n = max(0, self.n + tokens_to_remove)
+      self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+      if not self.is_initialized:
+        return
+      self._k = self._k.index_select(0, indices)
+      self._v = self._v.index_select(0, indices)
+      self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
+
+    def write_rows(self, rows: torch.Tensor, other) -> None:
+      """Copy another layer's filled positions into batch ``rows`` of this one (same length)."""
+      self._k[rows, :, :other.n] = other._k[:, :, :other.n]
+      self._v[rows, :, :other.n] = other._v[:, :, :other.n]
+
+  return _Preallocated
+
+
+_LAYER_CLS = None
+
+
+def preallocated_cache(model, capacity: int):
+  """A `DynamicCache` for ``model`` whose full-attention layers are preallocated (``capacity`` positions)."""
+  global _LAYER_CLS
+  from transformers import DynamicCache
+  from transformers.cache_utils import DynamicLayer
+
+  if _LAYER_CLS is None:
+    _LAYER_CLS = _make_layer_class()
+  cache = DynamicCache(config=model.config)
+  cache.layers = [_LAYER_CLS(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+  return cache
+
+
+def _all_preallocated(cache) -> bool:
+  return all(isinstance(layer, _LAYER_CLS) for layer in cache.layers) and bool(cache.layers)
+
+
+@dataclasses.dataclass
+class Decoded:
+  """New tokens of one row (up to and excluding the stop token) and whether a stop token ended it."""
+
+  token_ids: list[int]
+  finished: bool
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+  """[B, V] -> [B] next tokens: argmax at T = 0, else one draw of softmax(logits / T) in float32."""
+  if temperature <= 0:
+    return torch.argmax(logits, dim=-1)
+  probs = torch.softmax(logits.float() / float(temperature), dim=-1)
+  return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int,
+           stop_token_ids: Sequence[int] = (), temperature: float = 0.0, seed: int = 0,
+           prefill_tokens: int = 4096, compact_below: float = 0.75) -> list[Decoded]:
+  """Decode a batch of token-id prompts (left padded) to at most ``max_new_tokens`` new tokens each.
+
+  Args:
+    model: a transformers causal LM in eval mode.
+    prompts: token ids per row (non-empty).
+    stop_token_ids: a row ends when it emits one of these (not included in its ``token_ids``).
+    temperature: 0 = greedy, else sampling from ``softmax(logits / T)`` with a generator seeded by ``seed``.
+    prefill_tokens: padded tokens per prompt-pass chunk (rows are split so chunk rows x width <= this).
+    compact_below: drop finished rows once the running rows fall below this fraction of the batch rows.
+
+  Returns:
+    One `Decoded` per prompt, in order.
+  """
+  if not prompts:
+    return []
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("decode: every prompt needs at least one token")
+  device = next(model.parameters()).device
+  stops = torch.tensor(sorted({int(s) for s in stop_token_ids}) or [-1], dtype=torch.long, device=device)
+  n, width = len(prompts), max(len(p) for p in prompts)
+  ids = torch.full((n, width), int(pad_token_id), dtype=torch.long)
+  mask = torch.zeros((n, width), dtype=torch.long)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+    mask[i, width - len(p):] = 1
+  ids, mask = ids.to(device), mask.to(device)
+  gen = torch.Generator(device=device).manual_seed(int(seed)) if temperature > 0 else None
+
+  capacity = width + int(max_new_tokens) + 1
+  cache = preallocated_cache(model, capacity)
+  chunk = max(1, int(prefill_tokens) // width)
+  last_logits = []
+  if chunk >= n or not _all_preallocated(cache):
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    last_logits.append(out.logits[:, -1])
+  else:
+    for s in range(0, n, chunk):
+      part = preallocated_cache(model, width)
+      m = mask[s:s + chunk]
+      out = model(input_ids=ids[s:s + chunk], attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0),
+                  past_key_values=part, use_cache=True, logits_to_keep=1)
+      last_logits.append(out.logits[:, -1])
+      rows = torch.arange(s, min(s + chunk, n), device=device)
+      for big, small in zip(cache.layers, part.layers):
+        if not big.is_initialized:
+          k, v = small._k, small._v
+          big.lazy_initialization(k.new_empty((n,) + k.shape[1:]), v.new_empty((n,) + v.shape[1:]))
+          big._grow(capacity)
+        big.write_rows(rows, small)
+        big.n = width
+        big.keys, big.values = big._k[:, :, :width], big._v[:, :, :width]
+  logits = torch.cat(last_logits, dim=0)
+
+  results: list[list[int]] = [[] for _ in range(n)]
+  finished = [False] * n
+  rows = torch.arange(n, device=device)        # original index of each batch row
+  positions = mask.sum(-1)                     # position of the next token per row
+  running = torch.ones(n, dtype=torch.bool, device=device)
+  batch_rows = n
+  for step in range(int(max_new_tokens)):
+    nxt = _sample(logits, temperature, gen)
+    stop = torch.isin(nxt, stops) & running
+    for r, t, run, st in zip(rows.tolist(), nxt.tolist(), running.tolist(), stop.tolist()):
+      if not run:
+        continue
+      if st:
+        finished[r] = True
+      else:
+        results[r].append(t)
+    running &= ~stop
+    n_run = int(running.sum())
+    if n_run == 0 or step == max_new_tokens - 1:
+      break
+    if n_run < compact_below * batch_rows:
+      keep = torch.nonzero(running, as_tuple=True)[0]
+      cache.batch_select_indices(keep)
+      rows, nxt, positions, mask = rows[keep], nxt[keep], positions[keep], mask[keep]
+      running = running[keep]
+      batch_rows = n_run
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions[:, None],
+                past_key_values=cache, use_cache=True)
+    logits = out.logits[:, -1]
+    positions = positions + 1
+  return [Decoded(results[i], finished[i]) for i in range(n)]
