@@ -10,7 +10,8 @@ Rows (same prompts, same sampling settings, same target, one process, measured o
                      `lkjax.targets.decode`)
   regenerate/lkjax   `lkjax.targets.decode.decode` at ``--batch`` (preallocated cache, batch compaction)
   precompute         `lkjax.data.precompute.compute_records` with the stored lse, on prompt + reply sequences
-  decode_b1          target-only batch-1 decoding through the evaluation verifier (`lkjax.eval.verifier`)
+  decode_b1/dynamic  target-only batch-1 decoding through the evaluation verifier on transformers' DynamicCache
+  decode_b1/preallocated   the same on the verifier's preallocated cache (its default)
 
 Every row reports tokens/s, the ratio to its baseline where it has one, and the fraction of the ceiling.
 Run it on an idle machine (pause background jobs with SIGSTOP): the rows are timed one after another.
@@ -155,16 +156,20 @@ def main(argv):
   rows["precompute"] = dict(tokens=ntok, seconds=dt, tokens_per_s=ntok / dt)
   print(f"precompute: {ntok} tokens in {dt:.1f}s = {ntok / dt:.1f} tokens/s", flush=True)
 
-  verifier = Verifier(model)
-  n = 0
-  t0 = time.perf_counter()
-  for e in encoded[:_DECODE_PROMPTS.value]:
-    r = speculative.target_generate(verifier, e, temperature=0.0, max_new_tokens=_MAX_NEW.value,
-                                    eos_token_id=eos, seed=0)
-    n += r.num_new_tokens
-  dt = time.perf_counter() - t0
-  rows["decode_b1"] = dict(tokens=n, seconds=dt, tokens_per_s=n / dt)
-  print(f"decode_b1: {n} tokens in {dt:.1f}s = {n / dt:.1f} tokens/s", flush=True)
+  for kind in ("dynamic", "preallocated"):
+    verifier = Verifier(model, kv_cache=kind)
+    n = 0
+    t0 = time.perf_counter()
+    for e in encoded[:_DECODE_PROMPTS.value]:
+      r = speculative.target_generate(verifier, e, temperature=0.0, max_new_tokens=_MAX_NEW.value,
+                                      eos_token_id=eos, seed=0)
+      n += r.num_new_tokens
+    dt = time.perf_counter() - t0
+    verifier.close()
+    rows[f"decode_b1/{kind}"] = dict(tokens=n, seconds=dt, tokens_per_s=n / dt)
+    print(f"decode_b1/{kind}: {n} tokens in {dt:.1f}s = {n / dt:.1f} tokens/s", flush=True)
+  rows["decode_b1/preallocated"]["ratio"] = (rows["decode_b1/preallocated"]["tokens_per_s"]
+                                             / rows["decode_b1/dynamic"]["tokens_per_s"])
 
   for r in rows.values():
     if "tokens_per_s" in r and r is not rows["ceiling"]:

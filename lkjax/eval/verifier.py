@@ -46,18 +46,23 @@ def unwrap_causal_lm(model) -> torch.nn.Module:
 
 
 class Verifier:
-  """Incremental target forward with a `DynamicCache` for one sequence (batch size 1).
+  """Incremental target forward with a KV cache for one sequence (batch size 1;
+  `lkjax.targets.decode.preallocated_cache`).
 
   Args:
     model: a transformers causal LM (or an object whose ``.model`` is one), in eval mode.
     aux_layer_ids: hidden-state indices to concatenate; default ``(2, N//2, N-3)``.
     max_context: positions the target may hold; default ``config.max_position_embeddings``.
+    kv_cache: ``preallocated`` (keys/values written in place) or ``dynamic`` (transformers' `DynamicCache`,
+      which concatenates the whole cache every round; kept as the benchmark's baseline).
   """
 
-  def __init__(self, model, aux_layer_ids: Sequence[int] | None = None, max_context: int | None = None):
-    from transformers import DynamicCache  # local: importing transformers is slow
-
+  def __init__(self, model, aux_layer_ids: Sequence[int] | None = None, max_context: int | None = None,
+               kv_cache: str = "preallocated"):
     self.model = unwrap_causal_lm(model).eval()
+    if kv_cache not in ("preallocated", "dynamic"):
+      raise ValueError(f"kv_cache={kv_cache!r}: expected 'preallocated' or 'dynamic'")
+    self.kv_cache = kv_cache
     cfg = self.model.config
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
     self.num_layers = int(cfg.num_hidden_layers)
@@ -71,7 +76,6 @@ class Verifier:
                        f"{self.num_layers}-layer target")
     self.aux_layer_ids = ids
     self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", 0) or 0) or None
-    self._cache_cls = DynamicCache
     self._captured: list[torch.Tensor] = []
     self._hook = self.model.get_output_embeddings().register_forward_pre_hook(self._capture)
     self.reset()
@@ -85,7 +89,12 @@ class Verifier:
 
   def reset(self) -> None:
     """Start a new sequence (empty cache)."""
-    self.cache = self._cache_cls(config=self.model.config)
+    from transformers import DynamicCache
+
+    from lkjax.targets.decode import preallocated_cache
+
+    self.cache = (preallocated_cache(self.model, 1024) if self.kv_cache == "preallocated"
+                  else DynamicCache(config=self.model.config))
     self.length = 0
 
   @torch.no_grad()
