@@ -1,4 +1,4 @@
-"""Matmul-form benchmark behind `lkjax.models.matmul`: ``python experiments/bench_matmul.py [--out=...]``.
+"""Matmul-form benchmark behind `lkjax.models.matmul`: ``python benchmarks/bench_matmul.py [--out=...]``.
 
 Times, at the draft LM head's shape (``x [2048, 576] @ W [576, 8192]``, bf16 operands), the forward dot
 and the two backward dots of a dense layer in the forms XLA's CPU backend gets them:

@@ -1,9 +1,9 @@
 """Forward + backward time of the train step's parts in isolation, variants side by side.
 
-``python experiments/bench_parts.py --rounds=7 --out=docs/bench_parts.json``
+``python benchmarks/bench_parts.py --rounds=7 --out=benchmarks/results/bench_parts.json``
 
 Full-step timings on these CPU machines scatter by 10-30% between two copies of the same program
-(`docs/bench_train.md`), too much to resolve a change to one part. This script times single parts at
+(see `benchmarks/README.md`), too much to resolve a change to one part. This script times single parts at
 the train step's sizes (EAGLE-3 at SmolLM2 dims, batch 4 x 512), every variant compiled in the same
 process and timed interleaved, the order rotating from round to round:
 
@@ -149,14 +149,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import numpy as np
-  from lkjax import runtime
+  import malloc
   makers = {"attention": attention_variants, "head_loss": head_loss_variants, "norm": norm_variants}
   unknown = sorted(set(FLAGS.groups) - set(makers))
   if unknown:
     raise app.UsageError(f"--groups: unknown {unknown}; expected some of {sorted(makers)}")
   groups = {g: makers[g](FLAGS.small) for g in makers if g in FLAGS.groups}
-  result = dict(small=FLAGS.small, rounds=FLAGS.rounds, hugepage_malloc=runtime.hugepage_malloc_active(),
-                retained_heap=runtime.retained_heap_active(), groups={})
+  result = dict(small=FLAGS.small, rounds=FLAGS.rounds, hugepage_malloc=malloc.hugepage_malloc_active(),
+                retained_heap=malloc.retained_heap_active(), groups={})
   for group, variants in groups.items():
     times = time_rotating(variants, FLAGS.rounds)
     rows = [dict(name=n, median_ms=float(np.median(ts)) * 1e3, times_s=ts) for n, ts in times.items()]
@@ -171,6 +171,6 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, ROOT)
-  from lkjax import runtime as _runtime
-  _runtime.reexec_with_malloc_tunables()   # keep XLA's large step buffers mapped (see lkjax/runtime.py)
+  import malloc as _malloc
+  _malloc.reexec_with_malloc_tunables()   # opt-in (LKJAX_MALLOC_TUNING=1 or launch.py); see malloc.py
   app.run(main)

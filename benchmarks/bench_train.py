@@ -1,4 +1,4 @@
-"""Train-step benchmark: ``python experiments/bench_train.py [--small] [--archs=eagle3,medusa] [--out=...]``.
+"""Train-step benchmark: ``python benchmarks/bench_train.py [--small] [--archs=eagle3,medusa] [--out=...]``.
 
 Per draft architecture at SmolLM2-135M dims (target hidden 576, 30 layers, 3 aux states, V = 49152, draft
 vocabulary 8192, EAGLE-3 = one 576-wide layer with 9 heads / 3 kv heads / intermediate 1536; K = 7 for
@@ -28,7 +28,7 @@ ignored) each device runs the forward and backward pass of its share of the batc
 already in the compute dtype and replicated, and reduces its gradient to one number. No collective, no
 gradient sum, no optimizer update, no parameter cast; tables the layout keeps split (``--split_tables``, or
 the config's ``mesh.split_tables`` with ``--mesh=config``) are left out of the gradient (their lookups'
-gradients are row updates). `experiments/bench_mesh.py` compares such programs on 1 and N devices
+gradients are row updates). `benchmarks/bench_mesh.py` compares such programs on 1 and N devices
 (meshes ``.../grad``).
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
@@ -50,7 +50,7 @@ flags.DEFINE_bool("small", False, "Tiny dims (checks the script, not a measureme
 flags.DEFINE_string("archs", "eagle3,medusa,mlp_speculator,mtp", "Comma-separated architectures.")
 flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after the warm-up).")
 flags.DEFINE_integer("warmup", 1, "Untimed rounds of every program before the timed ones (the first one also "
-                     "compiles). More lets the retained malloc heap (lkjax/runtime.py) reach its steady size first: "
+                     "compiles). More lets the retained malloc heap (benchmarks/malloc.py) reach its steady size first: "
                      "with two programs alternating it grows over the first two rounds.")
 flags.DEFINE_integer("batch", 0, "Global batch rows (0: 4, or 2 with --small).")
 flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
@@ -266,7 +266,7 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
       m = res
     dt = time.perf_counter() - t
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    box["minflt"].append(r1.ru_minflt - r0.ru_minflt)     # page faults: see lkjax/runtime.py
+    box["minflt"].append(r1.ru_minflt - r0.ru_minflt)     # page faults: see benchmarks/malloc.py
     box["sys_s"].append(r1.ru_stime - r0.ru_stime)
     box["user_s"].append(r1.ru_utime - r0.ru_utime)     # CPU time of all threads: work, not waiting
     box["loss"] = float(np.mean(np.asarray(m["loss"])))   # grad_only: one loss per device
@@ -364,7 +364,7 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   for i in range(steps):
     ceil.append(matmul_ceiling(small, repeats=3))   # the machine's speed drifts: sample it every round
     # The order rotates every round, so no program always runs in the same slot (with a fixed order,
-    # the third program, a copy of the first, ran ~13% slower: docs/bench_train_runs/README.md, run 10).
+    # the third program, a copy of the first, ran ~13% slower).
     for s, times in rotated(i):
       times.append(s["run"]())
   if profile_dir:  # one more step each under the profiler (not timed): perfetto traces + optimized HLO
@@ -450,9 +450,9 @@ def main(argv):
     config_layouts = {arch: config_layout(arch, overrides) for arch in archs}
   except ValueError as e:
     raise app.UsageError(f"--config_overrides: {e}") from None
-  from lkjax import runtime
+  import malloc
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {batch} x {seq}; "
-        f"precision {FLAGS.precision}; {runtime.describe()}; "
+        f"precision {FLAGS.precision}; {malloc.describe()}; "
         f"bf16 matmul ceiling at start {matmul_ceiling(small):.1f} GFLOP/s", flush=True)
   rows = []
   for arch in archs:
@@ -485,13 +485,13 @@ def main(argv):
                       if FLAGS.mesh == "config" else
                       dict(explicit_grad_reduce=FLAGS.explicit_grad_reduce,
                            gather_split_params=FLAGS.gather_split_params, split_tables=list(FLAGS.split_tables))),
-                   hugepage_malloc=runtime.hugepage_malloc_active(), retained_heap=runtime.retained_heap_active(),
-                   jemalloc=runtime.jemalloc_active(),
+                   hugepage_malloc=malloc.hugepage_malloc_active(), retained_heap=malloc.retained_heap_active(),
+                   jemalloc=malloc.jemalloc_active(),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)
   print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
-  from lkjax import runtime
-  runtime.reexec_with_malloc_tunables()   # keep XLA's large step buffers mapped (see lkjax/runtime.py)
+  import malloc
+  malloc.reexec_with_malloc_tunables()   # opt-in (LKJAX_MALLOC_TUNING=1 or launch.py); see malloc.py
   app.run(main)

@@ -21,7 +21,7 @@ def _run(args, tmp_path):
 
 def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
   out = tmp_path / "bench_train.json"
-  res = _run(["experiments/bench_train.py", "--small", "--archs=eagle3,medusa", "--steps=2", "--ab=no_target_lse",
+  res = _run(["benchmarks/bench_train.py", "--small", "--archs=eagle3,medusa", "--steps=2", "--ab=no_target_lse",
               f"--profile={tmp_path / 'prof'}", f"--out={out}"], tmp_path)
   table = json.loads(out.read_text())
   assert [r["arch"] for r in table["rows"]] == ["eagle3", "medusa"]
@@ -52,7 +52,7 @@ def test_bench_train_small_writes_interleaved_lk_kl_table(tmp_path):
 
 def test_bench_train_config_overrides_reach_the_model_and_bad_keys_fail_early(tmp_path):
   out = tmp_path / "bench_train.json"
-  _run(["experiments/bench_train.py", "--small", "--archs=medusa", "--steps=1", '--config_overrides={"model.num_layers": 2}',
+  _run(["benchmarks/bench_train.py", "--small", "--archs=medusa", "--steps=1", '--config_overrides={"model.num_layers": 2}',
         f"--out={out}"], tmp_path)
   table = json.loads(out.read_text())
   (row,) = table["rows"]
@@ -60,7 +60,7 @@ def test_bench_train_config_overrides_reach_the_model_and_bad_keys_fail_early(tm
   # --small MEDUSA: K = 6 heads, hidden 64, draft vocabulary 512; a second residual block per head adds
   # 6 x (64 x 64 + 64) parameters to the 6 x (64 x 64 + 64) + 6 x 64 x 512 of one.
   assert row["num_params"] == 6 * 2 * (64 * 64 + 64) + 6 * 64 * 512
-  bad = subprocess.run([sys.executable, "experiments/bench_train.py", "--small", "--archs=medusa",
+  bad = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--small", "--archs=medusa",
                         '--config_overrides={"model.nope": 1}'], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "unknown key 'nope'" in bad.stderr and "matmul ceiling" not in bad.stdout
@@ -69,19 +69,19 @@ def test_bench_train_config_overrides_reach_the_model_and_bad_keys_fail_early(tm
 def test_bench_train_full_attention_and_same_ab(tmp_path):
   """--ab=full_attention: with 2 causal query blocks (seq 512) the default step skips score work."""
   out = tmp_path / "bench_train.json"
-  _run(["experiments/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--seq=512", "--ab=full_attention",
+  _run(["benchmarks/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--seq=512", "--ab=full_attention",
         f"--out={out}"], tmp_path)
   (row,) = json.loads(out.read_text())["rows"]
   assert row["ab"] == "full_attention" and row["b_gflop_per_step"] > row["gflop_per_step"]
   # --ab=same: the A/A control compiles the identical program (same FLOPs, same loss after one step).
-  _run(["experiments/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--ab=same", f"--out={out}"], tmp_path)
+  _run(["benchmarks/bench_train.py", "--small", "--archs=mtp", "--steps=1", "--ab=same", f"--out={out}"], tmp_path)
   (row,) = json.loads(out.read_text())["rows"]
   assert row["ab"] == "same" and row["b_gflop_per_step"] == row["gflop_per_step"]
 
 
 def test_bench_parts_small_times_every_variant(tmp_path):
   out = tmp_path / "bench_parts.json"
-  res = _run(["experiments/bench_parts.py", "--small", "--rounds=2", f"--out={out}"], tmp_path)
+  res = _run(["benchmarks/bench_parts.py", "--small", "--rounds=2", f"--out={out}"], tmp_path)
   groups = json.loads(out.read_text())["groups"]
   assert [r["name"] for r in groups["attention"]] == [
       "attention, all keys", "attention, causal blocks of 16", "attention, causal blocks of 8"]
@@ -95,7 +95,7 @@ def test_bench_parts_small_times_every_variant(tmp_path):
 
 def test_bench_matmul_small(tmp_path):
   out = tmp_path / "bench_matmul.json"
-  _run(["experiments/bench_matmul.py", "--m=64", "--k=32", "--n=128", "--repeats=1", f"--out={out}"], tmp_path)
+  _run(["benchmarks/bench_matmul.py", "--m=64", "--k=32", "--n=128", "--repeats=1", f"--out={out}"], tmp_path)
   rows = json.loads(out.read_text())["rows"]
   assert {r["form"] for r in rows} >= {"fwd NN f32 out", "dX materialised", "dW materialised"}
   assert all(r["gflops"] > 0 for r in rows)
@@ -107,7 +107,9 @@ def test_bench_mesh_small_compares_meshes_in_alternating_processes(tmp_path):
   # config's layout on 2 devices (the MLP-Speculator's: FSDP in the per-device program, its embedding
   # tables kept split). --batch_per_shard: one row per batch shard (weak scaling).
   two, cfg = "2x1x1/compiler", "config:2"
-  res = _run(["experiments/bench_mesh.py", "--small", "--archs=mlp_speculator", f"--meshes=1x1x1,{two},{cfg}",
+  # Through launch.py (malloc tuning on), so that each child's own malloc decision is checked too.
+  res = _run(["benchmarks/launch.py", "benchmarks/bench_mesh.py", "--small", "--archs=mlp_speculator",
+              f"--meshes=1x1x1,{two},{cfg}",
               "--batch=1", "--batch_per_shard", "--seq=16", "--rounds=2", "--steps=1", f"--out={out}"], tmp_path)
   table = json.loads(out.read_text())
   assert [(r["round"], r["mesh"]) for r in table["runs"]] == [(0, "1x1x1"), (0, two), (0, cfg),
@@ -119,8 +121,8 @@ def test_bench_mesh_small_compares_meshes_in_alternating_processes(tmp_path):
   assert {r["mesh"]: (r["gather_split_params"], tuple(r["split_tables"])) for r in table["runs"]} == {
       "1x1x1": (False, ()), two: (False, ()), cfg: (True, ("emb",))}
   # Each child decides its own malloc tunables: the retained heap only with one CPU device.
-  from lkjax import runtime
-  assert {r["mesh"]: r["retained_heap"] for r in table["runs"]} == {"1x1x1": runtime.retained_heap_supported({}),
+  import malloc
+  assert {r["mesh"]: r["retained_heap"] for r in table["runs"]} == {"1x1x1": malloc.retained_heap_supported({}),
                                                                     two: False, cfg: False}
   # Collective bytes per step: none on one device; the FSDP program gathers and reduce-scatters.
   by_mesh = {r["mesh"]: r for r in table["runs"]}
@@ -132,14 +134,14 @@ def test_bench_mesh_small_compares_meshes_in_alternating_processes(tmp_path):
   assert ref["efficiency"] == 1.0 and len(others) == 2
   assert all(o["efficiency"] > 0 and len(o["efficiency_per_round"]) == 2 for o in others)
   assert "vs ref" in res.stdout
-  bad = subprocess.run([sys.executable, "experiments/bench_mesh.py", "--meshes=1x1x1,3x1x1", "--batch=8"], cwd=REPO,
+  bad = subprocess.run([sys.executable, "benchmarks/bench_mesh.py", "--meshes=1x1x1,3x1x1", "--batch=8"], cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "not divisible" in bad.stderr
 
 
 def test_bench_mesh_grad_meshes_are_compared_with_the_first_grad_mesh(tmp_path):
   out = tmp_path / "bench_mesh.json"
-  res = _run(["experiments/bench_mesh.py", "--small", "--archs=medusa", "--meshes=1x1x1,1x1x1/grad,2x1x1/grad",
+  res = _run(["benchmarks/bench_mesh.py", "--small", "--archs=medusa", "--meshes=1x1x1,1x1x1/grad,2x1x1/grad",
               "--batch=2", "--seq=16", "--rounds=1", "--steps=1", "--warmup=1", f"--out={out}"], tmp_path)
   table = json.loads(out.read_text())
   assert {r["mesh"]: (r["program"], r["devices"]) for r in table["runs"]} == {
@@ -157,7 +159,7 @@ def test_bench_mesh_grad_meshes_are_compared_with_the_first_grad_mesh(tmp_path):
 
 _GRAD_ONLY_CHECK = """
 import sys
-sys.path.insert(0, "experiments")
+sys.path.insert(0, "benchmarks")
 import jax
 import numpy as np
 import bench_train
@@ -192,7 +194,7 @@ def test_grad_only_program_is_each_devices_own_gradient():
 
 
 def test_bench_mesh_parses_layout_suffixes_and_config_meshes():
-  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import bench_mesh
   from absl import app
   tables = bench_mesh.parse_mesh("1x8x1/tables")
@@ -216,19 +218,19 @@ def test_bench_mesh_parses_layout_suffixes_and_config_meshes():
 
 _SETTINGS_ENV = """
 import sys
-sys.path.insert(0, "experiments")
+sys.path.insert(0, "benchmarks")
 import pytest, bench_malloc
-from lkjax import runtime
+import malloc
 base = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.rtld.optional_static_tls=512", "PATH": "/bin"}
 default = bench_malloc.setting_env("default", base)
-assert default[runtime.OPT_OUT_ENV] == "1" and default["GLIBC_TUNABLES"] == "glibc.rtld.optional_static_tls=512"
+assert malloc.OPT_IN_ENV not in default and default["GLIBC_TUNABLES"] == "glibc.rtld.optional_static_tls=512"
 huge = bench_malloc.setting_env("hugepages", base)
-assert huge[runtime.OPT_OUT_ENV] == "1"
+assert malloc.OPT_IN_ENV not in huge
 assert huge["GLIBC_TUNABLES"] == "glibc.rtld.optional_static_tls=512:glibc.malloc.hugetlb=1"
 retained = bench_malloc.setting_env("retained", base)
-assert runtime.OPT_OUT_ENV not in retained
-want = {"glibc.rtld.optional_static_tls": "512", "glibc.malloc.hugetlb": "1", **dict(runtime.RETAIN_TUNABLES)}
-assert runtime._tunables(retained["GLIBC_TUNABLES"]) == want
+assert retained[malloc.OPT_IN_ENV] == "1"
+want = {"glibc.rtld.optional_static_tls": "512", "glibc.malloc.hugetlb": "1", **dict(malloc.RETAIN_TUNABLES)}
+assert malloc._tunables(retained["GLIBC_TUNABLES"]) == want
 with pytest.raises(ValueError, match="unknown"):
   bench_malloc.setting_env("jemalloc", base)
 print("ok")

@@ -1,16 +1,16 @@
-"""Train-step speed under glibc's default malloc, huge-page malloc and the retained heap (`lkjax/runtime.py`),
+"""Train-step speed under glibc's default malloc, huge-page malloc and the retained heap (`benchmarks/malloc.py`),
 as alternating processes.
 
-``python experiments/bench_malloc.py --archs=eagle3 --rounds=2 --steps=3 --out=docs/bench_malloc.json``
+``python benchmarks/bench_malloc.py --archs=eagle3 --rounds=2 --steps=3 --out=benchmarks/results/bench_malloc.json``
 
 glibc tunables are read at process start, so the settings cannot share a process: each round runs
-`experiments/bench_train.py` once per setting, the order rotating from round to round, and collects from
+`benchmarks/bench_train.py` once per setting, the order rotating from round to round, and collects from
 each run the L_lambda and KL step times, tokens/s, and the L_lambda step's minor page faults and kernel
 (system) CPU time per step. The settings (``--settings``):
 
-* ``default``: no tunables (``LKJAX_DEFAULT_MALLOC=1``);
-* ``hugepages``: ``glibc.malloc.hugetlb=1`` only (what the entry scripts set before the retained heap);
-* ``retained``: the retained heap plus huge pages, what `runtime.reexec_with_malloc_tunables` sets.
+* ``default``: no tunables (no ``LKJAX_MALLOC_TUNING``);
+* ``hugepages``: ``glibc.malloc.hugetlb=1`` only;
+* ``retained``: the retained heap plus huge pages, what `malloc.reexec_with_malloc_tunables` sets when opted in.
 
 It prints one row per run and the medians per setting, with each setting's L_lambda step time relative to
 the first setting's, and writes them as JSON (``--out``).
@@ -40,19 +40,19 @@ SETTINGS = ("default", "hugepages", "retained")
 def setting_env(setting: str, base: dict[str, str] | None = None) -> dict[str, str]:
   """The environment a bench_train.py child runs under for ``setting``; the malloc tunables the parent had
   are dropped first, any other tunable is kept. The setting's tunables are named explicitly (as a user's),
-  so the child's `runtime.reexec_with_malloc_tunables` keeps them and adds nothing where it is opted out."""
-  from lkjax import runtime
+  so the child's `malloc.reexec_with_malloc_tunables` keeps them and adds nothing unless opted in."""
+  import malloc
   if setting not in SETTINGS:
     raise ValueError(f"--settings: unknown {setting!r}; expected one of {SETTINGS}")
   env = dict(os.environ if base is None else base)
-  env.pop(runtime.OPT_OUT_ENV, None)
-  env.pop(runtime.ADDED_ENV, None)
-  tunables = [runtime.strip_malloc_tunables(env.get("GLIBC_TUNABLES", ""))]
-  if setting != "retained":
-    env[runtime.OPT_OUT_ENV] = "1"
+  env.pop(malloc.OPT_IN_ENV, None)
+  env.pop(malloc.ADDED_ENV, None)
+  tunables = [malloc.strip_malloc_tunables(env.get("GLIBC_TUNABLES", ""))]
+  if setting == "retained":
+    env[malloc.OPT_IN_ENV] = "1"
   if setting != "default":
-    want = dict(runtime.RETAIN_TUNABLES) if setting == "retained" else {}
-    want[runtime.HUGETLB_TUNABLE] = "1"
+    want = dict(malloc.RETAIN_TUNABLES) if setting == "retained" else {}
+    want[malloc.HUGETLB_TUNABLE] = "1"
     tunables += [f"{k}={v}" for k, v in want.items()]
   env["GLIBC_TUNABLES"] = ":".join(filter(None, tunables))
   return env
@@ -69,12 +69,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import numpy as np
-  from lkjax import runtime
+  import malloc
   settings = list(FLAGS.settings)
   for s in settings:
     setting_env(s)   # validates the name before any run
-  if not runtime.hugepage_malloc_supported():
-    print("note: this machine cannot use huge-page malloc (see lkjax/runtime.py)")
+  if not malloc.hugepage_malloc_supported():
+    print("note: this machine cannot use huge-page malloc (see benchmarks/malloc.py)")
   runs = []
   for r, setting, table in bench_processes.in_rounds(settings, FLAGS.rounds, run_once):
     for row in table["rows"]:
@@ -97,8 +97,8 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(dict(archs=FLAGS.archs, settings=settings, rounds=FLAGS.rounds, steps=FLAGS.steps, small=FLAGS.small,
-                   hugepage_supported=runtime.hugepage_malloc_supported(),
-                   retained_supported=runtime.retained_heap_supported(), runs=runs, summary=summary), f, indent=1)
+                   hugepage_supported=malloc.hugepage_malloc_supported(),
+                   retained_supported=malloc.retained_heap_supported(), runs=runs, summary=summary), f, indent=1)
   print(f"wrote {FLAGS.out}")
 
 

@@ -1,10 +1,10 @@
 """Mesh scaling of the train step: one device against an N-device mesh on the same machine, as alternating
 processes.
 
-``python experiments/bench_mesh.py --archs=eagle3 --meshes=1x1x1,8x1x1 --rounds=3 --steps=3 --out=docs/bench_mesh.json``
+``python benchmarks/bench_mesh.py --archs=eagle3 --meshes=1x1x1,8x1x1 --rounds=3 --steps=3 --out=benchmarks/results/bench_mesh.json``
 
 A process's device count is fixed when JAX starts, so each mesh runs in its own
-`experiments/bench_train.py` process (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` for an
+`benchmarks/bench_train.py` process (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` for an
 N-device mesh on CPU, where N is the mesh's size). Each round runs every mesh once, the order rotating
 from round to round, with the same global batch (``--batch`` x ``--seq``). The per-core efficiency of a
 mesh is its tokens/s over the first mesh's tokens/s *in the same round* (the same physical cores run
@@ -38,7 +38,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lkjax import runtime  # noqa: E402
+import malloc  # noqa: E402
 
 import bench_processes  # noqa: E402
 
@@ -120,11 +120,11 @@ def run_once(entry: dict, out: str) -> dict:
   args += ["--small"] if FLAGS.small else []
   flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   flags_env.append(f"--xla_force_host_platform_device_count={entry['devices']}")
-  # The child decides its own malloc tunables for its device count (lkjax/runtime.py: no retained heap
+  # The child decides its own malloc tunables for its device count (benchmarks/malloc.py: no retained heap
   # with several CPU devices, jemalloc instead where installed); the check below holds it to that.
   env = dict(os.environ, XLA_FLAGS=" ".join(flags_env))
   return bench_processes.run_bench_train(
-      args, env, out, expect=dict(devices=entry["devices"], **entry["expect"], **runtime.planned_malloc(env)))
+      args, env, out, expect=dict(devices=entry["devices"], **entry["expect"], **malloc.planned_malloc(env)))
 
 
 def main(argv):
@@ -195,5 +195,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_malloc_tunables()   # children inherit the tunables (see lkjax/runtime.py)
+  malloc.reexec_with_malloc_tunables()   # opt-in; children re-decide theirs (see malloc.py)
   app.run(main)

@@ -1,11 +1,18 @@
-"""Process setup for the entry scripts: glibc malloc tunables that keep XLA's large CPU buffers resident.
+"""Opt-in malloc tuning for CPU benchmark processes: glibc tunables (or jemalloc) that keep XLA's large CPU
+buffers resident.
+
+Nothing in lkjax or experiments/ uses this module: the library runs on the default allocator. Turn it on for a
+benchmark with ``python benchmarks/launch.py benchmarks/bench_train.py ...`` (any script works, e.g.
+``experiments/train.py``) or ``LKJAX_MALLOC_TUNING=1`` in the environment of a bench script (they call
+`reexec_with_malloc_tunables`, which does nothing without it). The measurements behind it are in
+``benchmarks/README.md`` (bench_malloc) and in the ``bench-history`` git tag.
 
 XLA's CPU runtime allocates each compiled step's temporary buffer with ``posix_memalign`` (about 1.2 GB
 for the MEDUSA train step and 2 GB for EAGLE-3 at batch 4 x 512) and frees it when the step ends; YNNPACK
 does the same with scratch blocks of up to 268 MB inside single fusions. glibc serves blocks that large
 with a fresh ``mmap`` and returns them with ``munmap``, so every step faults the whole buffer in again,
 4 KiB at a time: about 520,000 minor page faults and 2.2 s of kernel CPU time per EAGLE-3 step on the
-2-core machines (`experiments/bench_malloc.py`, ``docs/bench_train_runs/bench_malloc_session4.json``).
+2-core machines (`benchmarks/bench_malloc.py`).
 
 Two sets of tunables address this; `reexec_with_malloc_tunables` sets both where they apply:
 
@@ -16,11 +23,10 @@ Two sets of tunables address this; `reexec_with_malloc_tunables` sets both where
   time in the steady state. (``arena_max=1`` is required: glibc's other arenas fall back to ``mmap``
   whatever ``mmap_max`` says.) The price is that the process never returns freed memory to the system,
   so its resident size stays at its peak. With the EAGLE-3 L_lambda and KL steps run alternately in
-  one process it grew from 3.6 to 6.1 GB over two rounds and then stayed there
-  (``docs/bench_train_runs/heap_growth.txt``).
+  one process it grew from 3.6 to 6.1 GB over two rounds and then stayed there.
   Only for processes with one CPU device: with 8 virtual CPU devices
   (``--xla_force_host_platform_device_count=8``) the single heap kept growing, 10.5 -> 15.5 GB over
-  four EAGLE-3 steps in the same file, and an 8-device benchmark was killed for memory at 24 GB. Such
+  four EAGLE-3 steps, and an 8-device benchmark was killed for memory at 24 GB. Such
   processes get huge pages only.
 * **Huge pages** (``glibc.malloc.hugetlb=1``; glibc >= 2.35 with transparent huge pages on ``madvise``):
   glibc advises the memory it maps onto 2 MiB pages, so what does get faulted in (the heap as it grows,
@@ -31,12 +37,11 @@ installed, with ``MALLOC_CONF=JEMALLOC_CONF``: one arena, no purging of freed pa
 memory advised onto transparent huge pages (``thp:always``, ``metadata_thp:always``), as glibc's ``hugetlb=1``
 does for single-device processes. Without that advice, a 256 MiB block took 65,537 page faults to touch
 against 129 with it, and the 8-device train steps were faster with it in 13 of 16 alternating pairs of
-processes, by 1.0% at the median (``docs/bench_train_runs/96_jemalloc_thp_ab.txt``). Its size-class allocator
+processes, by 1.0% at the median. Its size-class allocator
 reuses the step buffers of 8 device threads without the glibc heap's fragmentation: an 8-device EAGLE-3
 process stayed at 5.7 GB over 20 alternating L_lambda / KL steps, none with more than 411 page faults or
-0.03 s of kernel time (``docs/bench_train_runs/29_heap_jemalloc.txt``), where glibc with huge pages faulted
-about 5,000 huge pages (0.2-1 s of kernel time) per step
-(``docs/bench_train_runs/33_mesh_medusa_unstack_hugepages.json``, ``37_alloc_ab_eagle3_mesh8.txt``).
+0.03 s of kernel time, where glibc with huge pages faulted about 5,000 huge pages (0.2-1 s of kernel time)
+per step.
 `find_jemalloc` looks in the usual library directories, or at ``LKJAX_JEMALLOC`` (a path; empty turns it
 off). Without it, such processes get huge pages only.
 
@@ -44,7 +49,8 @@ glibc reads tunables once, at process start, so the function restarts the interp
 (same executable, same command line) when any is missing; tunables a user put in ``GLIBC_TUNABLES`` are
 kept as given, the ones it added itself are decided again in every process (a child may have another
 device count); the same holds for the jemalloc preload (``LD_PRELOAD``, ``MALLOC_CONF``). Nothing changes
-in the numbers a program computes, only where its memory comes from. ``LKJAX_DEFAULT_MALLOC=1`` opts out.
+in the numbers a program computes, only where its memory comes from. Without ``LKJAX_MALLOC_TUNING`` set (non-empty,
+not ``0``) `reexec_with_malloc_tunables` drops whatever it had added and changes nothing else.
 """
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
 RETAIN_TUNABLES = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
                    ("glibc.malloc.trim_threshold", str(1 << 46)))
 MALLOC_TUNABLE_NAMES = (HUGETLB_TUNABLE, *(name for name, _ in RETAIN_TUNABLES))
-OPT_OUT_ENV = "LKJAX_DEFAULT_MALLOC"
+OPT_IN_ENV = "LKJAX_MALLOC_TUNING"          # set (non-empty, not "0") to turn the tuning on
 ADDED_ENV = "LKJAX_MALLOC_TUNABLES_ADDED"   # which tunables `reexec_with_malloc_tunables` added (comma-separated)
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 # jemalloc for multi-device CPU processes: one arena, freed pages never returned (no decay), so the next
@@ -66,6 +72,12 @@ JEMALLOC_ENV = "LKJAX_JEMALLOC"               # path of libjemalloc.so.2 (overri
 PRELOAD_ADDED_ENV = "LKJAX_PRELOAD_ADDED"     # the LD_PRELOAD entry `reexec_with_malloc_tunables` added
 JEMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                  "/usr/local/lib")
+
+
+def opted_in(env=None) -> bool:
+  """Whether ``LKJAX_MALLOC_TUNING`` turns the tuning on for a process with environment ``env``."""
+  env = os.environ if env is None else env
+  return env.get(OPT_IN_ENV, "").strip() not in ("", "0")
 
 
 def _glibc_version() -> tuple[int, int] | None:
@@ -191,7 +203,7 @@ def planned_malloc(env=None) -> dict[str, bool]:
   decided: ``retained_heap`` and ``jemalloc`` (its own or the user's preload). Benchmarks that start child
   processes check their reports against it."""
   env = os.environ if env is None else env
-  on = not env.get(OPT_OUT_ENV)
+  on = opted_in(env)
   return dict(retained_heap=on and retained_heap_supported(env),
               jemalloc=_preloads_jemalloc(_user_preload(env)) or (on and wanted_preload(env) is not None))
 
@@ -208,20 +220,20 @@ def reexec_with_malloc_tunables() -> None:
 
   A tunable a user set keeps its value. The ones this function added itself (named in
   ``LKJAX_MALLOC_TUNABLES_ADDED``, which child processes inherit) are decided again for this process: a
-  child with 8 CPU devices started from a single-device parent drops the retained heap, and with
-  ``LKJAX_DEFAULT_MALLOC`` set they are all dropped. A process with several CPU devices also gets
+  child with 8 CPU devices started from a single-device parent drops the retained heap, and without
+  ``LKJAX_MALLOC_TUNING`` set they are all dropped. A process with several CPU devices also gets
   jemalloc (`wanted_preload`) prepended to ``LD_PRELOAD``, with ``MALLOC_CONF=JEMALLOC_CONF`` unless the
   user set one; that too is decided again in a child (``LKJAX_PRELOAD_ADDED`` names what was added), and a
   user who preloads jemalloc already keeps theirs. The process restarts only when that changes
   ``GLIBC_TUNABLES``, ``LD_PRELOAD`` or ``MALLOC_CONF``.
 
-  Call it first thing in an entry script's ``__main__`` block: it does not return when it restarts.
+  Call it first thing in a bench script's ``__main__`` block: it does not return when it restarts.
   """
   env = os.environ
   text = env.get("GLIBC_TUNABLES", "")
   base = strip_malloc_tunables(text, filter(None, env.get(ADDED_ENV, "").split(",")))
   have = _tunables(base)
-  opted_out = bool(env.get(OPT_OUT_ENV))
+  opted_out = not opted_in(env)
   want = {} if opted_out else wanted_tunables()
   missing = {k: v for k, v in want.items() if k not in have}
   new = ":".join(filter(None, [base] + [f"{k}={v}" for k, v in missing.items()]))

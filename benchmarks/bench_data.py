@@ -1,7 +1,7 @@
 r"""Benchmark the data side in one run: precompute tokens/s vs a forward-only pass, then grain reads.
 
-  python experiments/bench_data.py                          # packaged SmolLM2, synthetic token sequences
-  python experiments/bench_data.py --replies=data/replies.jsonl --num_seqs=64 --threads=2
+  python benchmarks/bench_data.py                          # packaged SmolLM2, synthetic token sequences
+  python benchmarks/bench_data.py --replies=data/replies.jsonl --num_seqs=64 --threads=2
 
 Half 1 (`precompute_rows`), the same sequences and the same length-sorted batches in every row:
   forward only        the target's decoder forward (what any use of the target pays)
@@ -14,8 +14,8 @@ Half 1 (`precompute_rows`), the same sequences and the same length-sorted batche
                       stores by default (`precompute.lse_from_stored`: one more [T, H] x [H, V] product)
 Goal: precompute tokens/s >= 90% of forward only (capture + write cost <= 10%), measured without the lse
 (which is extra compute that every training step then saves, not capture or I/O overhead).
-Half 2 (`grain_rows`): experiments/bench_grain.py over the shards half 1 wrote (grain read MB/s vs raw
-ArrayRecord reads, goal >= 80%).  Results (both halves): docs/bench_data.json.
+Half 2 (`grain_rows`): benchmarks/bench_grain.py over the shards half 1 wrote (grain read MB/s vs raw
+ArrayRecord reads, goal >= 80%).  Results (both halves): benchmarks/results/bench_data.json.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ _MAX_LEN = flags.DEFINE_integer("max_length", 512, "Truncate sequences to this l
 _BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 4096, "Padded tokens per forward.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per row (best is reported).")
 _THREADS = flags.DEFINE_integer("threads", None, "torch CPU threads (default: torch's choice).")
-_GRAIN = flags.DEFINE_bool("grain", True, "Also run experiments/bench_grain.py on the written shards.")
-_OUT = flags.DEFINE_string("out", str(ROOT / "docs" / "bench_data.json"), "Where the JSON results go.")
+_GRAIN = flags.DEFINE_bool("grain", True, "Also run benchmarks/bench_grain.py on the written shards.")
+_OUT = flags.DEFINE_string("out", str(ROOT / "benchmarks" / "results" / "bench_data.json"), "Where the JSON results go.")
 
 
 def _sequences(target, rng) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -140,12 +140,12 @@ def precompute_rows(target, seqs, out_dir: pathlib.Path, *, batch_tokens: int, r
 
 
 def grain_rows(data_dir: pathlib.Path, max_length: int) -> dict | None:
-  """Run experiments/bench_grain.py on ``data_dir``; returns its JSON (None if it failed).
+  """Run benchmarks/bench_grain.py on ``data_dir``; returns its JSON (None if it failed).
 
-  Its JSON goes to a file inside ``data_dir`` (embedded in bench_data.json), never over docs/bench_grain.json.
+  Its JSON goes to a file inside ``data_dir`` (embedded in bench_data.json), never over benchmarks/results/bench_grain.json.
   """
   out = data_dir / "bench_grain.json"
-  cmd = [sys.executable, str(ROOT / "experiments" / "bench_grain.py"), f"--data_dir={data_dir}",
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_grain.py"), f"--data_dir={data_dir}",
          f"--max_length={max_length}", f"--out={out}"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
@@ -215,6 +215,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from lkjax import runtime
-  runtime.reexec_with_malloc_tunables()   # keep XLA's large step buffers mapped (see lkjax/runtime.py)
+  import malloc
+  malloc.reexec_with_malloc_tunables()   # opt-in (LKJAX_MALLOC_TUNING=1 or launch.py); see malloc.py
   app.run(main)

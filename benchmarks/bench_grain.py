@@ -1,7 +1,7 @@
 r"""Benchmark: grain input pipeline read MB/s vs raw ArrayRecord reads of the same shards, in one run.
 
-  python experiments/bench_grain.py                       # synthetic SmolLM2-sized shards in a temp dir
-  python experiments/bench_grain.py --data_dir=/path/to/shards --max_length=2048
+  python benchmarks/bench_grain.py                       # synthetic SmolLM2-sized shards in a temp dir
+  python benchmarks/bench_grain.py --data_dir=/path/to/shards --max_length=2048
 
 Rows (MB = record payload bytes on disk, so every row measures the same data):
   raw sequential     ArrayRecordReader.read_all per shard
@@ -9,7 +9,7 @@ Rows (MB = record payload bytes on disk, so every row measures the same data):
   grain source       grain MapDataset over ArrayRecordDataSource, shuffled (I/O path only)
   grain pipeline     lkjax.data.pipeline.make_loader: read + decode + validate + pad + batch
 Goal: grain pipeline >= 80% of raw shuffled.  Files are read once before timing so every row reads from the
-page cache (this measures the pipeline's overhead, not the disk).  Results go to docs/bench_grain.json.
+page cache (this measures the pipeline's overhead, not the disk).  Results go to benchmarks/results/bench_grain.json.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "Pipeline max_length.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Pipeline batch size.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "grain worker processes for the pipeline row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per row (best is reported).")
-_OUT = flags.DEFINE_string("out", str(ROOT / "docs" / "bench_grain.json"), "Where the JSON results go.")
+_OUT = flags.DEFINE_string("out", str(ROOT / "benchmarks" / "results" / "bench_grain.json"), "Where the JSON results go.")
 
 
 def _synthesize(directory: pathlib.Path, num_records: int, hidden: int, mean_len: int) -> None:

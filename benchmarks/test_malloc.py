@@ -1,5 +1,5 @@
-"""lkjax.runtime: the entry scripts' restart with glibc malloc tunables (retained heap, huge pages), and what
-they buy (fewer page faults)."""
+"""benchmarks/malloc.py: the opt-in restart with glibc malloc tunables (retained heap, huge pages) or jemalloc,
+what it buys (fewer page faults), and benchmarks/launch.py."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from lkjax import runtime
+import malloc as runtime
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 _REEXEC = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from lkjax import runtime
+import malloc as runtime
 print("start", os.getpid(), flush=True)
 runtime.reexec_with_malloc_tunables()
 print(json.dumps(dict(pid=os.getpid(), argv=sys.argv[1:], tunables=os.environ.get("GLIBC_TUNABLES", ""),
@@ -47,16 +47,18 @@ def _python(code, env, *args):
 
 
 def _clean_env(**extra):
+  """This environment without any malloc setting, opted in (``LKJAX_MALLOC_TUNING=1``) unless ``extra`` says."""
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT_ENV, runtime.ADDED_ENV, "XLA_FLAGS", "JAX_NUM_CPU_DEVICES",
+         if k not in ("GLIBC_TUNABLES", runtime.OPT_IN_ENV, runtime.ADDED_ENV, "XLA_FLAGS", "JAX_NUM_CPU_DEVICES",
                       "LD_PRELOAD", "MALLOC_CONF", runtime.PRELOAD_ADDED_ENV, runtime.JEMALLOC_ENV)}
+  env[runtime.OPT_IN_ENV] = "1"
   env.update(extra)
   return env
 
 
 @pytest.mark.skipif(not runtime.retained_heap_supported({}), reason="needs Linux with glibc >= 2.26")
 def test_reexec_adds_the_tunables_once_keeps_argv_and_other_tunables():
-  out = _python(_REEXEC.format(repo=REPO), _clean_env(GLIBC_TUNABLES="glibc.rtld.optional_static_tls=512"), "--x=1", "y")
+  out = _python(_REEXEC.format(repo=HERE), _clean_env(GLIBC_TUNABLES="glibc.rtld.optional_static_tls=512"), "--x=1", "y")
   lines = out.strip().splitlines()
   assert [line.split()[0] for line in lines[:2]] == ["start", "start"]   # restarted exactly once
   assert len(lines) == 3
@@ -69,17 +71,17 @@ def test_reexec_adds_the_tunables_once_keeps_argv_and_other_tunables():
 
 @pytest.mark.skipif(not runtime.retained_heap_supported({}), reason="needs Linux with glibc >= 2.26")
 def test_a_users_own_malloc_tunable_wins():
-  out = _python(_REEXEC.format(repo=REPO), _clean_env(GLIBC_TUNABLES="glibc.malloc.arena_max=4"))
+  out = _python(_REEXEC.format(repo=HERE), _clean_env(GLIBC_TUNABLES="glibc.malloc.arena_max=4"))
   info = json.loads(out.strip().splitlines()[-1])
   assert info["tunables"].startswith("glibc.malloc.arena_max=4:") and info["tunables"].count("arena_max") == 1
   assert not info["retained"]      # arena_max=4 is not the retained heap's value
   assert "glibc.malloc.mmap_max=0" in info["tunables"]
 
 
-def test_opt_out_and_already_set_do_not_restart():
+def test_not_opted_in_and_already_set_do_not_restart():
   every = ":".join(f"{k}={v}" for k, v in dict(runtime.RETAIN_TUNABLES, **{runtime.HUGETLB_TUNABLE: "1"}).items())
-  for env in (_clean_env(**{runtime.OPT_OUT_ENV: "1"}), _clean_env(GLIBC_TUNABLES=every)):
-    lines = _python(_REEXEC.format(repo=REPO), env).strip().splitlines()
+  for env in (_clean_env(**{runtime.OPT_IN_ENV: ""}), _clean_env(GLIBC_TUNABLES=every)):
+    lines = _python(_REEXEC.format(repo=HERE), env).strip().splitlines()
     assert [line.split()[0] for line in lines].count("start") == 1
   info = json.loads(lines[-1])
   assert info["retained"] and info["hugepages"]
@@ -87,7 +89,7 @@ def test_opt_out_and_already_set_do_not_restart():
 
 @pytest.mark.skipif(not runtime.retained_heap_supported({}), reason="needs Linux with glibc >= 2.26")
 def test_several_cpu_devices_get_no_retained_heap():
-  out = _python(_REEXEC.format(repo=REPO), _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  out = _python(_REEXEC.format(repo=HERE), _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   info = json.loads(out.strip().splitlines()[-1])
   assert not info["retained"] and "arena_max" not in info["tunables"]
   assert info["hugepages"] == runtime.hugepage_malloc_supported()
@@ -99,17 +101,17 @@ def test_added_tunables_are_decided_again_in_a_child():
   8 CPU devices drops the retained heap, an opted-out one drops everything added; the user's own tunable
   stays in both, and a child like the parent does not restart."""
   user = "glibc.rtld.optional_static_tls=512"
-  parent = json.loads(_python(_REEXEC.format(repo=REPO), _clean_env(GLIBC_TUNABLES=user)).strip().splitlines()[-1])
+  parent = json.loads(_python(_REEXEC.format(repo=HERE), _clean_env(GLIBC_TUNABLES=user)).strip().splitlines()[-1])
   assert parent["retained"] and set(parent["added"].split(",")) == set(runtime.wanted_tunables({}))
   inherited = {"GLIBC_TUNABLES": parent["tunables"], runtime.ADDED_ENV: parent["added"]}
   huge = ":glibc.malloc.hugetlb=1" if runtime.hugepage_malloc_supported() else ""
   for extra, want in (({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, user + huge),
-                      ({runtime.OPT_OUT_ENV: "1"}, user)):
-    lines = _python(_REEXEC.format(repo=REPO), _clean_env(**inherited, **extra)).strip().splitlines()
+                      ({runtime.OPT_IN_ENV: ""}, user)):
+    lines = _python(_REEXEC.format(repo=HERE), _clean_env(**inherited, **extra)).strip().splitlines()
     assert [line.split()[0] for line in lines].count("start") == 2, lines
     child = json.loads(lines[-1])
     assert child["tunables"] == want and not child["retained"]
-  lines = _python(_REEXEC.format(repo=REPO), _clean_env(**inherited)).strip().splitlines()
+  lines = _python(_REEXEC.format(repo=HERE), _clean_env(**inherited)).strip().splitlines()
   assert [line.split()[0] for line in lines].count("start") == 1
   assert json.loads(lines[-1])["tunables"] == parent["tunables"]
 
@@ -131,7 +133,7 @@ def test_planned_malloc_says_what_a_child_will_run_with(tmp_path):
   lib.write_bytes(b"")
   eight = {runtime.JEMALLOC_ENV: str(lib), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   assert runtime.planned_malloc(eight) == dict(retained_heap=False, jemalloc=True)
-  assert runtime.planned_malloc({**eight, runtime.OPT_OUT_ENV: "1"}) == dict(retained_heap=False, jemalloc=False)
+  assert runtime.planned_malloc({**eight, runtime.OPT_IN_ENV: ""}) == dict(retained_heap=False, jemalloc=False)
   one = {runtime.JEMALLOC_ENV: str(lib)}
   assert runtime.planned_malloc(one) == dict(retained_heap=runtime.retained_heap_supported(one), jemalloc=False)
   # The user's own jemalloc preload stays whatever the device count; the one lkjax added is decided again.
@@ -150,7 +152,7 @@ def test_several_cpu_devices_preload_jemalloc_and_a_single_device_child_drops_it
   open(user_lib, "wb").close()
   eight = dict(XLA_FLAGS="--xla_force_host_platform_device_count=8", LD_PRELOAD=user_lib)
   eight[runtime.JEMALLOC_ENV] = lib
-  lines = _python(_REEXEC.format(repo=REPO), _clean_env(**eight)).strip().splitlines()
+  lines = _python(_REEXEC.format(repo=HERE), _clean_env(**eight)).strip().splitlines()
   assert [line.split()[0] for line in lines].count("start") == 2
   parent = json.loads(lines[-1])
   assert parent["preload"] == f"{lib} {user_lib}" and parent["preload_added"] == lib
@@ -159,24 +161,24 @@ def test_several_cpu_devices_preload_jemalloc_and_a_single_device_child_drops_it
   inherited.update({"LD_PRELOAD": parent["preload"], "MALLOC_CONF": parent["conf"],
                     runtime.PRELOAD_ADDED_ENV: parent["preload_added"], "GLIBC_TUNABLES": parent["tunables"],
                     runtime.ADDED_ENV: parent["added"]})
-  lines = _python(_REEXEC.format(repo=REPO), _clean_env(**inherited)).strip().splitlines()
+  lines = _python(_REEXEC.format(repo=HERE), _clean_env(**inherited)).strip().splitlines()
   assert [line.split()[0] for line in lines].count("start") == 2
   child = json.loads(lines[-1])
   assert child["preload"] == user_lib and child["conf"] == "" and child["preload_added"] == ""
-  own = json.loads(_python(_REEXEC.format(repo=REPO), _clean_env(**eight, MALLOC_CONF="narenas:2")).strip()
+  own = json.loads(_python(_REEXEC.format(repo=HERE), _clean_env(**eight, MALLOC_CONF="narenas:2")).strip()
                    .splitlines()[-1])
   assert own["conf"] == "narenas:2" and own["preload"].startswith(lib)
-  opted = _python(_REEXEC.format(repo=REPO), _clean_env(**eight, **{runtime.OPT_OUT_ENV: "1"})).strip().splitlines()
+  opted = _python(_REEXEC.format(repo=HERE), _clean_env(**eight, **{runtime.OPT_IN_ENV: ""})).strip().splitlines()
   assert [line.split()[0] for line in opted].count("start") == 1 and json.loads(opted[-1])["preload"] == user_lib
 
 
 @pytest.mark.skipif(runtime.find_jemalloc({}) is None or not sys.platform.startswith("linux"),
                     reason="needs libjemalloc2 installed")
 def test_an_8_device_process_runs_on_jemalloc():
-  out = _python(_REEXEC.format(repo=REPO), _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  out = _python(_REEXEC.format(repo=HERE), _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   info = json.loads(out.strip().splitlines()[-1])
   assert info["jemalloc"] and info["conf"] == runtime.JEMALLOC_CONF and not info["retained"]
-  single = json.loads(_python(_REEXEC.format(repo=REPO), _clean_env()).strip().splitlines()[-1])
+  single = json.loads(_python(_REEXEC.format(repo=HERE), _clean_env()).strip().splitlines()[-1])
   assert not single["jemalloc"] and single["retained"]
 
 
@@ -184,7 +186,7 @@ def test_an_8_device_process_runs_on_jemalloc():
 _BLOCK_FAULTS = """
 import ctypes, resource, sys
 sys.path.insert(0, {repo!r})
-from lkjax import runtime
+import malloc as runtime
 runtime.reexec_with_malloc_tunables()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -203,10 +205,10 @@ def test_an_8_device_process_gets_huge_pages_from_jemalloc():
   machines), where jemalloc's default takes 65,537. The bound allows for half the block on 4 KiB pages (a
   kernel short of free huge pages); the control stays above it."""
   eight = _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  jem, faults = _python(_BLOCK_FAULTS.format(repo=REPO), eight).split()
+  jem, faults = _python(_BLOCK_FAULTS.format(repo=HERE), eight).split()
   assert jem == "True" and int(faults) < 32768, faults
   plain = _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", MALLOC_CONF="narenas:1")
-  jem, faults = _python(_BLOCK_FAULTS.format(repo=REPO), plain).split()
+  jem, faults = _python(_BLOCK_FAULTS.format(repo=HERE), plain).split()
   assert jem == "True" and int(faults) > 60000, faults   # the control: without the advice, 4 KiB pages
 
 
@@ -240,9 +242,30 @@ def test_thp_mode_parsing(tmp_path):
 
 @pytest.mark.skipif(not runtime.hugepage_malloc_supported(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
 def test_hugepage_malloc_and_retained_heap_cut_page_faults_of_xla_temp_buffers():
-  off = int(_python(_FAULTS, _clean_env(**{runtime.OPT_OUT_ENV: "1"})).strip())
+  off = int(_python(_FAULTS, _clean_env(**{runtime.OPT_IN_ENV: ""})).strip())
   huge = int(_python(_FAULTS, _clean_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=1")).strip())
   retained = int(_python(_FAULTS, _clean_env(GLIBC_TUNABLES=":".join(f"{k}={v}" for k, v in runtime.RETAIN_TUNABLES))).strip())
   assert off > 20_000, off          # the ~256 MB buffers faulted in 4 KiB pages
   assert huge < off / 5, (huge, off)
   assert retained < off / 50, (retained, off)   # the freed buffers stay mapped for the second call
+
+
+def test_not_opted_in_changes_nothing_and_drops_what_was_added():
+  """The default (no LKJAX_MALLOC_TUNING): no restart; inherited tunables it had added are dropped."""
+  for off in ("", "0"):
+    lines = _python(_REEXEC.format(repo=HERE), _clean_env(**{runtime.OPT_IN_ENV: off})).strip().splitlines()
+    assert [line.split()[0] for line in lines].count("start") == 1
+    assert json.loads(lines[-1])["tunables"] == ""
+  assert not runtime.opted_in({}) and runtime.opted_in({runtime.OPT_IN_ENV: "1"})
+
+
+@pytest.mark.skipif(not runtime.retained_heap_supported({}), reason="needs Linux with glibc >= 2.26")
+def test_launch_runs_the_command_with_the_tunables():
+  env = {k: v for k, v in _clean_env().items() if k != runtime.OPT_IN_ENV}
+  res = subprocess.run([sys.executable, os.path.join(HERE, "launch.py"), "-c", _REEXEC.format(repo=HERE), "a"],
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  lines = res.stdout.strip().splitlines()
+  assert [line.split()[0] for line in lines].count("start") == 1     # launch.py restarted into it once
+  info = json.loads(lines[-1])
+  assert info["argv"] == ["a"] and info["retained"]

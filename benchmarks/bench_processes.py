@@ -1,4 +1,4 @@
-"""`experiments/bench_train.py` as child processes, one configuration per process, in rounds whose order
+"""`benchmarks/bench_train.py` as child processes, one configuration per process, in rounds whose order
 rotates: for comparisons whose sides cannot share a process (glibc malloc tunables, which glibc reads at
 start; CPU device counts, which JAX fixes at start). Used by `bench_malloc.py` and `bench_mesh.py`.
 """
@@ -25,7 +25,7 @@ def run_bench_train(args: list[str], env: dict[str, str], out: str, what: str = 
   """Run ``bench_train.py ARGS --out=OUT`` under ``env`` (with the repository on PYTHONPATH) and return the
   table it wrote; a failed run raises with the command and the end of its stderr, and so does a table
   whose top-level fields differ from ``expect`` (what the child process must have run with)."""
-  cmd = [sys.executable, os.path.join(ROOT, "experiments/bench_train.py"), *args, f"--out={out}"]
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks/bench_train.py"), *args, f"--out={out}"]
   label = f"{' '.join(cmd)}{f' ({what})' if what else ''}"
   res = subprocess.run(cmd, cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True)
   if res.returncode:

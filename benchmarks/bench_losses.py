@@ -1,7 +1,7 @@
 """Time and peak memory of each LK objective, reference vs vocabulary-chunked, for large vocabularies.
 
-  nice python experiments/bench_losses.py                      # V in {49152, 131072, 262144}, K=1, B*T=256
-  python experiments/bench_losses.py --vocab 49152 --repeats 3 --json /tmp/b.json
+  nice python benchmarks/bench_losses.py                      # V in {49152, 131072, 262144}, K=1, B*T=256
+  python benchmarks/bench_losses.py --vocab 49152 --repeats 3 --json /tmp/b.json
 
 What is measured, per (V, objective, implementation): ``jax.jit(jax.value_and_grad(lk_loss))`` w.r.t. the
 draft logits (full vocabulary, Vd = V, float32 logits ``[K, B, T, V]``, all tokens trained).
@@ -12,7 +12,7 @@ draft logits (full vocabulary, Vd = V, float32 logits ``[K, B, T, V]``, all toke
     step (arguments excluded: both implementations read the same two logits arrays; the output includes
     the ``[K, B, T, V]`` gradient, which both must produce).
 Goals (issue 2): every LK objective <= 1.1x the KL objective's time; chunked peak at V = 262144 <= 30%
-of the reference's.  The table is printed and written as JSON (``--json``, default docs/bench_losses.json).
+of the reference's.  The table is printed and written as JSON (``--json``, default benchmarks/results/bench_losses.json).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def main(argv=None):
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--chunk_size", type=int, default=8192)
-  ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
+  ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "bench_losses.json"))
   args = ap.parse_args(argv)
   rows = run(args.vocab, args.heads, args.batch, args.seq, args.repeats, args.chunk_size)
