@@ -131,10 +131,11 @@ def test_find_jemalloc_honours_the_override(tmp_path):
 def test_planned_malloc_says_what_a_child_will_run_with(tmp_path):
   lib = tmp_path / "libjemalloc.so.2"
   lib.write_bytes(b"")
-  eight = {runtime.JEMALLOC_ENV: str(lib), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  eight = {runtime.JEMALLOC_ENV: str(lib), "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           runtime.OPT_IN_ENV: "1"}
   assert runtime.planned_malloc(eight) == dict(retained_heap=False, jemalloc=True)
   assert runtime.planned_malloc({**eight, runtime.OPT_IN_ENV: ""}) == dict(retained_heap=False, jemalloc=False)
-  one = {runtime.JEMALLOC_ENV: str(lib)}
+  one = {runtime.JEMALLOC_ENV: str(lib), runtime.OPT_IN_ENV: "1"}
   assert runtime.planned_malloc(one) == dict(retained_heap=runtime.retained_heap_supported(one), jemalloc=False)
   # The user's own jemalloc preload stays whatever the device count; the one lkjax added is decided again.
   assert runtime.planned_malloc({**one, "LD_PRELOAD": "/opt/libjemalloc.so.2"})["jemalloc"]

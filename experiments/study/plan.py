@@ -1,7 +1,7 @@
-"""The KL-vs-LK study (issue 8): ``python experiments/reproduce.py --root=runs/study --plan=configs/study.py``.
+"""The KL-vs-LK study's plan: ``python experiments/study/run.py --root=runs/study --plan=experiments/study/plan.py``.
 
 One plan for the paper's Tables 1-2 on the packaged SmolLM2-135M-Instruct target: every run shares the
-same regenerated data set, step budget, batch, evaluation prompts and seeds; `lkjax.study.build_runs`
+same regenerated data set, step budget, batch, evaluation prompts and seeds; `study.build_runs` (experiments/study/study.py)
 turns this config into the run list:
 
   * all four architectures (EAGLE-3, MEDUSA, MLP-Speculator, MTP) x {KL, L_alpha, L_lambda} with
@@ -16,7 +16,7 @@ and the offline tau_off on the validation shards.
 
 Budget for the default (CPU) variant -- 2-core CPU, at most ~6 hours in all
 ------------------------------------------------------------------------------
-Unit costs on this 2-core machine (2026-11-22; ``python experiments/reproduce.py --measure`` re-measures):
+Unit costs on this 2-core machine (2026-11-22; ``python experiments/study/run.py --measure`` re-measures):
   * data: regenerating the 480 prompts took 24 min and the hidden-state pass ~10 min, both while other
     jobs shared the machine (generation ~1.1 s/prompt alone, batch 16, <= 128 new tokens).
   * evaluation, one turn at one temperature, 32 new tokens, SmolLM2 verifying on CPU: ~5-6 s of
@@ -24,8 +24,7 @@ Unit costs on this 2-core machine (2026-11-22; ``python experiments/reproduce.py
     ~2.6 s more when the target-only baseline is also decoded.  The study skips the baseline
     (``eval.baseline = False``): tau does not need it and CPU speed-ups of a 135M target say nothing.
     Per run ~1 min of compile + warm-up + the offline tau_off on the validation split.
-  * training: the EAGLE-3 step at batch 8 x 256 is 6-10 s (the train step's speed is issue 9's subject;
-    docs/bench_train.md), the other drafts 4-8 s.
+  * training: the EAGLE-3 step at batch 8 x 256 is 6-10 s (benchmarks/README.md), the other drafts 4-8 s.
 
   stage   plan                                                 estimate (machine to itself)
   data    480 prompts x <= 128 new tokens, prompts <= 800 chars ~0.6 h
@@ -43,7 +42,7 @@ draft LM head starts from the target head's draft-vocabulary rows (MTP shares th
 MEDUSA's heads start as it already).  ``--max_hours`` bounds any overrun, and the key comparisons
 (every arch's KL and L_lambda) run first.
 
-Variants (``--plan=configs/study.py:<args>``):
+Variants (``--plan=experiments/study/plan.py:<args>``):
   (none)    the CPU study sized for ~6 hours on 2 cores (see above)
   gpu       larger data / steps / prompts for a lent GPU (JAX trains on the GPU; the PyTorch
             target -- generation, hidden states, verification -- runs on the machine's 16 CPU cores)
@@ -60,11 +59,11 @@ import ml_collections
 
 from lkjax.config_args import parse_arg
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Raw wall-clock timings behind the budget (seconds unless named otherwise) on this 2-core machine,
 # 2026-11-22, while the developer's own jobs shared it (so pessimistic; cpu_share = the 1.7 effective
-# cores the study gets alone means no rescaling).  Re-measure: ``experiments/reproduce.py --measure``.
+# cores the study gets alone means no rescaling).  Re-measure: ``experiments/study/run.py --measure``.
 MEASURED = dict(
     when="2026-11-22, 2-vCPU AMD EPYC (AVX-512), shared with 1-2 other jobs",
     cpu_share=1.7,
@@ -95,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.variant = variant
   c.target = "smollm2"
   c.arch_configs = ml_collections.ConfigDict({
-      arch: os.path.join(_HERE, f"{arch}.py") for arch in ("eagle3", "medusa", "mlp_speculator", "mtp")})
+      arch: os.path.join(_REPO, "configs", f"{arch}.py") for arch in ("eagle3", "medusa", "mlp_speculator", "mtp")})
   c.archs = ("eagle3", "medusa", "mlp_speculator", "mtp")
   # K draft tokens per round at evaluation (DESIGN §4); checked against each config's model.num_heads.
   c.num_draft = ml_collections.ConfigDict(dict(eagle3=7, medusa=6, mlp_speculator=6, mtp=7))
@@ -126,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=0, n_boot=2000, offline_max_batches=0, num_threads=0,  # 0: all val batches / all cores
       baseline=False))                                           # tau only: no target-only decoding
 
-  c.docs = ml_collections.ConfigDict(dict(dir=os.path.join(os.path.dirname(_HERE), "docs"), name="results"))
+  c.docs = ml_collections.ConfigDict(dict(dir=os.path.join(_REPO, "docs"), name="results"))
 
   if variant == "gpu":
     # Not measured (no GPU was lent while this was written): re-run --measure there first. JAX trains on

@@ -1,4 +1,4 @@
-"""The study plan (issue 8), its resumable orchestrator (driven by fakes) and the generated results docs."""
+"""The study plan, its resumable orchestrator (driven by fakes) and the generated results docs."""
 from __future__ import annotations
 
 import itertools
@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from lkjax import study
+import study
 from lkjax.config_args import apply_overrides, load_config_module
 from lkjax.eval import report as report_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLAN_FILE = os.path.join(REPO, "configs", "study.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PLAN_FILE = os.path.join(REPO, "experiments", "study", "plan.py")
 
 
 def load_plan(arg: str | None = None, **overrides):

@@ -1,19 +1,19 @@
-"""The KL-vs-LK study (issue 8): ``python experiments/reproduce.py --root=runs/study``.
+"""The KL-vs-LK study: ``python experiments/study/run.py --root=runs/study``.
 
 Prepares the study's data once, trains every architecture with KL / L_alpha / L_lambda (plus the EAGLE-3
 eta / lambda ablation and a second seed), evaluates tau at T = 0 and T = 1 on MT-bench, HumanEval and
 GSM8K-style prompts, and writes ``docs/results.md`` with the JSON and PNGs behind it under
-``docs/results/`` (see `lkjax.study` and ``configs/study.py`` for the plan and its time budget).
+``docs/results/`` (see ``study.py`` and ``plan.py`` beside this file for the plan and its time budget).
 
 Resumable: rerun the same command after a kill; finished steps are skipped, an interrupted training run
 resumes from its last checkpoint, and the docs are regenerated after every step ("pending" cells for
 what is not finished). Long runs, in the background:
 
-  nohup nice python experiments/reproduce.py --root=runs/study > runs/study.log 2>&1 &
+  nohup nice python experiments/study/run.py --root=runs/study > runs/study.log 2>&1 &
 
 Flags:
   --root       study directory (state, data, per-run train workdirs and evaluation outputs)
-  --plan       plan config, path[:args] (``configs/study.py``, ``configs/study.py:gpu``, ``:tiny``)
+  --plan       plan config, path[:args] (``experiments/study/plan.py``, ``experiments/study/plan.py:gpu``, ``:tiny``)
   --only       comma-separated run-name patterns or architectures (``eagle3``, ``*.kl.*``)
   --max_hours  launch no new step after this many hours (this invocation); rerun to continue
   --docs_dir   where ``<name>.md`` and ``<name>/`` go (default: the plan's, ``docs``)
@@ -27,13 +27,13 @@ import os
 import sys
 
 # The repository root, so the entry point works from a plain checkout too (no pip install -e).
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, _REPO)
 
 from absl import app, flags
 
 flags.DEFINE_string("root", "runs/study", "Study directory (state, data, runs).")
-flags.DEFINE_string("plan", os.path.join(_REPO, "configs", "study.py"), "Plan config, path[:args].")
+flags.DEFINE_string("plan", os.path.join(_REPO, "experiments", "study", "plan.py"), "Plan config, path[:args].")
 flags.DEFINE_string("only", "", "Comma-separated run-name patterns or architectures (default: all).")
 flags.DEFINE_float("max_hours", None, "Launch no new step after this many hours of this invocation.")
 flags.DEFINE_string("docs_dir", None, "Directory of <name>.md and <name>/ (default: the plan's docs.dir).")
@@ -47,7 +47,7 @@ EFFECTIVE_CORES = 1.7  # what the study gets of a 2-core machine it has to itsel
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from lkjax import study
+  import study
   from lkjax.config_args import load_config_module
   module, arg = load_config_module(FLAGS.plan)
   plan = module.get_config(arg)
