@@ -11,7 +11,7 @@ draft logits (full vocabulary, Vd = V, float32 logits ``[K, B, T, V]``, all toke
   * memory: XLA's compiled memory analysis, ``temp_size_in_bytes + output_size_in_bytes`` of the compiled
     step (arguments excluded: both implementations read the same two logits arrays; the output includes
     the ``[K, B, T, V]`` gradient, which both must produce).
-Goals (issue 2): every LK objective <= 1.1x the KL objective's time; chunked peak at V = 262144 <= 30%
+Goals: every LK objective <= 1.1x the KL objective's time; chunked peak at V = 262144 <= 30%
 of the reference's.  The table is printed and written as JSON (``--json``, default benchmarks/results/bench_losses.json).
 """
 from __future__ import annotations

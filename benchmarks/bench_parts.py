@@ -102,7 +102,7 @@ def head_loss_variants(small: bool) -> dict:
 
 
 def _rms_norm_unflattened(x, weight, eps: float, dtype):
-  """`lkjax.models.layers.rms_norm` as it was before session 10: the sums over the ``[B, T, dim]`` array."""
+  """`lkjax.models.layers.rms_norm` as it was before it moved to rows: the sums over the ``[B, T, dim]`` array."""
   import jax
   import jax.numpy as jnp
   x32 = x.astype(jnp.float32)

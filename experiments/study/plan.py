@@ -71,7 +71,7 @@ MEASURED = dict(
     gen_max_new_tokens=128,
     precompute_s_per_prompt=1.3,     # the same 480 replies (hidden states + shard writes)
     train_step_s=dict(eagle3=7.6, medusa=4.5, mlp_speculator=6.0, mtp=6.5),  # batch 8 x 256, bf16; EAGLE-3
-                                     # from 20-step pilots, the others scaled by docs/bench_train.json
+                                     # from 20-step pilots, the others scaled by benchmarks/results/bench_train.json
     train_tokens_per_step=8 * 256,
     eval_prompt_s=5.9,               # one 32-token turn, speculative only (eval.baseline = False), idle
                                      # machine, a 30-step EAGLE-3 (tau ~1.07); +2.6 s with the baseline
@@ -96,9 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.arch_configs = ml_collections.ConfigDict({
       arch: os.path.join(_REPO, "configs", f"{arch}.py") for arch in ("eagle3", "medusa", "mlp_speculator", "mtp")})
   c.archs = ("eagle3", "medusa", "mlp_speculator", "mtp")
-  # K draft tokens per round at evaluation (DESIGN §4); checked against each config's model.num_heads.
+  # K draft tokens per round at evaluation (docs/design.md#architectures); checked against each config's model.num_heads.
   c.num_draft = ml_collections.ConfigDict(dict(eagle3=7, medusa=6, mlp_speculator=6, mtp=7))
-  # eta of L_lambda in the main table (DESIGN §2: 3, and 10 for MEDUSA).
+  # eta of L_lambda in the main table (docs/design.md#lk-losses: 3, and 10 for MEDUSA).
   c.eta = ml_collections.ConfigDict(dict(eagle3=3.0, medusa=10.0, mlp_speculator=3.0, mtp=3.0))
   c.main_losses = ("kl", "lk_alpha", "lk_hybrid")
   c.ablation = ml_collections.ConfigDict(dict(arch="eagle3", etas=(0.7, 1.0, 10.0), fixed_lambda=0.5, tv=True))

@@ -52,7 +52,7 @@ PENDING = "pending"
 DISCUSSION_START = "<!-- discussion:start (hand-written; kept when this file is regenerated) -->"
 DISCUSSION_END = "<!-- discussion:end -->"
 
-# docs/design.md, "LK losses": the paper's reported tau (mean of MT-bench / HumanEval / GSM8K), KL -> L_lambda.
+# The paper's reported tau (docs/design.md#purpose) (mean of MT-bench / HumanEval / GSM8K), KL -> L_lambda.
 # (target, draft, T, tau KL, tau L_lambda, reported relative change in % where only that is given)
 PAPER_RESULTS = (
     ("Llama-3.1-8B", "eagle3", 0, 4.36, 4.43, None),
@@ -833,7 +833,7 @@ def seeds_table(plan, results) -> list[str]:
 
 
 def paper_table(plan, results) -> list[str]:
-  """The paper's numbers (docs/design.md, static) next to this study's relative change for the same draft and T."""
+  """The paper's numbers (static) next to this study's relative change for the same draft and T."""
   lines = ["| Paper target | Draft | T | paper KL τ | paper L_λ τ | paper Δ | this study Δ (SmolLM2-135M, mean τ) |",
            "|---|---|---|---|---|---|---|"]
   for target, arch, t, kl, lk, rel in PAPER_RESULTS:
