@@ -113,7 +113,7 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
   c.mesh.explicit_grad_reduce = True
   # Also on an FSDP mesh (parameters split over the batch's axes only): the per-device program gathers the
   # split parameters once per step and reduce-scatters their gradients, so each device updates its part.
-  # Pays off for MEDUSA (configs/medusa.py); not for the others (docs/bench_train.md, session 8).
+  # Pays off for MEDUSA and the MLP-Speculator (their configs); not for EAGLE-3 or MTP (benchmarks/bench_mesh.py).
   c.mesh.gather_split_params = False
   # In that program, embedding tables split on their feature dim that stay split: each device looks up its
   # columns for every device's tokens (lkjax/models/layers.py table_rows). Trainable (the MLP-Speculator's

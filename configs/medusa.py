@@ -25,8 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # program (gather the heads once, reduce-scatter their gradients). MEDUSA has the most parameters per
   # token of the data-parallel drafts, and replicated they cost every device the whole AdamW update; on 8
   # CPU devices this layout kept 86% / 90% of one device's throughput against 76% / 78% data parallel in
-  # two side-by-side runs (docs/bench_mesh_medusa_fsdp.json, docs/bench_train.md, session 8). On one device
-  # it is the same program as (-1, 1, 1).
+  # two side-by-side runs (benchmarks/bench_mesh.py). On one device it is the same program as (-1, 1, 1).
   c.mesh.shape = (1, -1, 1)
   c.mesh.gather_split_params = True
   return c

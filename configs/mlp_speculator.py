@@ -25,10 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # replicated with their Adam moments on 8 devices they would take 19 GB). The per-device gradient
   # program gathers the heads and projections once and keeps the tables split: each device looks up its
   # columns for every device's tokens (`mesh.split_tables`). On 8 CPU devices: 84% of one device's
-  # throughput against 73% with the partitioner's FSDP, side by side
-  # (docs/bench_train_runs/43_mesh_mlp_tables.json); 82.6% in session 9's table of every config's layout
-  # (docs/bench_mesh_config.json, docs/bench_train.md), 86.9% and 81.9% in session 10's two
-  # (docs/bench_train_runs/51_*.json, 53_*.json). On one device it is the same program as (-1, 1, 1).
+  # throughput against 73% with the partitioner's FSDP, side by side (benchmarks/bench_mesh.py; latest
+  # table in benchmarks/README.md). On one device it is the same program as (-1, 1, 1).
   c.mesh.shape = (1, -1, 1)
   c.mesh.gather_split_params = True
   c.mesh.split_tables = ("emb",)

@@ -45,6 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from lkjax import runtime
-  runtime.reexec_with_malloc_tunables()   # keep XLA's large step buffers mapped (see lkjax/runtime.py)
   app.run(main)

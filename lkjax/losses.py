@@ -1,7 +1,7 @@
 """LK losses: objectives that optimise the speculative-decoding acceptance rate directly.
 
 Samarin et al., "LK Losses: Direct Acceptance Rate Optimization for Speculative Decoding",
-arXiv 2602.23881. Pure functions (jit / vmap / grad friendly); see ``DESIGN.md`` §2.
+arXiv 2602.23881. Pure functions (jit / vmap / grad friendly); see docs/design.md#lk-losses.
 
 Notation, per draft position and token: target logits ``y`` over the full target vocabulary ``V``;
 draft logits ``z`` over the draft vocabulary ``Vd``; draft id ``i`` stands for target id

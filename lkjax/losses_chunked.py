@@ -171,7 +171,7 @@ def _forward(st: _Static, z, y, dv, lse_given):
     keep = valid & (pt > 0)    # p~ = 0 columns (-inf target logits) contribute 0 to KL
     # q g is written as a select of q (the same bits as q * _min_grad(q, p)): with the backward's
     # _min_grad expression, XLA shared g between this reduce and the backward and wrote it out as a
-    # float32 [..., chunk] array per head (docs/bench_train.md, session 8).
+    # float32 [..., chunk] array per head.
     d_alpha, d_kl, d_eg = _row_sums(jnp.where(valid, jnp.minimum(p, q), 0.0),
                                     jnp.where(keep, pt * (jnp.where(keep, log_pt, 0.0) - log_q), 0.0),
                                     jnp.where(valid & (q <= p), jnp.where(q < p, q, 0.5 * q), 0.0))

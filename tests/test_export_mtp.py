@@ -40,7 +40,7 @@ def _model(share=True, ids=IDS, seed=0):
 
 
 def _numpy_mtp(path, ids, final_hidden, positions):
-  """DESIGN §4 MTP from the exported tensors, float64, one unpacked row: -> logits [K, T, Vd]."""
+  """MTP (docs/design.md#architectures) from the exported tensors, float64, one unpacked row: -> logits [K, T, Vd]."""
   c = json.loads((path / "config.json").read_text())
   w = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in load_file(str(path / "model.safetensors")).items()}
   N, eps, theta = c["num_hidden_layers"], c["rms_norm_eps"], c["rope_theta"]

@@ -1,4 +1,4 @@
-"""lkjax.losses against independent oracles: float64 numpy, DESIGN §2's analytic gradients, hand examples."""
+"""lkjax.losses against independent oracles: float64 numpy, the analytic gradients of docs/design.md#lk-losses, hand examples."""
 from __future__ import annotations
 
 import math
@@ -25,7 +25,7 @@ def np_lse(x):
 
 
 def np_terms(z, y, dv=None, lse=None):
-  """float64 per-token values and DESIGN §2 analytic gradients w.r.t. the draft logits."""
+  """float64 per-token values and analytic gradients (docs/design.md#lk-losses) w.r.t. the draft logits."""
   z = np.asarray(z, np.float64)
   y = np.asarray(y, np.float64)
   lq = z - np_lse(z)[..., None]

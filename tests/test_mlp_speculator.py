@@ -51,7 +51,7 @@ def _np_weights(m):
 
 
 def _np_stage(wt, i, state, tok, *, n_predict, inner_dim, tie):
-  """float64 fms-extras stage i, written from the fms-extras / DESIGN formulas."""
+  """float64 fms-extras stage i, written from the fms-extras / docs/design.md formulas."""
   sw = 0.5 ** (0.5 / n_predict)
   ew = math.sqrt(1 - sw * sw)
   e = 0 if tie else i

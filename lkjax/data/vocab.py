@@ -1,6 +1,6 @@
 """The draft vocabulary: the Vd most frequent target tokens and the maps between draft and target ids.
 
-Conventions (DESIGN.md §4, the layout vLLM / SGLang EAGLE-3 checkpoints use):
+Conventions (docs/design.md#target-features-and-the-draft-vocabulary, the layout vLLM / SGLang EAGLE-3 checkpoints use):
   token_ids  int64[Vd]  target ids of the draft vocabulary, strictly ascending
   d2t        int64[Vd]  offsets: target id = i + d2t[i] (so ``d2t = token_ids - arange(Vd)``)
   t2d        bool[V]    membership of each target id in the draft vocabulary

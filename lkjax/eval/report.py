@@ -1,6 +1,6 @@
 """Acceptance-length (tau) bookkeeping and the evaluation report (JSON, markdown, PNG).
 
-Definitions (DESIGN §4).  A round drafts K tokens and accepts ``a in [0, K]`` of them.
+Definitions (docs/design.md#evaluation).  A round drafts K tokens and accepts ``a in [0, K]`` of them.
 
   tau = K * accepted / drafted + 1 = 1 + mean_rounds(a)       over all rounds of a benchmark
   position acceptance r_i = #{a >= i} / #{a >= i-1}            i = 1..K ("accepted given i-1 accepted")
@@ -37,7 +37,7 @@ def tau(accepted: int, drafted: int, num_draft: int) -> float:
 
 
 def offline_tau(alpha_bar: Sequence[float]) -> float:
-  """``tau_off = 1 + sum_k prod_{j<=k} alpha_bar_j`` from per-position acceptance rates (DESIGN §2).
+  """``tau_off = 1 + sum_k prod_{j<=k} alpha_bar_j`` from per-position acceptance rates (docs/design.md#lk-losses).
 
   With the measured conditional rates of `position_acceptance` this reproduces the measured tau.
   """

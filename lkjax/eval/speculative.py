@@ -1,6 +1,6 @@
 """Exact chain speculative decoding (batch size 1): a JAX draft proposes, a transformers target verifies.
 
-One round (DESIGN §4).  The committed sequence ends at position t; x[t+1] was produced by the target
+One round (docs/design.md#evaluation).  The committed sequence ends at position t; x[t+1] was produced by the target
 and is not yet in the target's KV cache.
 
   1. The draft proposes ``d_1..d_K`` (TARGET ids) and raw logits ``z [K, Vd]``.  T = 0: greedy.
@@ -347,7 +347,7 @@ def check_draft_fits(draft: Any, target: TargetInfo, *, probe: bool = True) -> N
       raise ValueError(f"draft: draft_vocab ids must lie in [0, {vsize}) for target {target.name}, "
                        f"got range [{dv.min()}, {dv.max()}]")
     if np.any(np.diff(dv) <= 0):
-      raise ValueError("draft: draft_vocab must be strictly ascending target ids (DESIGN §4)")
+      raise ValueError("draft: draft_vocab must be strictly ascending target ids (docs/design.md#target-features-and-the-draft-vocabulary)")
   name, v = _attr(draft, "target_vocab_size")
   if name and int(v) != vsize:
     raise ValueError(f"draft: {name}={v} but target {target.name} has vocab_size={vsize}")

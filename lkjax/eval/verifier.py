@@ -13,7 +13,7 @@ cached sequence and returns, for each fed position j,
 Why the final hidden is taken from a forward pre-hook on the LM head: in transformers 5 the last element
 of ``hidden_states`` for Llama happens to be the normed state (it is ``last_hidden_state``, replacing the
 output of the last decoder layer), but that is a per-model convention; the input of the output embedding
-is what DESIGN §4 defines, for every architecture.
+is what docs/design.md#evaluation defines, for every architecture.
 """
 from __future__ import annotations
 

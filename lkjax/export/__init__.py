@@ -1,4 +1,4 @@
-"""Export trained drafts to serving formats, and import public EAGLE-3 drafts (DESIGN §5).
+"""Export trained drafts to serving formats, and import public EAGLE-3 drafts (docs/design.md#export-formats).
 
   export_draft(model, arch, out_dir, target)   one entry point over the four architectures:
     eagle3          -> vLLM ``llama_eagle3`` / SGLang EAGLE-3 HF directory   (`lkjax.export.eagle3`)

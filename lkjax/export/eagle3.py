@@ -1,4 +1,4 @@
-"""EAGLE-3 drafts <-> the Hugging Face directory vLLM (``llama_eagle3``) and SGLang load (DESIGN §5).
+"""EAGLE-3 drafts <-> the Hugging Face directory vLLM (``llama_eagle3``) and SGLang load (docs/design.md#export-formats).
 
 Layout written by `export_eagle3` (float32, PyTorch ``[out, in]``; H = draft hidden, Ht = target
 hidden, V = target vocabulary, Vd = draft vocabulary, N/Nkv heads, D = head_dim, I = intermediate):

@@ -1,4 +1,4 @@
-"""Export MEDUSA heads to the vLLM ``MedusaModel`` Hugging Face directory (DESIGN §5; vLLM <= 0.32).
+"""Export MEDUSA heads to the vLLM ``MedusaModel`` Hugging Face directory (docs/design.md#export-formats; vLLM <= 0.32).
 
 Layout written (float32, PyTorch ``[out, in]``):
   config.json        architectures ["MedusaModel"], model_type "medusa", hidden_size (= target Ht),

@@ -1,4 +1,4 @@
-"""Export an MLP-Speculator to the fms-extras ``MLPSpeculatorPreTrainedModel`` directory (DESIGN §5).
+"""Export an MLP-Speculator to the fms-extras ``MLPSpeculatorPreTrainedModel`` directory (docs/design.md#export-formats).
 
 vLLM's ``mlp_speculator`` and IBM fms-extras load it.  Layout written (float32, PyTorch ``[out, in]``):
   config.json        architectures ["MLPSpeculatorPreTrainedModel"], model_type "mlp_speculator",

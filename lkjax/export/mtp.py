@@ -1,4 +1,4 @@
-"""Export a DeepSeek-V3-style MTP draft with DeepSeek's tensor naming (DESIGN §5).
+"""Export a DeepSeek-V3-style MTP draft with DeepSeek's tensor naming (docs/design.md#export-formats).
 
 Layout written (float32, PyTorch ``[out, in]``; N = the target's number of layers, M = the number of
 MTP modules = 1 with ``share_weights`` else K; module m is ``model.layers.{N+m}``):
@@ -25,7 +25,7 @@ that architecture.  lkjax's MTP block is a Llama layer, so for a Llama target su
 SmolLM2 there is NO serving path in vLLM or SGLang today: evaluate it with lkjax
 (``experiments/evaluate.py``), which drafts exactly as it was trained.  Two further differences from
 vLLM's DeepSeek MTP proposer if someone ports the block: vLLM recycles the PRE-norm output of a module
-(lkjax: the post-``shared_head.norm`` state, DESIGN §4) and zeroes the embedding at position 0; with
+(lkjax: the post-``shared_head.norm`` state, docs/design.md#architectures) and zeroes the embedding at position 0; with
 M = 1 it chains one module along positions rather than per depth (see `lkjax.models.mtp`).
 
 ``shared_head.head`` is the target's LM head, frozen in lkjax, which keeps only its draft-vocabulary

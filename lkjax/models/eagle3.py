@@ -1,4 +1,4 @@
-"""EAGLE-3 draft (Li et al. 2025) with the exact math of vLLM ``llama_eagle3`` / SGLang (DESIGN §4).
+"""EAGLE-3 draft (Li et al. 2025) with the exact math of vLLM ``llama_eagle3`` / SGLang (docs/design.md#architectures).
 
 One draft step at position t (H = draft hidden, Ht = target hidden, A = number of aux layers):
 

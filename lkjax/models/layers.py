@@ -165,7 +165,7 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float, dtype: Any,
   its gradient to YNNPACK reduce fusions, which were about 6x slower on a ``[1, T, dim]`` array (one
   sequence per device, as on an 8-device mesh with a global batch of 8) than on the same values as
   ``[T, dim]``: 4.19 against 0.71 ms for the forward and backward of one ``[1, 256, 576]`` norm, 3.71
-  against 3.44 ms at 8 x 256 (``experiments/bench_parts.py --groups=norm``; docs/bench_train.md, session 10).
+  against 3.44 ms at 8 x 256 (``benchmarks/bench_parts.py --groups=norm``; benchmarks/README.md).
   """
   shape = x.shape
   x32 = x.reshape(-1, shape[-1]).astype(jnp.float32)
@@ -256,9 +256,8 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
 
 
 # Query rows per block of `gqa_attention(..., causal=True)`; 0 turns the blocking off.  256 measured best
-# of {all keys, 256, 128, 64} rows at T = 512 on the 2-core CPU in two runs of experiments/bench_parts.py
-# (fwd + bwd of one EAGLE-3 attention: 193 / 89 / 100 / 118 ms and 158 / 77 / 116 / 93 ms,
-# docs/bench_parts.json and docs/bench_parts_run2.json).
+# of {all keys, 256, 128, 64} rows at T = 512 on the 2-core CPU (benchmarks/bench_parts.py; the fwd + bwd
+# of one EAGLE-3 attention, 193 / 89 / 100 / 118 ms, is in benchmarks/README.md).
 ATTENTION_CAUSAL_BLOCK = 256
 
 

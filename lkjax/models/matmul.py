@@ -1,6 +1,6 @@
 """Dense-layer matmuls that stay on the CPU's fast bf16 path in the forward AND the backward pass.
 
-Measured on the 2-core CPU machines (``experiments/bench_matmul.py``, XLA CPU with its YNNPACK dot
+Measured on the 2-core CPU machines (``benchmarks/bench_matmul.py``, XLA CPU with its YNNPACK dot
 fusions): a bf16 ``[M, K] @ [K, N]`` dot runs at full speed only when
 
   * both operands are physically row-major and the contraction is lhs dim 1 with rhs dim 0 ("NN"), and
@@ -65,7 +65,7 @@ def transposes_cotangent(m: int, k: int, n: int) -> bool:
 
   With few rows per device (one 256-token sequence: a global batch of 8 on the 8-device mesh) every
   device otherwise copies every LM head ``[576, 8192]`` in every step. One device, bf16, median ms of
-  ``w.T`` / ``(w g.T).T`` (``docs/bench_train_runs/dx_transpose.py``, run 70): LM head 5.00 / 3.85 at 128
+  ``w.T`` / ``(w g.T).T``: LM head 5.00 / 3.85 at 128
   rows, 8.58 / 7.20 at 256, 14.51 / 14.43 at 512, 52.81 / 58.19 at 2048. The 576-wide layers' shapes,
   where it picks ``(w g.T).T`` at 128 rows only: 0.76-0.86 of ``w.T``'s time there, 0.88-1.17 at 256-2048.
   """
@@ -116,7 +116,7 @@ def _on_rows(f, x: jax.Array, w: jax.Array, n: int) -> jax.Array:
 
 
 # Below this many rows, `matmul_t` keeps XLA's transposed-operand dot: materialising an [N, K] weight costs
-# about as much as ~100 rows of the slower dot (docs/bench_matmul.json: 120 vs 278 GFLOP/s at N = 8192,
+# about as much as ~100 rows of the slower dot (benchmarks/README.md, bench_matmul: 120 vs 278 GFLOP/s at N = 8192,
 # K = 576), so drafting (one row per call) should not pay a weight copy per call.
 MIN_ROWS_TO_TRANSPOSE = 128
 
@@ -136,7 +136,7 @@ def _nn_t_bwd(res, g):
   g = g.astype(jnp.result_type(x2, w_rows))   # lossless, as in `_nn_bwd`
   # dx = g @ w_rows is an NN dot on the stored rows: no copy at any row count. (`matmul`'s
   # `transposes_cotangent` form would copy g and the product in every use of a shared head, as in MTP's
-  # K steps: 16% of MTP's 8-device step, docs/bench_train.md, session 14.)
+  # K steps, a large share of a few-rows-per-device step.)
   dx = _dot_f32(g, w_rows).astype(x2.dtype)
   if grad_rows_from_cotangent(*x2.shape, w_rows.shape[0]):
     dw = _dot_f32(physical_transpose(g), x2).astype(w_rows.dtype)

@@ -1,4 +1,4 @@
-"""MEDUSA draft heads (Cai et al. 2024) in the vLLM ``MedusaModel`` layout (DESIGN §4).
+"""MEDUSA draft heads (Cai et al. 2024) in the vLLM ``MedusaModel`` layout (docs/design.md#architectures).
 
 K independent heads read the target's final hidden state h_t (after its final norm) at position t;
 head k predicts x[t+k+2].  Head k is ``num_layers`` residual blocks followed by its own LM head:

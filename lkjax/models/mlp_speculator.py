@@ -1,4 +1,4 @@
-"""MLP-Speculator draft (IBM fms-extras ``MLPSpeculator``, vLLM ``mlp_speculator``), DESIGN §4.
+"""MLP-Speculator draft (IBM fms-extras ``MLPSpeculator``, vLLM ``mlp_speculator``), docs/design.md#architectures.
 
 A recurrent chain of K stages over the target's final hidden state h_t (after its final norm):
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V3 style multi-token prediction (MTP) draft (DESIGN §4).
+"""DeepSeek-V3 style multi-token prediction (MTP) draft (docs/design.md#architectures).
 
 Depth k = 0..K-1 at position t (all widths are the target's, Ht):
 

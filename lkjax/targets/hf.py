@@ -1,6 +1,6 @@
 """The target LLM on transformers (PyTorch): prompt formatting, generation and feature capture.
 
-Feature conventions (DESIGN.md §4):
+Feature conventions (docs/design.md#target-features-and-the-draft-vocabulary):
   aux hidden   ``concat(hidden_states[L] for L in aux_layer_ids)``  [B, T, A*H], ascending ids, where
                ``hidden_states[L]`` is the residual stream ENTERING decoder layer L (index 0 = embeddings).
   final hidden the base model's ``last_hidden_state``                 [B, T, H], i.e. AFTER the final norm

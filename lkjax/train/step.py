@@ -115,7 +115,7 @@ def make_target(lm_head: Any, draft_ids: Any = None, *, full_head: bool = True) 
 
   ``draft_head`` (f32 ``[Vd, Ht]``, the head's draft-vocabulary rows; the whole head when ``draft_ids`` is
   None) is what a batch with the precomputed ``target_lse`` multiplies. It is taken here, once: taken inside
-  the step, every device repeated the take in every step (run 68 in docs/bench_train_runs/README.md).
+  the step, every device would repeat the take in every step.
   ``full_head``: also keep ``lm_head`` (and ``draft_ids``), which batches without the lse need for the
   full-vocabulary lse (`target_logits`).
   """
@@ -306,7 +306,7 @@ def sum_split(g: jax.Array, spec: P, axes: tuple[str, ...], scatter: bool = True
   block's gradient from the tokens of every device it is split over (a table kept split,
   `split_table_axes`), so only the ``psum`` is taken. A gradient split on one dim below its leading dims
   (a stacked ``[K, Ht, Vd]`` head split on Ht) with at most `MAX_SCATTER_SLICES` slices of at least
-  `MIN_SCATTER_SLICE` elements is scattered slice by slice (docs/bench_train.md, session 13)."""
+  `MIN_SCATTER_SLICE` elements is scattered slice by slice (smaller collectives overlap better with compute)."""
   split = [a for entry in tuple(spec) for a in _entry_axes(entry)]
   whole = tuple(a for a in axes if a not in split)
   if whole:
@@ -402,7 +402,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
       ``fsdp``; `data_parallel_axes` with ``allow_split``). Split inputs are gathered once at its start,
       parameters cast to the compute dtype first (`gather_split`), and their gradients are
       reduce-scattered back into the split (`sum_split`), so the optimizer updates each device's part
-      only. Config ``mesh.gather_split_params``; which architectures gain is in docs/bench_train.md.
+      only. Config ``mesh.gather_split_params``; measured per config in benchmarks/README.md (bench_mesh).
     split_tables: in that program, top-level parameters or frozen ``rest`` arrays (embedding tables, split
       on their feature dim) NOT gathered: the draft looks rows up in each device's column block for the
       tokens of every device (`lkjax.models.layers.table_rows`), so a trainable table's gradient needs no
