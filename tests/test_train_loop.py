@@ -260,3 +260,8 @@ def test_signal_saves_a_checkpoint_exits_cleanly_and_resumes(data_dir, tmp_path,
                        capture_output=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "resumed from" in res.stdout and f"finished at step {stopped + 2}/" in res.stdout
+  # A run that explains itself: no third-party INFO lines; the summary names the outputs and what to run next.
+  assert "Unable to initialize backend" not in res.stderr and "checkpoint_manager.py" not in res.stderr
+  assert f"checkpoint  {workdir}/checkpoints/{stopped + 2}" in res.stdout
+  assert f"python experiments/evaluate.py --workdir={workdir}" in res.stdout
+  assert f"python experiments/export.py --workdir={workdir} --out=exports/medusa_smoke" in res.stdout

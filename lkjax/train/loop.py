@@ -224,14 +224,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 class _StopSignals:
   """SIGTERM / SIGINT set ``received`` (the loop saves and leaves after the current step); a second one of
-  the same kind acts as usual. Only installs in the main thread (signal handlers must live there)."""
+  the same kind acts as usual. Only installs in the main thread (signal handlers must live there) of a
+  single-process run."""
 
   def __init__(self):
     self.received: int | None = None
     self._old: dict[int, Any] = {}
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    # Several processes would stop at different steps and block in the save's collectives: one process only.
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._old[sig] = signal.signal(sig, self._handle)
     return self
@@ -483,8 +485,8 @@ def _print_compile_report(compiled, seconds: float, config, total_steps: int) ->
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   if cost and "flops" in cost:
     parts.append(f"{cost['flops'] / 1e9:.1f} GFLOP/step")
-  print(f"[lkjax] {'; '.join(parts)}; {total_steps} steps of {config.batch_size} x {config.data.max_length}",
-        flush=True)
+  from tqdm.auto import tqdm
+  tqdm.write(f"[lkjax] {'; '.join(parts)}; {total_steps} steps of {config.batch_size} x {config.data.max_length}")
 
 
 # ----------------------------------------------------------------------------------------------- reload
