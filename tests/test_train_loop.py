@@ -250,10 +250,10 @@ def test_signal_saves_a_checkpoint_exits_cleanly_and_resumes(data_dir, tmp_path,
   assert proc.returncode == 128 + sig, err[-3000:]
   assert "Traceback" not in err and f"{sig.name} received" in err
   summary = json.loads((workdir / loop.SUMMARY_FILE).read_text())
-  assert summary["status"].startswith(f"stopped by {sig.name} after step") and summary["signal"] == sig.name
+  assert summary["status"].startswith(f"stopped by {sig.name}") and summary["signal"] == sig.name
   stopped = summary["step"]
   assert 2 <= stopped < 100000 and loop.checkpoint_steps(workdir) == [stopped]
-  assert "rerun to resume" in out
+  assert "rerun the same command to resume" in out
 
   # The same command resumes from that checkpoint (here with a reachable end).
   res = subprocess.run(_train_cmd(data_dir, workdir, stopped + 2), cwd=ROOT, env=env, text=True,

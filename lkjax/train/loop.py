@@ -428,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       ckpt.save(step, state, data_iter=train_iter, meta={"name": config.get("name", ""), "loss": float(m["loss"])},
                 force=step == total_steps)
       if stop.received is not None:
-        status = f"stopped by {signal.Signals(stop.received).name} after step {step} (rerun to resume)"
+        status = f"stopped by {signal.Signals(stop.received).name} (rerun the same command to resume)"
         break
     if step < total_steps and status == "finished":
       status = f"stopped after step {step} (rerun to resume)"
@@ -447,9 +447,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  signal=None if stop.received is None else signal.Signals(stop.received).name)
   if is_main:
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    tau = last_val.get("tau", last_train.get("tau", float("nan")))
+    split, tau = ("val", last_val["tau"]) if "tau" in last_val else ("train", last_train.get("tau", float("nan")))
     minutes = (time.perf_counter() - t_start) / 60
-    lines = [f"[lkjax] {status} at step {step}/{total_steps} in {minutes:.1f} min (val tau {tau:.3f})",
+    lines = [f"[lkjax] {status} at step {step}/{total_steps} in {minutes:.1f} min ({split} tau {tau:.3f})",
              f"  checkpoint  {_shown(summary['checkpoint'])} (kept steps: {summary['checkpoints']})",
              f"  metrics     {_shown(summary['metrics'])}, {_shown(os.path.join(workdir, SUMMARY_FILE))}",
              f"  tensorboard {_shown(summary['tensorboard'])}",
