@@ -51,9 +51,30 @@ def main(argv):
   sources = [f for f in ("workdir", "checkpoint", "import_eagle3") if getattr(FLAGS, f)]
   if len(sources) != 1:
     raise app.UsageError("give exactly one of --workdir, --checkpoint, --import_eagle3")
+  if FLAGS.limit is not None and FLAGS.limit < 1:
+    raise app.UsageError(f"--limit={FLAGS.limit}: must be >= 1 (leave it out for every prompt)")
+  if FLAGS.max_new_tokens < 1:
+    raise app.UsageError(f"--max_new_tokens={FLAGS.max_new_tokens}: must be >= 1")
+  from lkjax.data.benchmarks import BENCHMARKS
+  unknown = [b for b in FLAGS.benchmarks if b not in BENCHMARKS]
+  if unknown:
+    raise app.UsageError(f"--benchmarks: unknown {unknown}; known: {', '.join(BENCHMARKS)}")
+  try:
+    temperatures = [float(t) for t in FLAGS.temperatures]
+  except ValueError:
+    raise app.UsageError(f"--temperatures={','.join(FLAGS.temperatures)}: expected numbers, e.g. 0,1") from None
+  from lkjax import cli
+  if FLAGS.target:
+    cli.check_target(FLAGS.target, "--target")
+  if FLAGS.import_eagle3 and not os.path.isdir(FLAGS.import_eagle3):
+    raise FileNotFoundError(f"--import_eagle3={FLAGS.import_eagle3}: no such directory (an EAGLE-3 draft in "
+                            "Hugging Face format: config.json + model.safetensors)")
+  if not FLAGS.import_eagle3:
+    from lkjax.train import loop
+    loop.check_run_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, have_config=FLAGS.config is not None)
   from lkjax.eval import report, run
 
-  common = dict(benchmarks=FLAGS.benchmarks, temperatures=[float(t) for t in FLAGS.temperatures],
+  common = dict(benchmarks=FLAGS.benchmarks, temperatures=temperatures,
                 max_new_tokens=FLAGS.max_new_tokens, limit=FLAGS.limit, seed=FLAGS.seed,
                 max_context=FLAGS.max_context, num_threads=FLAGS.threads, out_dir=FLAGS.out, label=FLAGS.label)
   if FLAGS.import_eagle3:
@@ -73,4 +94,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lkjax import cli
+  cli.run(main)

@@ -42,12 +42,12 @@ def main(argv):
   from lkjax.train import loop
 
   source = FLAGS.workdir or FLAGS.checkpoint
-  path = os.path.abspath(source)
-  workdir = os.path.dirname(os.path.dirname(path)) if FLAGS.checkpoint else path
+  workdir = loop.check_run_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                                  have_config=FLAGS.config is not None)
+  if os.path.exists(FLAGS.out) and not FLAGS.overwrite:
+    raise FileExistsError(f"--out={FLAGS.out} already exists: pass --overwrite to replace it, or a new --out.")
   config = None
   if not os.path.exists(os.path.join(workdir, loop.CONFIG_FILE)):
-    if FLAGS.config is None:
-      raise app.UsageError(f"{workdir} has no {loop.CONFIG_FILE}: pass --config=configs/<arch>.py")
     config = FLAGS.config
   trained = loop.load_trained_draft(source, config=config)
   arch = trained.config.model.arch
@@ -68,4 +68,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lkjax import cli
+  cli.run(main)

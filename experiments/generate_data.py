@@ -30,7 +30,18 @@ flags.mark_flags_as_required(["out"])
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from lkjax import cli
+  cli.check_target(_TARGET.value)
+  cli.check_input_file(_SHAREGPT.value, "--sharegpt", "a ShareGPT JSON file; leave it out for the packaged one")
+  cli.check_output_path(_OUT.value, "--out", directory=False)
+  for flag, value in (("--num_prompts", _NUM.value), ("--max_new_tokens", _MAX_NEW.value),
+                      ("--batch_size", _BATCH.value)):
+    if value < 1:
+      raise app.UsageError(f"{flag}={value}: must be >= 1")
+  if _TEMP.value < 0:
+    raise app.UsageError(f"--temperature={_TEMP.value}: must be >= 0 (0: greedy)")
   import torch
 
   from lkjax import assets
@@ -55,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lkjax import cli
+  cli.run(main, config_flag=None)

@@ -27,7 +27,16 @@ flags.mark_flags_as_required(["replies", "out_dir"])
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from lkjax import cli
+  cli.check_target(_TARGET.value)
+  cli.check_input_file(_REPLIES.value, "--replies", "the replies JSONL written by experiments/generate_data.py")
+  cli.check_output_path(_OUT.value, "--out_dir", directory=True)
+  for flag, value in (("--max_length", _MAX_LEN.value), ("--shard_size", _SHARD.value),
+                      ("--batch_tokens", _BATCH_TOKENS.value)):
+    if value < 1:
+      raise app.UsageError(f"{flag}={value}: must be >= 1")
   import torch
 
   from lkjax.data import precompute
@@ -41,4 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lkjax import cli
+  cli.run(main, config_flag=None)

@@ -109,7 +109,7 @@ def cmd_snapshot() -> None:
   _, replies, _ = _paths()
   data = _complete_lines(replies)
   if not data:
-    raise SystemExit(f"{replies}: no replies yet; run `python experiments/study_data.py generate`")
+    raise ValueError(f"{replies}: no replies yet; run `python experiments/study_data.py generate`")
   buf = io.BytesIO()
   with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=9) as f:
     f.write(data)
@@ -139,9 +139,9 @@ def cmd_precompute() -> None:
   manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else None
   data = _complete_lines(replies)
   if manifest is None or not manifest.get("complete"):
-    raise SystemExit(f"{MANIFEST}: the committed data set is not complete yet; run generate, then snapshot")
+    raise ValueError(f"{MANIFEST}: the committed data set is not complete yet; run generate, then snapshot")
   if _sha256(data) != manifest["replies_sha256"]:
-    raise SystemExit(f"{replies} does not match {MANIFEST} (sha256); move it away and rerun to restore it")
+    raise ValueError(f"{replies} does not match {MANIFEST} (sha256); move it away and rerun to restore it")
   target = TargetModel.load(SETTINGS["target"])
   precompute.precompute(target, replies, shards, **PRECOMPUTE)
   print(f"shards -> {shards}; train with --config.data.dir={shards}")
@@ -168,4 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lkjax import cli
+  cli.run(main, config_flag=None)

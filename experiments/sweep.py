@@ -133,8 +133,16 @@ def main(argv):
     import jax
     jax.distributed.initialize()
   only = [s for s in FLAGS.only.split(",") if s]
+  from lkjax import cli
+  config = cli.check_config_argv(["sweep.py", f"--config={FLAGS.config}"])
+  for item in FLAGS.set:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--set {item!r}: expected key=value, e.g. --set num_steps=20")
+    cli.check_override(config, key, None, flag=f"--set {item}")
   run_sweep(FLAGS.config, FLAGS.root, only=only, extra=parse_set(FLAGS.set), dry_run=FLAGS.dry_run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lkjax import cli
+  cli.run(main, config_flag=None)

@@ -15,6 +15,7 @@ e.g. SLURM -- are present; the workdir must be on storage all hosts share.)
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # The repository root, so the entry point works from a plain checkout too (no pip install -e).
@@ -35,14 +36,18 @@ _MULTIHOST_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from lkjax.train import loop
+  config = FLAGS.config
+  loop.validate_config(config)
+  workdir = loop.check_workdir(FLAGS.workdir or os.path.join("runs", config.name))
   import jax
   if any(v in os.environ for v in _MULTIHOST_VARS):
     jax.distributed.initialize()
-  from lkjax.train.loop import train_and_evaluate
-  config = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join("runs", config.name)
-  train_and_evaluate(config, workdir)
+  summary = loop.train_and_evaluate(config, workdir)
+  if summary.get("signal"):
+    sys.exit(128 + int(getattr(signal, summary["signal"])))  # the shell's code for a signal-ended job
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lkjax import cli
+  cli.run(main)

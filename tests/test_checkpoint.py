@@ -75,3 +75,19 @@ def test_interval_force_and_keep(tmp_path):
   with pytest.raises(ValueError, match="checkpoint.keep"):
     ckpt_lib.Checkpointer(tmp_path, every=1, keep=0)
   ck.close()
+
+
+def test_time_interval_saves_between_step_intervals(tmp_path):
+  now = [0.0]
+  ckpt = ckpt_lib.Checkpointer(tmp_path, every=100, keep=10, every_minutes=2.0, clock=lambda: now[0])
+  state = {"w": jnp.zeros(3), "step": jnp.asarray(0)}
+  saved = []
+  for step in range(1, 11):
+    now[0] += 50.0   # 50 s per step: 120 s pass during steps 3, 6 (counted from the last save) and 9
+    if ckpt.save(step, dict(state, step=jnp.asarray(step))):
+      saved.append(step)
+  assert saved == [3, 6, 9]
+  assert not ckpt.save(10, state) and ckpt.save(10, state, force=True)
+  ckpt.close()
+  with pytest.raises(ValueError, match="every_minutes"):
+    ckpt_lib.Checkpointer(tmp_path / "x", every=1, keep=1, every_minutes=-1)

@@ -102,7 +102,10 @@ def test_cli_rejects_bad_flags(tmp_path):
   res = _cli(f"--out={tmp_path / 'x'}")
   assert res.returncode != 0 and "exactly one of --workdir and --checkpoint" in res.stderr
   res = _cli(f"--workdir={tmp_path}", f"--out={tmp_path / 'x'}")
-  assert res.returncode != 0 and "--config" in res.stderr
+  assert res.returncode != 0 and "holds no checkpoint yet" in res.stderr
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+  res = _cli(f"--workdir={tmp_path}", f"--out={tmp_path / 'x'}")
+  assert res.returncode != 0 and "as the --config flag" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_serving_commands_for_every_format(tmp_path):

@@ -122,3 +122,18 @@ def test_report_bad_input():
     rp.build_report([])
   with pytest.raises(ValueError, match="mixed num_draft"):
     rp.BenchmarkRun.from_results("b", 0, [_gen([1], 3, 4, 1.0), _gen([1], 4, 4, 1.0)])
+
+
+def test_speedup_below_one_is_explained_next_to_the_number():
+  # tau 1.25 at half the target's speed: low acceptance; tau 4.5 at 0.8x: the cost of the round itself.
+  low = rp.BenchmarkRun.from_results("MT-bench", 0.0, [_gen([0, 1, 0, 0], 7, 40, 2.0)],
+                                     [_gen([], 0, 40, 1.0)])
+  high = rp.BenchmarkRun.from_results("GSM8K", 0.0, [_gen([3, 4, 4, 3], 7, 40, 1.25)],
+                                      [_gen([], 0, 40, 1.0)])
+  md = rp.markdown_table(rp.build_report([low, high], n_boot=50))
+  rows = {ln.split("|")[2].strip(): ln for ln in md.splitlines() if ln.startswith("| 0 |") and "x" in ln}
+  assert "0.50x (slower: τ 1.25 too low to pay for the draft)" in rows["MT-bench"]
+  assert "0.80x (slower: draft + K+1-token verification cost" in rows["GSM8K"]
+  assert rp.SLOW_NOTE in md
+  fast = rp.markdown_table(rp.build_report(_runs(), n_boot=50))
+  assert "slower" not in fast and rp.SLOW_NOTE not in fast

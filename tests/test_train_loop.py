@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -146,3 +151,117 @@ def test_config_vs_manifest_mismatch_fails_before_compiling(data_dir, tmp_path):
                                                   "data.auto_prepare": False})
     loop.train_and_evaluate(cfg, tmp_path)
   assert not (tmp_path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------- corruption
+
+
+def _flip_a_record(path, wanted) -> int:
+  """Flip one byte inside the data of a record whose index is in ``wanted``; returns that record's index."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  original = path.read_bytes()
+  n = ArrayRecordReader(str(path)).num_records()
+  for pos in range(100, len(original), 97):
+    b = bytearray(original)
+    b[pos] ^= 0xFF
+    path.write_bytes(bytes(b))
+    bad = []
+    for i in range(n):
+      reader = ArrayRecordReader(str(path))
+      try:
+        reader.read([i])
+      except Exception:
+        bad.append(i)
+      finally:
+        try:
+          reader.close()
+        except Exception:
+          pass
+    if len(bad) == 1 and bad[0] in wanted:
+      return bad[0]
+  raise AssertionError("no byte position corrupts exactly one wanted record")
+
+
+def _split(split, n=40, val_fraction=0.2):
+  from lkjax.data.pipeline import split_indices
+  return set(int(i) for i in split_indices(n, split, val_fraction))
+
+
+def test_corrupted_record_stops_training_and_evaluation_naming_file_and_record(data_dir, tmp_path):
+  from lkjax.eval import run as eval_run
+  (shard,) = shards.shard_paths(data_dir)
+  good = loop.train_and_evaluate(tiny_config(data_dir, **{"num_steps": 2, "eval_every": 0}), tmp_path / "good")
+  trained = loop.load_trained_draft(good["workdir"])
+
+  # Training: a train-split record is flipped; checkpoints up to the step before it stay, nothing after.
+  bad_train = shutil.copytree(data_dir, tmp_path / "bad_train")
+  rec = _flip_a_record(bad_train / shard.name, _split("train"))
+  cfg = tiny_config(bad_train, **{"num_steps": 20, "eval_every": 0, "checkpoint.every": 1})
+  with pytest.raises(shards.ShardError, match=rf"{shard.name} record {rec} is corrupted.*re-run the precompute"):
+    loop.train_and_evaluate(cfg, tmp_path / "run")
+  steps = loop.checkpoint_steps(tmp_path / "run")
+  assert steps == sorted(steps) and len(steps) <= 5 and max(steps, default=0) < 20
+  assert not (tmp_path / "run" / loop.SUMMARY_FILE).exists()
+
+  # Evaluation (offline tau reads the validation split): a val-split record is flipped.
+  bad_val = shutil.copytree(data_dir, tmp_path / "bad_val")
+  rec = _flip_a_record(bad_val / shard.name, _split("val"))
+  with pytest.raises(shards.ShardError, match=rf"{shard.name} record {rec} is corrupted"):
+    eval_run.offline_estimate(trained.model, trained.config, bad_val)
+
+  # A truncated shard is refused when the trainer or the evaluation opens it, before any step.
+  cut = shutil.copytree(data_dir, tmp_path / "cut")
+  (cut / shard.name).write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+  with pytest.raises(shards.ShardError, match=rf"{shard.name}.*re-run precompute"):
+    loop.train_and_evaluate(tiny_config(cut), tmp_path / "cut_run")
+  assert not loop.checkpoint_steps(tmp_path / "cut_run")
+  with pytest.raises(shards.ShardError, match=rf"{shard.name}.*re-run precompute"):
+    eval_run.offline_estimate(trained.model, trained.config, cut)
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_cmd(data_dir, workdir, num_steps):
+  flags = {"data.dir": data_dir, "data.max_length": 16, "data.val_fraction": 0.2, "data.auto_prepare": False,
+           "batch_size": 8, "num_steps": num_steps, "model.num_heads": 2, "model.draft_vocab_size": 32,
+           "eval_every": 0, "log_every": 1, "checkpoint.every": 1000, "checkpoint.every_minutes": 0.0,
+           "precision": "fp32", "optim.warmup_steps": 2, "mesh.shape": "(1,1,1)"}
+  return [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--config=configs/medusa.py:smoke",
+          f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_exits_cleanly_and_resumes(data_dir, tmp_path, sig):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(_train_cmd(data_dir, workdir, 100000), cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  metrics = workdir / metrics_lib.METRICS_FILE
+  deadline = time.monotonic() + 240
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 128 + sig, err[-3000:]
+  assert "Traceback" not in err and f"{sig.name} received" in err
+  summary = json.loads((workdir / loop.SUMMARY_FILE).read_text())
+  assert summary["status"].startswith(f"stopped by {sig.name}") and summary["signal"] == sig.name
+  stopped = summary["step"]
+  assert 2 <= stopped < 100000 and loop.checkpoint_steps(workdir) == [stopped]
+  assert "rerun the same command to resume" in out
+
+  # The same command resumes from that checkpoint (here with a reachable end).
+  res = subprocess.run(_train_cmd(data_dir, workdir, stopped + 2), cwd=ROOT, env=env, text=True,
+                       capture_output=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "resumed from" in res.stdout and f"finished at step {stopped + 2}/" in res.stdout
+  # A run that explains itself: no third-party INFO lines; the summary names the outputs and what to run next.
+  assert "Unable to initialize backend" not in res.stderr and "checkpoint_manager.py" not in res.stderr
+  assert f"checkpoint  {workdir}/checkpoints/{stopped + 2}" in res.stdout
+  assert f"python experiments/evaluate.py --workdir={workdir}" in res.stdout
+  assert f"python experiments/export.py --workdir={workdir} --out=exports/medusa_smoke" in res.stdout

@@ -196,11 +196,17 @@ def split_indices(num_records: int, split: str, val_fraction: float) -> np.ndarr
 
 
 class _SplitSource(grain.sources.RandomAccessDataSource):
-  """Record ``i`` of a split -> ``(global_index, raw bytes)``."""
+  """Record ``i`` of a split -> ``(global_index, raw bytes)``.
 
-  def __init__(self, files, indices: np.ndarray):
+  ArrayRecord files written with ``group_size:1`` hold one chunk per record, each with riegeli's hash of its
+  data: a flipped byte fails that record's read, which is reported as a `ShardError` naming the file and
+  the record (so shards need no checksums of their own and older shards keep loading).
+  """
+
+  def __init__(self, files, indices: np.ndarray, offsets: np.ndarray | None = None):
     self._files = [str(f) for f in files]
     self._indices = np.asarray(indices, np.int64)
+    self._offsets = None if offsets is None else np.asarray(offsets, np.int64)
     self._source = grain.sources.ArrayRecordDataSource(self._files)
 
   def __len__(self) -> int:
@@ -208,7 +214,16 @@ class _SplitSource(grain.sources.RandomAccessDataSource):
 
   def __getitem__(self, i):
     g = int(self._indices[int(i)])
-    return g, self._source[g]
+    try:
+      return g, self._source[g]
+    except Exception as e:  # array_record / riegeli raise bare RuntimeErrors (hash mismatch, short file)
+      where = f"record {g}"
+      if self._offsets is not None:
+        s = int(np.searchsorted(self._offsets, g, side="right")) - 1
+        where = f"{self._files[s]} record {g - int(self._offsets[s])}"
+      raise shards.ShardError(f"{where} is corrupted ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "nothing was trained on it. Delete that file and re-run the precompute command that made "
+                              "its directory (only missing shards are redone), or restore the file.") from None
 
   def __repr__(self) -> str:
     return f"_SplitSource({len(self._files)} shards, {self._indices.size} records)"
@@ -558,7 +573,7 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, global_batch_size: i
                     global_batch_size=global_batch_size, max_length=max_length, process_index=pi,
                     process_count=pc, target_lse=use_lse)
 
-  ds = grain.MapDataset.source(_SplitSource(shard_set.files, indices))
+  ds = grain.MapDataset.source(_SplitSource(shard_set.files, indices, shard_set.offsets))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   # Strided share of each epoch's permutation; repeat() reseeds the shuffle above every epoch, so every

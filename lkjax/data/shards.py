@@ -22,6 +22,11 @@ Arrays are stored as msgpack maps ``{dtype, shape, data}`` (raw little-endian by
 
 Every write is atomic (temporary file + ``os.replace``) so a killed job never leaves a half-written shard
 that looks complete.
+
+Integrity: with ``group_size:1`` every record is its own riegeli chunk, stored with a hash of its data, so a
+flipped byte fails that record's read; the pipeline reports it as a `ShardError` naming the file and record
+(`lkjax.data.pipeline`), and a truncated file is refused when the pipeline opens the shards (record count
+against the manifest). No separate checksums are written, so shards from any lkjax version load.
 """
 from __future__ import annotations
 

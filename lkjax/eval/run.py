@@ -508,8 +508,8 @@ def evaluate_checkpoint(workdir_or_checkpoint: str | os.PathLike, *, config: Any
   trained = load_trained_draft(workdir_or_checkpoint, config)
   cfg = trained.config
   k = int(num_draft or cfg.model.num_heads)
+  off = offline_estimate(trained.model, cfg) if offline else None  # reads every val record: fails before the target loads
   tm = load_target_for(trained.target_info, target)
-  off = offline_estimate(trained.model, cfg) if offline else None
   path = os.path.abspath(os.fspath(workdir_or_checkpoint))
   workdir = os.path.dirname(os.path.dirname(path)) if os.path.basename(path).isdigit() else path
   meta = dict(kwargs.pop("meta", None) or {}, arch=str(cfg.model.arch), checkpoint=path, step=trained.step,

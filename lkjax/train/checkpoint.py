@@ -6,13 +6,15 @@ Layout: ``<workdir>/checkpoints/<step>/{state, data, meta}``
   meta   JSON: step, config name, last metrics (what `load_trained_draft` and resumption read)
 
 Saving the iterator with the state is what makes a resumed run see exactly the batches an uninterrupted
-run would have seen. Saves at multiples of ``every`` plus forced saves
-(final step, before stopping on a non-finite loss); only the newest ``keep`` are kept. Restoring uses an
+run would have seen. Saves at multiples of ``every``, whenever ``every_minutes`` have passed since the last
+save (or since the Checkpointer was made), plus forced saves (final step, a stop signal); only the newest
+``keep`` are kept. Restoring uses an
 abstract target carrying concrete `NamedSharding`s, so arrays land directly on the current mesh.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping
 
 import grain
@@ -30,11 +32,17 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
 class Checkpointer:
   """Periodic / forced saves and restores of ``(state, data iterator, meta)`` under a workdir."""
 
-  def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int):
+  def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, every_minutes: float = 0.0,
+               clock=time.monotonic):
     if every < 1:
       raise ValueError(f"checkpoint.every={every}: must be >= 1")
     if keep < 1:
       raise ValueError(f"checkpoint.keep={keep}: must be >= 1")
+    if every_minutes < 0:
+      raise ValueError(f"checkpoint.every_minutes={every_minutes}: must be >= 0 (0: off)")
+    self.every_seconds = 60.0 * float(every_minutes)
+    self._clock = clock
+    self._last_save = clock()
     self.directory = os.path.abspath(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
     self.every = int(every)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -49,15 +57,17 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_iter: Any = None, meta: Mapping[str, Any] | None = None,
            force: bool = False) -> bool:
-    """Save at ``step`` if it is on the interval (or ``force``); returns whether a save happened."""
-    # The interval is ours (orbax would also save the first step of every run): step % every == 0.
-    if step in self.manager.all_steps() or not (force or step % self.every == 0):
+    """Save at ``step`` if it is on the step or time interval (or ``force``); returns whether a save happened."""
+    # The intervals are ours (orbax would also save the first step of every run).
+    timed = self.every_seconds > 0 and self._clock() - self._last_save >= self.every_seconds
+    if step in self.manager.all_steps() or not (force or timed or step % self.every == 0):
       return False
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self.manager.wait_until_finished()
+    self._last_save = self._clock()
     return bool(saved)
 
   def restore(self, abstract_state: Any, *, data_iter: Any = None, step: int | None = None

@@ -10,9 +10,12 @@ Order of work (everything that can fail on bad input fails before anything compi
      state and the target head placed on it; the train step compiled once (its memory analysis printed);
   4. resume from ``<workdir>/checkpoints`` if a checkpoint exists (state + grain iterator position);
   5. the loop: progress bar with ETA, metrics every ``log_every`` steps, validation every
-     ``eval_every``, checkpoints every ``checkpoint.every`` and a forced final one; a non-finite loss
-     stops the run (nothing is saved after it, the last good checkpoint stays) with `NonFiniteLossError`
-     naming the step; a final summary line says where the checkpoint and metrics are.
+     ``eval_every``, checkpoints every ``checkpoint.every`` steps or ``checkpoint.every_minutes`` minutes
+     (whichever comes first) and a forced final one; SIGTERM / SIGINT save a checkpoint after the current
+     step and end the run cleanly (status names the signal; rerunning resumes); a non-finite loss or
+     gradient stops the run (nothing is saved after it, the last good checkpoint stays) with
+     `NonFiniteLossError` naming the step; a corrupted record stops it the same way with a `ShardError`
+     naming the shard file and record; a final summary says where the outputs are and what to run next.
 
 Files in the workdir: ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/<step>/``,
 ``summary.json`` (final metrics, written when the run ends).
@@ -23,6 +26,9 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
+import sys
+import threading
 import time
 from typing import Any, Mapping
 
@@ -171,6 +177,97 @@ def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarra
 # ----------------------------------------------------------------------------------------------- loop
 
 
+def check_workdir(workdir: str | os.PathLike) -> str:
+  """The absolute workdir, created; raises NotADirectoryError / PermissionError naming it (before any work)."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir} is an existing file, not a directory: pass a new directory, "
+                             "or an earlier run's workdir to resume it.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise type(e)(f"--workdir={workdir}: cannot create it ({e.strerror}); pass a writable directory.") from e
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f"--workdir={workdir} is not writable; pass a writable directory.")
+  return workdir
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Check config values that would otherwise fail after data preparation or compilation."""
+  from lkjax.losses import LOSS_KINDS
+
+  def need(ok: bool, key: str, rule: str) -> None:
+    if not ok:
+      value = config
+      for part in key.split("."):
+        value = value[part]
+      raise ValueError(f"--config.{key}={value!r}: {rule}.")
+
+  need(config.batch_size >= 1, "batch_size", "must be >= 1")
+  need(config.num_steps >= 0, "num_steps", "must be >= 0 (0: run num_epochs)")
+  need(config.num_steps > 0 or config.num_epochs >= 1, "num_epochs", "must be >= 1 when num_steps is 0")
+  need(config.log_every >= 1, "log_every", "must be >= 1")
+  need(config.eval_every >= 0, "eval_every", "must be >= 0 (0: no validation)")
+  need(config.data.max_length >= 2, "data.max_length", "must be >= 2")
+  need(0 <= config.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+  need(config.precision in _MODEL_DTYPES, "precision", f"must be one of {sorted(_MODEL_DTYPES)}")
+  need(config.loss.kind in LOSS_KINDS, "loss.kind", f"must be one of {list(LOSS_KINDS)}")
+  need(config.optim.lr > 0, "optim.lr", "must be > 0")
+  need(config.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+  need(config.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
+  need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  need(config.checkpoint.get("every_minutes", 0) >= 0, "checkpoint.every_minutes", "must be >= 0 (0: off)")
+  data_dir = os.fspath(config.data.dir)
+  need(not (os.path.exists(data_dir) and not os.path.isdir(data_dir)), "data.dir",
+       "is a file; pass a shard directory made by experiments/precompute.py")
+
+
+class _StopSignals:
+  """SIGTERM / SIGINT set ``received`` (the loop saves and leaves after the current step); a second one of
+  the same kind acts as usual. Only installs in the main thread (signal handlers must live there) of a
+  single-process run."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._old: dict[int, Any] = {}
+
+  def __enter__(self):
+    # Several processes would stop at different steps and block in the save's collectives: one process only.
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None:
+      self.__exit__()
+      signal.raise_signal(signum)
+      return
+    self.received = signum
+    print(f"\n[lkjax] {signal.Signals(signum).name} received: saving a checkpoint after this step, then "
+          "exiting (send it again to stop at once)", file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
+
+
+def _shown(path: str) -> str:
+  """``path`` relative to the working directory when it lies below it (shorter commands to copy)."""
+  rel = os.path.relpath(path)
+  return path if rel.startswith("..") else rel
+
+
+def next_commands(workdir: str, name: str) -> list[str]:
+  """The commands that evaluate and export the run in ``workdir``."""
+  w = shlex.quote(_shown(workdir))
+  return [f"python experiments/evaluate.py --workdir={w} --limit=5 --max_new_tokens=64   # quick look; "
+          "drop the limits for the full benchmarks",
+          f"python experiments/export.py --workdir={w} --out={shlex.quote(os.path.join('exports', name or 'draft'))}",
+          f"tensorboard --logdir={shlex.quote(_shown(os.path.join(workdir, metrics_lib.TB_DIR)))}"]
+
+
 def _write_json(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -191,10 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """
   from tqdm.auto import tqdm
 
-  workdir = os.path.abspath(os.fspath(workdir))
+  validate_config(config)
+  workdir = check_workdir(workdir)
   is_main = jax.process_index() == 0
-  if config.batch_size < 1:
-    raise ValueError(f"batch_size={config.batch_size}: must be >= 1")
+  t_start = time.perf_counter()
   manifest = ensure_data(config)
   setup = build_setup(config, manifest)
 
@@ -240,7 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if is_main:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json(indent=2))
-  ckpt = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
+  ckpt = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
+                               every_minutes=float(config.checkpoint.get("every_minutes", 0)))
   writer = metrics_lib.MetricWriter(workdir)
   train_num_epochs = None if config.num_steps > 0 else int(config.num_epochs)
   train_iter = iter(_loader(config, "train", num_epochs=train_num_epochs, shuffle=True, drop_remainder=True))
@@ -287,7 +385,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
               dynamic_ncols=True)
   t_prev = time.perf_counter()
   status = "finished"
+  stop = _StopSignals()
   try:
+    stop.__enter__()
     while step < end:
       try:
         local = next(train_iter)
@@ -296,6 +396,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         break
       batch = to_device(local)
       if compiled is None:
+        if is_main:
+          pbar.write("[lkjax] compiling the train step ...")
         t0 = time.perf_counter()
         compiled = train_step.lower(state, rest, target, batch).compile()
         _print_compile_report(compiled, time.perf_counter() - t0, config, total_steps)
@@ -325,10 +427,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         t_prev = time.perf_counter()  # validation time is not step time
       ckpt.save(step, state, data_iter=train_iter, meta={"name": config.get("name", ""), "loss": float(m["loss"])},
                 force=step == total_steps)
+      if stop.received is not None:
+        status = f"stopped by {signal.Signals(stop.received).name} (rerun the same command to resume)"
+        break
     if step < total_steps and status == "finished":
       status = f"stopped after step {step} (rerun to resume)"
     ckpt.save(step, state, data_iter=train_iter, meta={"name": config.get("name", "")}, force=True)
   finally:
+    stop.__exit__()
     pbar.close()
     writer.close()
     ckpt.close()
@@ -337,12 +443,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  checkpoint=os.path.join(ckpt.directory, str(step)),
                  metrics=os.path.join(workdir, metrics_lib.METRICS_FILE),
                  tensorboard=os.path.join(workdir, metrics_lib.TB_DIR), train=last_train, val=last_val,
-                 target_lse=setup.target_lse)
+                 target_lse=setup.target_lse, checkpoints=ckpt.all_steps(),
+                 signal=None if stop.received is None else signal.Signals(stop.received).name)
   if is_main:
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    tau = last_val.get("tau", last_train.get("tau", float("nan")))
-    print(f"[lkjax] {status} at step {step}/{total_steps} (val tau {tau:.3f}); checkpoint: {summary['checkpoint']}; "
-          f"metrics: {summary['metrics']}; tensorboard: {summary['tensorboard']}", flush=True)
+    split, tau = ("val", last_val["tau"]) if "tau" in last_val else ("train", last_train.get("tau", float("nan")))
+    minutes = (time.perf_counter() - t_start) / 60
+    lines = [f"[lkjax] {status} at step {step}/{total_steps} in {minutes:.1f} min ({split} tau {tau:.3f})",
+             f"  checkpoint  {_shown(summary['checkpoint'])} (kept steps: {summary['checkpoints']})",
+             f"  metrics     {_shown(summary['metrics'])}, {_shown(os.path.join(workdir, SUMMARY_FILE))}",
+             f"  tensorboard {_shown(summary['tensorboard'])}",
+             "next:", *(f"  {c}" for c in next_commands(workdir, config.get("name", "")))]
+    print("\n".join(lines), flush=True)
   return summary
 
 
@@ -373,11 +485,52 @@ def _print_compile_report(compiled, seconds: float, config, total_steps: int) ->
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   if cost and "flops" in cost:
     parts.append(f"{cost['flops'] / 1e9:.1f} GFLOP/step")
-  print(f"[lkjax] {'; '.join(parts)}; {total_steps} steps of {config.batch_size} x {config.data.max_length}",
-        flush=True)
+  from tqdm.auto import tqdm
+  tqdm.write(f"[lkjax] {'; '.join(parts)}; {total_steps} steps of {config.batch_size} x {config.data.max_length}")
 
 
 # ----------------------------------------------------------------------------------------------- reload
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+  """Finished checkpoint steps under ``<workdir>/checkpoints`` (orbax's temporary directories excluded)."""
+  d = os.path.join(os.fspath(workdir), ckpt_lib.CHECKPOINT_DIR)
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+
+
+def check_run_source(*, workdir: str | None = None, checkpoint: str | None = None,
+                     have_config: bool = False) -> str:
+  """Check the ``--workdir`` / ``--checkpoint`` flag of evaluate.py and export.py before anything loads.
+
+  Returns the run's workdir. Raises FileNotFoundError / ValueError naming the flag, the existing
+  checkpoint steps, and the ``--config`` flag when the run has no config.json and none was given.
+  """
+  if checkpoint:
+    path = os.path.abspath(checkpoint)
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    if os.path.basename(parent) != ckpt_lib.CHECKPOINT_DIR or not name.isdigit():
+      raise ValueError(f"--checkpoint={checkpoint}: expected <workdir>/{ckpt_lib.CHECKPOINT_DIR}/<step> "
+                       "(or pass --workdir=<workdir> for its latest checkpoint)")
+    wd = os.path.dirname(parent)
+    if not os.path.isdir(path):
+      steps = checkpoint_steps(wd)
+      there = (f"the existing steps are {steps}: e.g. --checkpoint={os.path.join(os.path.dirname(checkpoint), str(steps[-1]))}, "
+               f"or --workdir={_shown(wd)} for the latest" if steps else f"{parent} holds no checkpoints")
+      raise FileNotFoundError(f"--checkpoint={checkpoint}: there is no checkpoint of step {name}; {there}.")
+  else:
+    wd = os.path.abspath(workdir)
+    if not os.path.isdir(wd):
+      raise FileNotFoundError(f"--workdir={workdir}: no such directory; pass the workdir of a training run "
+                              "(experiments/train.py writes runs/<config name> unless given --workdir).")
+    if not checkpoint_steps(wd):
+      raise FileNotFoundError(f"--workdir={workdir}: holds no checkpoint yet ({os.path.join(wd, ckpt_lib.CHECKPOINT_DIR)} "
+                              "is empty or missing); train it first (experiments/train.py --workdir=...).")
+  if not have_config and not os.path.exists(os.path.join(wd, CONFIG_FILE)):
+    raise ValueError(f"{wd} has no {CONFIG_FILE}: pass the config the run was trained with as the --config "
+                     "flag, e.g. --config=configs/eagle3.py.")
+  return wd
 
 
 @dataclasses.dataclass
@@ -409,7 +562,8 @@ def load_trained_draft(workdir_or_checkpoint: str | os.PathLike,
   if config is None:
     cfg_path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(cfg_path):
-      raise FileNotFoundError(f"{cfg_path} is missing: pass config= or point at a training workdir")
+      raise FileNotFoundError(f"{cfg_path} is missing: point at a training workdir, or pass the run's config "
+                              "(--config=configs/<arch>.py on the command line, config= in Python)")
     with open(cfg_path) as f:
       config = ml_collections.ConfigDict(json.load(f))
   from lkjax.data import shards
@@ -424,6 +578,8 @@ def load_trained_draft(workdir_or_checkpoint: str | os.PathLike,
   try:
     if (step if step is not None else ckpt.latest_step()) is None:
       raise FileNotFoundError(f"{workdir}: no checkpoint to load")
+    if step is not None and step not in ckpt.all_steps():
+      raise FileNotFoundError(f"{workdir}: no checkpoint of step {step}; existing steps: {ckpt.all_steps()}")
     state, _ = ckpt.restore(abstract, step=step)
   finally:
     ckpt.close()
