@@ -112,6 +112,8 @@ def test_serving_commands_for_every_format(tmp_path):
   for arch, method in (("medusa", "medusa"), ("mlp_speculator", "mlp_speculator")):
     cmds = export.serving_commands(arch, tmp_path, "meta-llama/Llama-3.1-8B-Instruct", 6)
     assert f'"method": "{method}"' in cmds["vllm_serve"] and "sglang" not in cmds
+    assert "vLLM 0.32" in cmds["note"]
+  assert "note" not in export.serving_commands("eagle3", tmp_path, "t", 7)
   assert "no MTP serving path" in export.serving_commands("mtp", tmp_path, "t", 7)["note"]
   with pytest.raises(ValueError, match="arch="):
     export.serving_commands("eagle", tmp_path, "t", 7)

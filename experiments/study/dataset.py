@@ -1,9 +1,9 @@
 r"""The study's data set: regenerated once, its token ids committed, its hidden-state shards rebuilt on demand.
 
-  python experiments/study_data.py status                  # what is generated / committed / precomputed
-  python experiments/study_data.py generate                # regenerate (resumes; starts from the committed part)
-  python experiments/study_data.py snapshot                # commit-ready copy: experiments/study_data/replies.jsonl.gz
-  python experiments/study_data.py precompute              # shards for training (needs the complete replies)
+  python experiments/study/dataset.py status                  # what is generated / committed / precomputed
+  python experiments/study/dataset.py generate                # regenerate (resumes; starts from the committed part)
+  python experiments/study/dataset.py snapshot                # commit-ready copy: experiments/study/dataset/replies.jsonl.gz
+  python experiments/study/dataset.py precompute              # shards for training (needs the complete replies)
 
 The settings below are the data set's definition (4,000 ShareGPT first turns of at most 800 characters,
 SmolLM2-135M-Instruct replies of at most 512 new tokens sampled at T = 1).  Why T = 1: the draft is trained
@@ -28,7 +28,7 @@ import pathlib
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from absl import app, flags  # noqa: E402
 
@@ -36,8 +36,8 @@ SETTINGS = dict(target="smollm2", num_prompts=4000, max_new_tokens=512, temperat
                 max_prompt_chars=800)
 PRECOMPUTE = dict(max_length=1024, shard_size=256)
 HERE = pathlib.Path(__file__).resolve().parent
-SNAPSHOT = HERE / "study_data" / "replies.jsonl.gz"
-MANIFEST = HERE / "study_data" / "manifest.json"
+SNAPSHOT = HERE / "dataset" / "replies.jsonl.gz"
+MANIFEST = HERE / "dataset" / "manifest.json"
 
 _DIR = flags.DEFINE_string("dir", "runs/study/data", "Work directory (replies.jsonl, shards/).")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "generate: stop after this many batches (resume later).")
@@ -102,14 +102,14 @@ def cmd_generate() -> None:
                                       temperature=s["temperature"], seed=s["seed"], batch_size=s["batch_size"],
                                       max_batches=_MAX_BATCHES.value, extra_summary={"selection": counts})
   print(f"{summary['num_written']}/{summary['num_prompts']} replies -> {replies}; "
-        f"next: python experiments/study_data.py snapshot")
+        f"next: python experiments/study/dataset.py snapshot")
 
 
 def cmd_snapshot() -> None:
   _, replies, _ = _paths()
   data = _complete_lines(replies)
   if not data:
-    raise ValueError(f"{replies}: no replies yet; run `python experiments/study_data.py generate`")
+    raise ValueError(f"{replies}: no replies yet; run `python experiments/study/dataset.py generate`")
   buf = io.BytesIO()
   with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=9) as f:
     f.write(data)
@@ -163,7 +163,7 @@ def cmd_status() -> None:
 def main(argv):
   commands = dict(status=cmd_status, generate=cmd_generate, snapshot=cmd_snapshot, precompute=cmd_precompute)
   if len(argv) != 2 or argv[1] not in commands:
-    raise app.UsageError(f"usage: python experiments/study_data.py {{{'|'.join(commands)}}} [--dir=...]")
+    raise app.UsageError(f"usage: python experiments/study/dataset.py {{{'|'.join(commands)}}} [--dir=...]")
   commands[argv[1]]()
 
 
