@@ -185,7 +185,10 @@ def main(argv):
 
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  flags_line = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "") if os.path.exists("/proc/cpuinfo") else ""
+  simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags_line.split()]
   out = dict(commit=commit, when=time.strftime("%Y-%m-%d %H:%M"), machine=platform.processor() or platform.machine(),
+             simd=simd,
              cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), target=info.name,
              settings=dict(prompts=len(texts), max_new_tokens=_MAX_NEW.value, temperature=_TEMP.value,
                            batch=_BATCH.value, hf_batch=_HF_BATCH.value, decode_prompts=_DECODE_PROMPTS.value),

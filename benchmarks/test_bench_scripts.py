@@ -241,3 +241,19 @@ def test_bench_malloc_settings_env(tmp_path):
   """Each setting's child environment: ours replaced, the user's other tunables kept (in a subprocess: the
   script defines absl flags)."""
   assert _run(["-c", _SETTINGS_ENV], tmp_path).stdout.strip() == "ok"
+
+
+def test_bench_target_tiny_writes_every_row(tmp_path):
+  """The target-side benchmark on the packaged target at tiny sizes: every row and ratio is recorded."""
+  out = tmp_path / "bench_target.json"
+  res = _run(["benchmarks/bench_target.py", "--prompts=2", "--max_new_tokens=4", "--batch=2", "--hf_batch=1",
+              "--decode_prompts=1", f"--out={out}"], tmp_path)
+  table = json.loads(out.read_text())
+  rows = table["rows"]
+  assert set(rows) == {"ceiling", "regenerate/hf", "regenerate/lkjax", "precompute", "decode_b1/dynamic",
+                       "decode_b1/preallocated"}
+  assert rows["ceiling"]["gflops_fp32"] > 0 and rows["ceiling"]["gflop_per_token"] > 0.2   # 135M params
+  for name in ("regenerate/hf", "regenerate/lkjax"):
+    assert 0 < rows[name]["tokens"] <= 2 * 4 + 2
+  assert rows["regenerate/lkjax"]["ratio"] > 0 and rows["decode_b1/preallocated"]["ratio"] > 0
+  assert "| regenerate/lkjax |" in res.stdout and table["settings"]["prompts"] == 2

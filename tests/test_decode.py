@@ -91,3 +91,11 @@ def test_preallocated_cache_matches_dynamic_cache(model):
 def test_empty_prompt_is_an_error(model):
   with pytest.raises(ValueError, match="at least one token"):
     decode.decode(model, [[5], []], max_new_tokens=2, pad_token_id=PAD)
+
+
+def test_on_step_counts_every_emitted_token(model):
+  prompts = _prompts(6, seed=5)
+  counts = []
+  out = decode.decode(model, prompts, max_new_tokens=9, pad_token_id=PAD, stop_token_ids=[EOS, 7, 9],
+                      temperature=1.0, seed=1, compact_below=0.9, on_step=counts.append)
+  assert len(counts) >= 1 and sum(counts) == sum(len(d.token_ids) + d.finished for d in out)

@@ -264,8 +264,14 @@ def generate_replies(target, prompts: Sequence[Prompt], out_path: str | os.PathL
         continue
       if max_batches is not None and generated_batches >= max_batches:
         break
+      made = [0]
+
+      def on_step(tokens: int) -> None:   # the bar moves every decoding step, not once per batch
+        made[0] += tokens
+        bar.set_postfix(batch_tokens=made[0])
+
       gens = target.generate([p.text for p in todo], max_new_tokens=max_new_tokens, temperature=temperature,
-                             seed=seed * 1_000_003 + b)
+                             seed=seed * 1_000_003 + b, on_step=on_step)
       lines = [json.dumps({"id": p.id, "prompt": p.text, "reply": g.text, "finished": bool(g.finished),
                            "reply_ids": [int(t) for t in g.token_ids]},
                           ensure_ascii=False) + "\n" for p, g in zip(todo, gens)]

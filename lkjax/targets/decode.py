@@ -19,7 +19,7 @@ left-padded batch (tested); sampled output draws from ``softmax(logits / T)`` wi
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -176,7 +176,8 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 @torch.no_grad()
 def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int,
            stop_token_ids: Sequence[int] = (), temperature: float = 0.0, seed: int = 0,
-           prefill_tokens: int = 4096, compact_below: float = 0.75) -> list[Decoded]:
+           prefill_tokens: int = 4096, compact_below: float = 0.75,
+           on_step: Callable[[int], None] | None = None) -> list[Decoded]:
   """Decode a batch of token-id prompts (left padded) to at most ``max_new_tokens`` new tokens each.
 
   Args:
@@ -186,6 +187,7 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_
     temperature: 0 = greedy, else sampling from ``softmax(logits / T)`` with a generator seeded by ``seed``.
     prefill_tokens: padded tokens per prompt-pass chunk (rows are split so chunk rows x width <= this).
     compact_below: drop finished rows once the running rows fall below this fraction of the batch rows.
+    on_step: called after every decoding step with the number of tokens that step added (progress bars).
 
   Returns:
     One `Decoded` per prompt, in order.
@@ -230,6 +232,8 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_
         finished[r] = True
       else:
         results[r].append(t)
+    if on_step is not None:
+      on_step(int(running.sum()))
     running &= ~stop
     n_run = int(running.sum())
     if n_run == 0 or step == max_new_tokens - 1:

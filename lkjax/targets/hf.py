@@ -225,13 +225,14 @@ class TargetModel:
   # --- generation --------------------------------------------------------------------------------------
   @torch.no_grad()
   def generate(self, prompts: Sequence[str | Messages], *, max_new_tokens: int, temperature: float = 0.0,
-               seed: int = 0, prefill_tokens: int = 4096) -> list[Generation]:
+               seed: int = 0, prefill_tokens: int = 4096, on_step=None) -> list[Generation]:
     """Batched generation of replies to ``prompts`` (`lkjax.targets.decode.decode`: left padding, a
     preallocated KV cache, finished rows dropped from the batch).
 
     ``temperature == 0`` is greedy; otherwise plain sampling from the tempered distribution (no top-k /
     top-p, as for the paper's target-generated data), from a generator seeded with ``seed``.  Generation
-    stops at the end-of-turn token, which is not part of ``token_ids``.
+    stops at the end-of-turn token, which is not part of ``token_ids``.  ``on_step(tokens)`` is called after
+    every decoding step (progress bars).
     """
     from lkjax.targets import decode
 
@@ -240,7 +241,7 @@ class TargetModel:
     eos = self.eot_token_id
     out = decode.decode(self.model, [self.encode_prompt(p) for p in prompts], max_new_tokens=max_new_tokens,
                         pad_token_id=self.pad_token_id, stop_token_ids=() if eos is None else (int(eos),),
-                        temperature=temperature, seed=seed, prefill_tokens=prefill_tokens)
+                        temperature=temperature, seed=seed, prefill_tokens=prefill_tokens, on_step=on_step)
     return [Generation(self.tokenizer.decode(d.token_ids, skip_special_tokens=True), d.token_ids, d.finished)
             for d in out]
 
