@@ -86,13 +86,23 @@ def restore() -> None:
   print(f"restored {len(snap.splitlines())} committed replies into {replies}")
 
 
+def _commit() -> str:
+  return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=HERE).stdout.strip()
+
+
 def cmd_generate() -> None:
   from lkjax import assets
   from lkjax.data import generate
   from lkjax.targets.hf import TargetModel
 
   restore()
-  _, replies, _ = _paths()
+  d, replies, _ = _paths()
+  # Provenance: which commit generated which lines (the snapshot's manifest carries this log).
+  log_path = d / "generation_log.json"
+  log = json.loads(log_path.read_text()) if log_path.exists() else []
+  log.append(dict(commit=_commit(), first_line=len(_complete_lines(replies).splitlines()) + 1))
+  log_path.write_text(json.dumps(log, indent=1))
   s = SETTINGS
   target = TargetModel.load(s["target"])
   prompts, counts = generate.select_prompts(assets.fetch("sharegpt"), s["num_prompts"], seed=s["seed"],
@@ -117,12 +127,12 @@ def cmd_snapshot() -> None:
   tmp = SNAPSHOT.with_suffix(".tmp")
   tmp.write_bytes(buf.getvalue())
   os.replace(tmp, SNAPSHOT)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=HERE).stdout.strip()
+  d = _paths()[0]
+  log = json.loads((d / "generation_log.json").read_text()) if (d / "generation_log.json").exists() else []
   counts = _counts(data)
   manifest = dict(settings=SETTINGS, **counts, complete=counts["num_replies"] >= SETTINGS["num_prompts"],
                   replies_sha256=_sha256(data), snapshot_sha256=_sha256(buf.getvalue()),
-                  generator_commit=commit, precompute=PRECOMPUTE)
+                  generation_log=log, snapshot_commit=_commit(), precompute=PRECOMPUTE)
   tmp = MANIFEST.with_suffix(".tmp")
   tmp.write_text(json.dumps(manifest, indent=1) + "\n")
   os.replace(tmp, MANIFEST)
