@@ -36,10 +36,7 @@ def main(argv):
   cli.check_target(_TARGET.value)
   cli.check_input_file(_SHAREGPT.value, "--sharegpt", "a ShareGPT JSON file; leave it out for the packaged one")
   cli.check_output_path(_OUT.value, "--out", directory=False)
-  for flag, value in (("--num_prompts", _NUM.value), ("--max_new_tokens", _MAX_NEW.value),
-                      ("--batch_size", _BATCH.value)):
-    if value < 1:
-      raise app.UsageError(f"{flag}={value}: must be >= 1")
+  cli.check_positive(num_prompts=_NUM.value, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value)
   if _TEMP.value < 0:
     raise app.UsageError(f"--temperature={_TEMP.value}: must be >= 0 (0: greedy)")
   import torch

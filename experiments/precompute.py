@@ -33,10 +33,7 @@ def main(argv):
   cli.check_target(_TARGET.value)
   cli.check_input_file(_REPLIES.value, "--replies", "the replies JSONL written by experiments/generate_data.py")
   cli.check_output_path(_OUT.value, "--out_dir", directory=True)
-  for flag, value in (("--max_length", _MAX_LEN.value), ("--shard_size", _SHARD.value),
-                      ("--batch_tokens", _BATCH_TOKENS.value)):
-    if value < 1:
-      raise app.UsageError(f"{flag}={value}: must be >= 1")
+  cli.check_positive(max_length=_MAX_LEN.value, shard_size=_SHARD.value, batch_tokens=_BATCH_TOKENS.value)
   import torch
 
   from lkjax.data import precompute

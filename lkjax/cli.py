@@ -164,6 +164,15 @@ def check_output_path(value: str, flag: str, *, directory: bool) -> None:
     raise InputError(f"{flag}={value} is a directory; pass a file path (e.g. {os.path.join(value, 'replies.jsonl')}).")
 
 
+def check_positive(**values: int) -> None:
+  """Each ``flag_name=value`` must be >= 1 (a usage error naming ``--flag_name`` otherwise)."""
+  from absl import app
+
+  for name, value in values.items():
+    if value < 1:
+      raise app.UsageError(f"--{name}={value}: must be >= 1")
+
+
 def report_error(e: BaseException) -> None:
   """Print a user-fixable error as one paragraph (the class name only where it adds information)."""
   msg = str(e).strip() or type(e).__name__
