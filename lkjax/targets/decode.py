@@ -4,8 +4,8 @@ Why not ``model.generate``: its `DynamicCache` concatenates every layer's keys a
 (an O(length) copy per token, which dominates a CPU decode step at batch 64+), and a batch keeps decoding
 rows that already ended.  Here:
 
-* `PreallocatedLayer` stores keys/values in a buffer with room to spare, writes new positions in place and
-  hands attention a view of the filled part (no copy per step, no attention over empty slots).  Layers of
+* `preallocated_cache` gives full-attention layers a buffer with room to spare: new keys/values are written
+  in place and attention gets a view of the filled part (no copy per step, no attention over empty slots).  Layers of
   other kinds (sliding-window, linear attention) keep their transformers implementation.
 * `decode` drops finished rows from the batch (cache, mask, positions) once enough of them ended, so the
   step cost follows the rows still running.
