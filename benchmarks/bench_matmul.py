@@ -1,12 +1,12 @@
-"""Matmul-form benchmark behind `lkjax.models.matmul`: ``python benchmarks/bench_matmul.py [--out=...]``.
+"""Matmul-form benchmark behind `lkjax.perf`: ``python benchmarks/bench_matmul.py [--out=...]``.
 
 Times, at the draft LM head's shape (``x [2048, 576] @ W [576, 8192]``, bf16 operands), the forward dot
 and the two backward dots of a dense layer in the forms XLA's CPU backend gets them:
 
-  fwd NN f32 out      x @ W, f32 result (what `lkjax.models.matmul.matmul` asks for)
+  fwd NN f32 out      x @ W, f32 result (what `lkjax.perf.matmul` asks for)
   fwd NN bf16 out     x @ W, bf16 result (what a plain bf16 ``nnx.Linear`` produces)
   dX  g @ W.T         autodiff's form (the transpose is folded into the dot's dimension numbers)
-  dX  materialised    g @ physical_transpose(W) (`lkjax.models.matmul`'s backward)
+  dX  materialised    g @ physical_transpose(W) (`lkjax.perf`'s backward)
   dW  x.T @ g         autodiff's form
   dW  materialised    physical_transpose(x) @ g
 
@@ -36,7 +36,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import jax
   import jax.numpy as jnp
-  from lkjax.models.matmul import physical_transpose
+  from lkjax.perf import physical_transpose
 
   m, k, n = FLAGS.m, FLAGS.k, FLAGS.n
   bf, f32 = jnp.bfloat16, jnp.float32

@@ -43,6 +43,7 @@ def attention_variants(small: bool) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from lkjax.models import layers as L
+  from lkjax.perf import PerfOptions
   b, t, n, nkv, d, s = (2, 64, 4, 2, 16, 3) if small else (4, 512, 9, 3, 64, 3)
   r = np.random.default_rng(0)
   bf = jnp.bfloat16
@@ -57,14 +58,14 @@ def attention_variants(small: bool) -> dict:
   blocks = (0, 16, 8) if small else (0, 256, 128, 64)
   out = {}
 
-  def f(q, k, v, sk, sv):
+  def f(q, k, v, sk, sv, perf):
     o, vjp = jax.vjp(lambda *a: L.gqa_attention(*a[:3], mask, self_k=a[3], self_v=a[4], self_mask=smask,
-                                                causal=True), q, k, v, sk, sv)
+                                                causal=True, perf=perf), q, k, v, sk, sv)
     return o, vjp(g)
 
   for block in blocks:
-    with L.attention_variant(causal_block=block):     # read while tracing
-      fn = jax.jit(f).lower(q, k, v, sk, sv).compile()
+    perf = PerfOptions(causal_block=block)
+    fn = jax.jit(lambda *a, perf=perf: f(*a, perf)).lower(q, k, v, sk, sv).compile()
     name = "attention, all keys" if block == 0 else f"attention, causal blocks of {block}"
     out[name] = (fn, (q, k, v, sk, sv))
   return out

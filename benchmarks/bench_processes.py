@@ -1,6 +1,7 @@
 """`benchmarks/bench_train.py` as child processes, one configuration per process, in rounds whose order
 rotates: for comparisons whose sides cannot share a process (glibc malloc tunables, which glibc reads at
-start; CPU device counts, which JAX fixes at start). Used by `bench_malloc.py` and `bench_mesh.py`.
+start; two versions of the code, which cannot be imported side by side). Used by `bench_malloc.py` and
+`bench_versions.py`.
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ def rotated(items: Sequence, r: int) -> list:
 
 
 def run_bench_train(args: list[str], env: dict[str, str], out: str, what: str = "",
-                    expect: Mapping[str, Any] | None = None) -> dict:
-  """Run ``bench_train.py ARGS --out=OUT`` under ``env`` (with the repository on PYTHONPATH) and return the
-  table it wrote; a failed run raises with the command and the end of its stderr, and so does a table
-  whose top-level fields differ from ``expect`` (what the child process must have run with)."""
-  cmd = [sys.executable, os.path.join(ROOT, "benchmarks/bench_train.py"), *args, f"--out={out}"]
+                    expect: Mapping[str, Any] | None = None, root: str = ROOT) -> dict:
+  """Run ``bench_train.py ARGS --out=OUT`` of the checkout ``root`` (default: this one) under ``env`` (with
+  that checkout on PYTHONPATH) and return the table it wrote; a failed run raises with the command and the
+  end of its stderr, and so does a table whose top-level fields differ from ``expect`` (what the child
+  process must have run with)."""
+  cmd = [sys.executable, os.path.join(root, "benchmarks/bench_train.py"), *args, f"--out={out}"]
   label = f"{' '.join(cmd)}{f' ({what})' if what else ''}"
-  res = subprocess.run(cmd, cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True)
+  res = subprocess.run(cmd, cwd=root, env=dict(env, PYTHONPATH=root), capture_output=True, text=True)
   if res.returncode:
     raise RuntimeError(f"{label} failed:\n{res.stderr[-3000:]}")
   with open(out) as f:
@@ -50,5 +52,5 @@ def in_rounds(configs: Sequence, rounds: int, run: Callable[[object, str], dict]
 def step_record(row: dict) -> dict:
   """The fields of one bench_train.py row that the process comparisons keep."""
   keys = ("arch", "tokens_per_s", "page_faults_per_step", "kernel_s_per_step", "user_s_per_step", "cpu_s_per_step",
-          "lk_times", "kl_times", "all_reduce_mb", "all_gather_mb", "reduce_scatter_mb", "split_tables")
-  return dict({k: row[k] for k in keys}, lk_step_s=row["step_s"], kl_step_s=row["kl_step_s"])
+          "lk_times", "kl_times", "all_reduce_mb", "all_gather_mb", "reduce_scatter_mb")
+  return dict({k: row.get(k) for k in keys}, lk_step_s=row["step_s"], kl_step_s=row["kl_step_s"])

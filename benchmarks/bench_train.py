@@ -15,27 +15,19 @@ The batch carries the precomputed full-vocabulary target lse, as batches from sh
 `experiments/precompute.py` do (``--target_lse=off``: the step computes the full-vocabulary head itself, as
 for older shards).  ``--ab=NAME`` also compiles a variant "B" of the L_lambda step and times it in the same
 interleaved loop (LK KL B, KL B LK, B LK KL, ...): ``no_target_lse`` (batches without the precomputed lse),
-``autodiff_attention`` (attention differentiated by autodiff instead of its custom VJP) or
-``full_attention`` (training attention over all keys instead of causal query blocks that skip the keys
-after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``) or ``same`` (a second, separately compiled
-copy of the L_lambda step: an A/A control for how far two copies of one program differ) or
-``compiler_grad_reduce`` (on a data-parallel mesh, the step with ``explicit_grad_reduce=False``: gradient
-collectives placed by the partitioner instead of one explicit sum per step); columns "B s" and
-"B/LK" (median over the rounds of B's time / the L_lambda step's).
-``--program=grad_only`` times, instead of the train step, the bound any data-parallel layout of it has on the
-machine: on a mesh of N devices (data parallel over all of them, ``--mesh`` and the config's layout
-ignored) each device runs the forward and backward pass of its share of the batch with every parameter
-already in the compute dtype and replicated, and reduces its gradient to one number. No collective, no
-gradient sum, no optimizer update, no parameter cast; tables the layout keeps split (``--split_tables``, or
-the config's ``mesh.split_tables`` with ``--mesh=config``) are left out of the gradient (their lookups'
-gradients are row updates). `benchmarks/bench_mesh.py` compares such programs on 1 and N devices
-(meshes ``.../grad``).
+``xla_matmul`` (``perf.matmul = "xla"``: XLA's dot instead of the NN matmul forms), ``autodiff_attention``
+(``perf.attention_grad = "autodiff"``), ``full_attention`` (``perf.causal_block = 0``: training attention
+over all keys instead of causal query blocks) or ``same`` (a second, separately compiled copy of the
+L_lambda step: an A/A control for how far two copies of one program differ); columns "B s" and "B/LK"
+(median over the rounds of B's time / the L_lambda step's). The perf options of the A steps are the
+configs' (``auto``: this backend's defaults, `lkjax/perf.py`), or ``--config_overrides``.
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
 Random weights and inputs: the step's cost does not depend on their values.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -55,34 +47,37 @@ flags.DEFINE_integer("warmup", 1, "Untimed rounds of every program before the ti
 flags.DEFINE_integer("batch", 0, "Global batch rows (0: 4, or 2 with --small).")
 flags.DEFINE_integer("seq", 0, "Tokens per row (0: 512, or 64 with --small).")
 flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the visible devices, or 'config': each "
-                    "architecture on its config's layout (mesh.shape, explicit_grad_reduce, "
-                    "gather_split_params, split_tables), overriding the three layout flags below.")
-flags.DEFINE_bool("explicit_grad_reduce", True, "make_train_step's explicit_grad_reduce (config mesh."
-                  "explicit_grad_reduce): on a data-parallel mesh, one gradient sum per step; False leaves "
-                  "the collectives to the partitioner.")
-flags.DEFINE_bool("gather_split_params", False, "make_train_step's gather_split_params (config mesh."
-                  "gather_split_params): on an FSDP mesh, the per-device program too, gathering the split "
-                  "parameters once and reduce-scattering their gradients.")
-flags.DEFINE_list("split_tables", [], "make_train_step's split_tables (config mesh.split_tables), with "
-                  "--gather_split_params: tables kept split in the per-device program (the MLP-Speculator's emb, "
-                  "the target embedding embed_tokens of EAGLE-3 and MTP). Each architecture takes the names "
-                  "its draft has; its row records them (split_tables).")
+                    "architecture on its config's mesh.shape.")
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
-flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention", "same",
-                             "compiler_grad_reduce"],
+flags.DEFINE_enum("ab", "", ["", "no_target_lse", "xla_matmul", "autodiff_attention", "full_attention", "same"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
 flags.DEFINE_string("config_overrides", "", "JSON object of dotted config keys set in every architecture's "
                     "config before anything is built (`lkjax.config_args.apply_overrides`; unknown keys are "
-                    "rejected), e.g. '{\"model.num_layers\": 2}'. --mesh=config takes the overridden layout.")
-flags.DEFINE_enum("program", "step", ["step", "grad_only"], "What is timed: the train step, or each device's "
-                  "forward + backward pass alone (grad_only: no collective, no optimizer; see above).")
+                    "rejected), e.g. '{\"model.num_layers\": 2}' or '{\"perf.matmul\": \"xla\"}'. --mesh=config "
+                    "takes the overridden layout.")
 flags.DEFINE_string("profile", "", "Directory for a perfetto trace + optimized HLO per step (off when empty); "
                     "the JSON row gets a summary of each trace (op time per fusion kind, longest ops).")
 FLAGS = flags.FLAGS
 
-K = {"eagle3": 7, "mtp": 7, "medusa": 6, "mlp_speculator": 6}
+# --ab variants that are perf options (config keys set in the B step's config)
+AB_OVERRIDES = {"xla_matmul": {"perf.matmul": "xla"}, "autodiff_attention": {"perf.attention_grad": "autodiff"},
+                "full_attention": {"perf.causal_block": 0}}
+
+
+def git_commit() -> str:
+  """The commit of the code being measured (``+dirty`` with uncommitted changes), for the results file."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
 
 
 def target_info(small: bool):
@@ -174,19 +169,16 @@ def summarise_trace(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
 
 
 def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int, mesh_shape,
-               precision: str, target_lse: bool = True, attention: str | None = None,
-               causal_block: int | None = None, explicit_grad_reduce: bool = True,
-               gather_split_params: bool = False, split_tables: tuple[str, ...] = (),
-               program: str = "step", config_overrides: dict | None = None) -> dict:
+               precision: str, target_lse: bool = True, config_overrides: dict | None = None) -> dict:
   """Compile one (arch, loss kind) train step -> its cost figures and a ``run()`` that times one step.
 
-  ``program="grad_only"``: the per-device forward + backward pass alone instead (`grad_only_program`),
-  on a data-parallel mesh over all devices."""
+  ``config_overrides``: dotted config keys (e.g. ``perf.*``) set in the architecture's config first."""
   import jax
   import ml_collections
   import ml_dtypes
   import numpy as np
   from flax import nnx
+  from lkjax import perf as perf_lib
   from lkjax import sharding as shd
   from lkjax.config_args import load_config
   from lkjax.models import registry
@@ -205,9 +197,8 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
              "norm": np.ones(h, np.float32)}
   weights["lm_head"] = weights["embed_tokens"]
   with nnx.use_eager_sharding(False):
-    model = registry.build_draft(model_cfg, info, draft_vocab=ids, target_weights=weights, rngs=nnx.Rngs(0))
-  if program == "grad_only":
-    mesh_shape = (-1, 1, 1)
+    model = registry.build_draft(model_cfg, info, draft_vocab=ids, target_weights=weights, rngs=nnx.Rngs(0),
+                                 perf=perf_lib.from_config(cfg))
   mesh = shd.make_mesh(mesh_shape)
   rules = tuple(tuple(x) for x in cfg.mesh.rules)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -232,22 +223,12 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
   bsh = shd.batch_shardings(host_batch, mesh, rules)
   sh = dict(mesh=mesh, state=ssh, rest=rsh, target=jax.tree.map(lambda _: rep, target), batch=bsh,
             batch_spec=lambda nd: shd.batch_spec(nd, mesh, rules, batch))
-  if program == "step":   # (grad_only: no optimizer state; 8 replicated copies of the MLP-Speculator's are 19 GB)
-    state = jax.device_put(step_lib.init_state(params, tx, 0), ssh)
+  state = jax.device_put(step_lib.init_state(params, tx, 0), ssh)
   rest, target = jax.device_put(rest, rsh), jax.device_put(target, sh["target"])
   dev_batch = jax.device_put(host_batch, bsh)
-  split_tables = tuple(n for n in split_tables if n in params or n in rest)   # the names this draft has
-  if program == "grad_only":
-    fn = grad_only_program(graphdef, cfg.loss, precision, mesh, left_out=split_tables, total_steps=1000)
-    state = jax.device_put(step_lib.cast_floating(params, step_lib.compute_dtype(precision)), rep)
-  else:
-    fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh,
-                                  explicit_grad_reduce=explicit_grad_reduce,
-                                  gather_split_params=gather_split_params, split_tables=split_tables)
+  fn = step_lib.make_train_step(graphdef, tx, cfg.loss, total_steps=1000, precision=precision, shardings=sh)
   t0 = time.perf_counter()
-  from lkjax.models import layers
-  with layers.attention_variant(attention, causal_block):     # read while tracing
-    compiled = fn.lower(state, rest, target, dev_batch).compile()
+  compiled = fn.lower(state, rest, target, dev_batch).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -260,16 +241,13 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
     t = time.perf_counter()
     res = compiled(box["state"], rest, target, dev_batch)
     jax.block_until_ready(res)
-    if program == "step":
-      box["state"], m = res
-    else:   # grad_only: metrics only (the parameters stay as they are)
-      m = res
+    box["state"], m = res
     dt = time.perf_counter() - t
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     box["minflt"].append(r1.ru_minflt - r0.ru_minflt)     # page faults: see benchmarks/malloc.py
     box["sys_s"].append(r1.ru_stime - r0.ru_stime)
     box["user_s"].append(r1.ru_utime - r0.ru_utime)     # CPU time of all threads: work, not waiting
-    box["loss"] = float(np.mean(np.asarray(m["loss"])))   # grad_only: one loss per device
+    box["loss"] = float(np.asarray(m["loss"]))
     return dt
 
   run()  # warm-up
@@ -279,78 +257,26 @@ def build_step(arch: str, kind: str, info, *, small: bool, batch: int, seq: int,
               gflop_per_step=flops / 1e9, compile_s=compile_s,
               all_reduce_mb=shd.all_reduce_bytes(hlo) / 1e6,
               all_gather_mb=shd.collective_bytes(hlo, "all-gather") / 1e6,
-              reduce_scatter_mb=shd.collective_bytes(hlo, "reduce-scatter") / 1e6, split_tables=list(split_tables),
+              reduce_scatter_mb=shd.collective_bytes(hlo, "reduce-scatter") / 1e6, perf=dataclasses.asdict(model.perf),
               mesh_shape=tuple(mesh.devices.shape),
               num_params=int(sum(x.size for x in jax.tree.leaves(params))))
 
 
-def grad_only_program(graphdef, loss_cfg, precision: str, mesh, left_out: tuple[str, ...] = (),
-                      total_steps: int = 1000):
-  """Jitted ``f(params, rest, target, batch) -> {"loss", "grad_sq"}`` (``[devices]`` each): every device's forward and
-  backward pass of the loss on its rows of the batch (split over all of ``mesh``'s devices), with
-  ``params`` (already in the compute dtype), ``rest`` and ``target`` replicated. The loss's means are
-  taken over each device's own rows and each device's gradient is reduced to its sum of squares, so the
-  program has no collective; the top-level parameters ``left_out`` are not differentiated. The strong-
-  scaling bound of the train step on this machine: what a data-parallel layout computes on every device
-  before it communicates or updates anything."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import PartitionSpec as P
-  from lkjax.sharding import make_varying
-  from lkjax.train import step as step_lib
-
-  dtype = step_lib.compute_dtype(precision)
-  loss_fn, impl = step_lib._loss_fn_and_impl(loss_cfg, None)
-  kw = step_lib.loss_kwargs(loss_cfg, total_steps)
-  axes = tuple(mesh.axis_names)
-
-  def local(params, rest, target, batch):
-    fixed = {k: v for k, v in params.items() if k in left_out}
-    diff = {k: v for k, v in params.items() if k not in left_out}
-    if mesh.size > 1:   # per-device values: their gradients stay each device's own (no implicit sum)
-      diff = jax.tree.map(lambda x: make_varying(x, axes), diff)
-
-    def f(d):
-      return step_lib._forward_loss(graphdef, loss_fn, loss_cfg.kind, kw, dtype, {**d, **fixed}, rest, target,
-                                    batch, jnp.zeros((), jnp.int32), impl)
-    (loss, _), grads = jax.value_and_grad(f, has_aux=True)(diff)
-    grad_sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
-    return loss[None], grad_sq[None]
-
-  if mesh.size > 1:
-    local = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(axes)), out_specs=(P(axes), P(axes)))
-
-  def program(params, rest, target, batch):
-    # Only the metrics come out: returning the parameters too would copy them on every call.
-    loss, grad_sq = local(params, rest, target, batch)   # [devices] each, left where they are
-    return {"loss": loss, "grad_sq": grad_sq}
-
-  return jax.jit(program)
-
-
 def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int, mesh_shape, precision: str,
                profile_dir: str = "", target_lse: bool = True, ab: str = "", warmup: int = 1,
-               explicit_grad_reduce: bool = True, gather_split_params: bool = False,
-               split_tables: tuple[str, ...] = (), program: str = "step",
                config_overrides: dict | None = None) -> dict:
   """L_lambda and KL (and B) steps of ``arch``, timed interleaved so all see the same load; the order
   within a round rotates from round to round (LK KL B, KL B LK, B LK KL, ...)."""
   import numpy as np
-  kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision,
-            explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
-            split_tables=split_tables, program=program, config_overrides=config_overrides)
-  lk, kl = (build_step(arch, kind, info, target_lse=target_lse, **kw) for kind in ("lk_hybrid", "kl"))
+  overrides = dict(config_overrides or {})
+  kw = dict(small=small, batch=batch, seq=seq, mesh_shape=mesh_shape, precision=precision)
+  lk, kl = (build_step(arch, kind, info, target_lse=target_lse, config_overrides=overrides, **kw)
+            for kind in ("lk_hybrid", "kl"))
   variant = None
-  if ab == "no_target_lse":
-    variant = build_step(arch, "lk_hybrid", info, target_lse=False, **kw)
-  elif ab == "autodiff_attention":
-    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, attention="autodiff", **kw)
-  elif ab == "full_attention":
-    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, causal_block=0, **kw)
-  elif ab == "same":
-    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **kw)
-  elif ab == "compiler_grad_reduce":
-    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **dict(kw, explicit_grad_reduce=False))
+  if ab:
+    b_overrides = dict(overrides, **AB_OVERRIDES.get(ab, {}))
+    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse and ab != "no_target_lse",
+                         config_overrides=b_overrides, **kw)
   t_lk, t_kl, t_b, ceil = [], [], [], []
   slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
 
@@ -405,20 +331,15 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
               compile_s=lk["compile_s"], loss=lk["last"]["loss"], num_params=lk["num_params"],
               all_reduce_mb=lk["all_reduce_mb"], kl_all_reduce_mb=kl["all_reduce_mb"],
               all_gather_mb=lk["all_gather_mb"], reduce_scatter_mb=lk["reduce_scatter_mb"],
-              split_tables=lk["split_tables"], mesh_shape=list(lk["mesh_shape"]),
-              explicit_grad_reduce=explicit_grad_reduce, gather_split_params=gather_split_params,
-              program=program, kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
+              perf=lk["perf"], mesh_shape=list(lk["mesh_shape"]), kl_step_s=kl_s, kl_gflop_per_step=kl["gflop_per_step"], lk_over_kl=float(np.median(ratios)),
               lk_times=t_lk, kl_times=t_kl, **extra)
 
 
-def config_layout(arch: str, config_overrides: dict | None = None) -> dict:
-  """``arch``'s mesh layout from ``configs/<arch>.py`` (with ``config_overrides``): shape and the train
-  step's layout switches."""
+def config_mesh(arch: str, config_overrides: dict | None = None) -> tuple[int, ...]:
+  """``arch``'s mesh shape from ``configs/<arch>.py`` (with ``config_overrides``)."""
   from lkjax.config_args import load_config
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  m = load_config(os.path.join(root, f"configs/{arch}.py"), config_overrides).mesh
-  return dict(mesh_shape=tuple(m.shape), explicit_grad_reduce=bool(m.explicit_grad_reduce),
-              gather_split_params=bool(m.gather_split_params), split_tables=tuple(m.split_tables))
+  return tuple(load_config(os.path.join(root, f"configs/{arch}.py"), config_overrides).mesh.shape)
 
 
 def main(argv):
@@ -437,9 +358,10 @@ def main(argv):
     raise app.UsageError(f"--warmup={FLAGS.warmup} and --steps={FLAGS.steps} must both be >= 1")
   info = target_info(small)
   archs = [a for a in FLAGS.archs.split(",") if a]
-  unknown = sorted(set(archs) - set(K))
+  from lkjax.models import registry
+  unknown = sorted(set(archs) - set(registry.ARCHS))
   if unknown:
-    raise app.UsageError(f"--archs: unknown {unknown}; expected {sorted(K)}")
+    raise app.UsageError(f"--archs: unknown {unknown}; expected {sorted(registry.ARCHS)}")
   try:
     overrides = json.loads(FLAGS.config_overrides) if FLAGS.config_overrides else {}
   except json.JSONDecodeError as e:
@@ -447,7 +369,7 @@ def main(argv):
   if not isinstance(overrides, dict):
     raise app.UsageError(f"--config_overrides={FLAGS.config_overrides!r}: expected a JSON object of dotted keys")
   try:   # loads every config with the overrides: a bad key fails here, before anything compiles
-    config_layouts = {arch: config_layout(arch, overrides) for arch in archs}
+    config_meshes = {arch: config_mesh(arch, overrides) for arch in archs}
   except ValueError as e:
     raise app.UsageError(f"--config_overrides: {e}") from None
   import malloc
@@ -456,15 +378,10 @@ def main(argv):
         f"bf16 matmul ceiling at start {matmul_ceiling(small):.1f} GFLOP/s", flush=True)
   rows = []
   for arch in archs:
-    if FLAGS.mesh == "config":
-      layout = config_layouts[arch]
-    else:
-      layout = dict(mesh_shape=mesh_shape, explicit_grad_reduce=FLAGS.explicit_grad_reduce,
-                    gather_split_params=FLAGS.gather_split_params, split_tables=tuple(FLAGS.split_tables))
     row = bench_arch(arch, info, small=small, batch=batch, seq=seq, steps=FLAGS.steps,
                      precision=FLAGS.precision, profile_dir=FLAGS.profile, target_lse=FLAGS.target_lse == "on",
-                     ab=FLAGS.ab, warmup=FLAGS.warmup, program=FLAGS.program, config_overrides=overrides,
-                     **layout)
+                     ab=FLAGS.ab, warmup=FLAGS.warmup, config_overrides=overrides,
+                     mesh_shape=config_meshes[arch] if FLAGS.mesh == "config" else mesh_shape)
     rows.append(row)
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
@@ -478,13 +395,8 @@ def main(argv):
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), mesh=FLAGS.mesh,
                    precision=FLAGS.precision,
-                   target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup, program=FLAGS.program,
-                   config_overrides=overrides,
-                   # the layout flags; with --mesh=config each row records its config's layout instead
-                   **(dict(explicit_grad_reduce=None, gather_split_params=None, split_tables=None)
-                      if FLAGS.mesh == "config" else
-                      dict(explicit_grad_reduce=FLAGS.explicit_grad_reduce,
-                           gather_split_params=FLAGS.gather_split_params, split_tables=list(FLAGS.split_tables))),
+                   target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
+                   config_overrides=overrides, commit=git_commit(),
                    hugepage_malloc=malloc.hugepage_malloc_active(), retained_heap=malloc.retained_heap_active(),
                    jemalloc=malloc.jemalloc_active(),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)

@@ -36,6 +36,7 @@ import ml_collections
 
 from lkjax.config_args import parse_arg
 from lkjax.losses import LOSS_KINDS
+from lkjax.models import registry
 # (data, fsdp, tensor) mesh axes; the rules map the models' logical axis names onto them.
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES = (
@@ -50,10 +51,9 @@ DEFAULT_RULES = (
 )
 
 
-def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
-          default_eta: float = 3.0) -> ml_collections.ConfigDict:
+def build(arch: str, model: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """The full, locked training config of ``arch`` with its ``model`` section and the parsed ``arg``."""
-  a = parse_arg(arg, loss="lk_hybrid", eta=default_eta, lam=0.5, schedule="linear", smoke=False,
+  a = parse_arg(arg, loss="lk_hybrid", eta=registry.spec(arch).eta, lam=0.5, schedule="linear", smoke=False,
                 paper=False, steps=0, batch=0)
   if a.loss not in LOSS_KINDS:
     raise ValueError(f"config arg loss={a.loss!r}: expected one of {LOSS_KINDS}")
@@ -110,17 +110,12 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None, *,
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)          # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.rules = DEFAULT_RULES
-  # On a purely data-parallel mesh, the gradient is one per-device program with one explicit sum of the
-  # gradients per step (lkjax/train/step.py); False leaves the collectives to the partitioner.
-  c.mesh.explicit_grad_reduce = True
-  # Also on an FSDP mesh (parameters split over the batch's axes only): the per-device program gathers the
-  # split parameters once per step and reduce-scatters their gradients, so each device updates its part.
-  # Pays off for MEDUSA and the MLP-Speculator (their configs); not for EAGLE-3 or MTP (benchmarks/bench_mesh.py).
-  c.mesh.gather_split_params = False
-  # In that program, embedding tables split on their feature dim that stay split: each device looks up its
-  # columns for every device's tokens (lkjax/models/layers.py table_rows). Trainable (the MLP-Speculator's
-  # `emb`, its config's default) or frozen (the target embedding `embed_tokens` of EAGLE-3 and MTP).
-  c.mesh.split_tables = ()
+
+  # How the draft computes, never what (lkjax/perf.py): "auto" picks per backend (CPU forms on CPU only).
+  c.perf = ml_collections.ConfigDict()
+  c.perf.matmul = "auto"             # nn: bf16 row-major dots forward + backward (CPU) | xla | auto
+  c.perf.attention_grad = "custom_vjp"   # flash-style recomputing backward | autodiff
+  c.perf.causal_block = -1           # query rows per causal attention block; 0: all keys; -1: auto (256 on CPU)
 
   c.precision = "bf16"               # bf16: bf16 compute, fp32 params + optimizer state; fp32: all fp32
   # Saves every `every` steps or `every_minutes` minutes, whichever comes first (and always at the end or on

@@ -10,19 +10,17 @@ from __future__ import annotations
 import ml_collections
 
 from lkjax.config_args import import_sibling
+from lkjax.models import registry
 
 base = import_sibling(__file__, "base")
 
 
 def model_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      arch="eagle3", num_heads=7, draft_vocab_size=8192, dtype="",  # "": follow config.precision
-      hidden_size=0, num_attention_heads=0, num_key_value_heads=0, head_dim=0, intermediate_size=0,
-      num_layers=1, rms_norm_eps=0.0, rope_theta=0.0, init_lm_head_from_target=False))
+  return registry.model_config("eagle3")   # the defaults live in lkjax/models/registry.py
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return base.build("eagle3", model_config(), arg, default_eta=3.0)
+  return base.build("eagle3", model_config(), arg)
 
 
 def sweep(add) -> None:

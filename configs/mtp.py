@@ -9,18 +9,17 @@ from __future__ import annotations
 import ml_collections
 
 from lkjax.config_args import import_sibling
+from lkjax.models import registry
 
 base = import_sibling(__file__, "base")
 
 
 def model_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      arch="mtp", num_heads=7, draft_vocab_size=8192, dtype="",  # "": follow config.precision
-      share_weights=True))
+  return registry.model_config("mtp")   # the defaults live in lkjax/models/registry.py
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return base.build("mtp", model_config(), arg, default_eta=3.0)
+  return base.build("mtp", model_config(), arg)
 
 
 def sweep(add) -> None:

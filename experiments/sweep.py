@@ -77,8 +77,8 @@ def write_table(rows: list[dict[str, Any]], root: str) -> tuple[str, str]:
   """``summary.json`` + ``summary.md`` (one line per run, best tau first)."""
   rows = sorted(rows, key=lambda r: -(r["tau"] if isinstance(r.get("tau"), (int, float)) else -1))
   jpath, mpath = os.path.join(root, "summary.json"), os.path.join(root, "summary.md")
-  with open(jpath, "w") as f:
-    json.dump(rows, f, indent=2)
+  from lkjax.files import write_json
+  write_json(jpath, rows)
   lines = ["| run | status | step | split | loss | tau | alpha per head |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     fmt = lambda x: f"{x:.4f}" if isinstance(x, (int, float)) else str(x)  # noqa: E731

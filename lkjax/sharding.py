@@ -129,18 +129,6 @@ def varying_axes(x) -> frozenset:
   return frozenset(mat.varying) if mat is not None else frozenset()
 
 
-def axis_arg(axes: tuple[str, ...]):
-  """A collective's axis-name argument for ``axes``: the one name, or the tuple of several."""
-  return axes[0] if len(axes) == 1 else tuple(axes)
-
-
-def make_varying(x: jax.Array, axes: Sequence[str]) -> jax.Array:
-  """Inside ``shard_map``: ``x`` as a value that may differ between the devices of every axis in ``axes``
-  (``pcast`` over those it does not vary on yet; unchanged if none)."""
-  missing = tuple(a for a in axes if a not in varying_axes(x))
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
   """A hand-written VJP's cotangent ``ct`` for ``primal``, summed over the manual mesh axes along which
   ``ct`` varies and ``primal`` does not.

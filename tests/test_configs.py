@@ -10,6 +10,9 @@ from ml_collections import config_flags
 
 from lkjax.config_args import apply_overrides, load_config, parse_arg
 
+from lkjax.models import registry
+
+# The paper's K and eta per architecture, written out here so that the registry is checked against them.
 ARCHS = {"eagle3": (7, 3.0), "medusa": (6, 10.0), "mlp_speculator": (6, 3.0), "mtp": (7, 3.0)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,14 +22,14 @@ def test_paper_recipe_defaults(arch):
   c = load_config(os.path.join(ROOT, f"configs/{arch}.py"))
   k, eta = ARCHS[arch]
   assert c.model.arch == arch and c.model.num_heads == k and c.loss.eta == eta
+  assert registry.spec(arch).num_heads == k and c.model.to_dict() == dict(registry.spec(arch).model_defaults)
   assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.clip, c.optim.schedule) == (4e-4, 0.9, 0.95, 0.5, "cosine")
   assert c.loss.gamma == 0.8 and c.loss.kind == "lk_hybrid"
-  assert c.data.auto_prepare and c.mesh.explicit_grad_reduce
-  # MEDUSA and the MLP-Speculator (its tables kept split): FSDP in the per-device gradient program on
-  # several devices; the others data parallel.
-  fsdp = arch in ("medusa", "mlp_speculator")
-  assert c.mesh.shape == ((1, -1, 1) if fsdp else (-1, 1, 1)) and c.mesh.gather_split_params == fsdp
-  assert tuple(c.mesh.split_tables) == (("emb",) if arch == "mlp_speculator" else ())
+  assert c.data.auto_prepare
+  # The MLP-Speculator (170 M parameters of stage embeddings): FSDP on several devices; the others data parallel.
+  assert c.mesh.shape == ((1, -1, 1) if arch == "mlp_speculator" else (-1, 1, 1))
+  # perf options: auto (this backend's forms) unless a config says otherwise
+  assert (c.perf.matmul, c.perf.attention_grad, c.perf.causal_block) == ("auto", "custom_vjp", -1)
   p = load_config(os.path.join(ROOT, f"configs/{arch}.py:paper"))
   assert (p.batch_size, p.num_epochs, p.optim.warmup_steps) == (64, 10, 100)
   s = load_config(os.path.join(ROOT, f"configs/{arch}.py:smoke"))

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from lkjax.models import layers as L
+from lkjax.perf import PerfOptions
 from lkjax.models.base import Frozen
 
 
@@ -144,11 +145,10 @@ def test_gqa_attention_custom_vjp_equals_autodiff(with_self, dtype):
 
 @pytest.mark.parametrize("impl", ["custom_vjp", "autodiff"])
 @pytest.mark.parametrize("block", [3, 4])
-def test_gqa_attention_causal_blocks_equal_full(monkeypatch, impl, block):
+def test_gqa_attention_causal_blocks_equal_full(impl, block):
   """causal=True (query blocks attend to their key prefix only) against the full attention: packed
   segments, padding, own-position keys, a length that the block does not divide; values and gradients."""
-  monkeypatch.setattr(L, "ATTENTION_CAUSAL_BLOCK", block)
-  monkeypatch.setattr(L, "_attention_impl", impl)
+  perf = PerfOptions(attention_grad=impl, causal_block=block)
   rng = np.random.default_rng(11)
   b, t, n, nkv, d, s = 2, 11, 4, 2, 8, 2
   q, k, v = (jnp.asarray(rng.normal(size=sh).astype(np.float32)) for sh in [(b, t, n, d), (b, t, nkv, d),
@@ -161,7 +161,7 @@ def test_gqa_attention_causal_blocks_equal_full(monkeypatch, impl, block):
   w = jnp.asarray(rng.normal(size=(b, t, n, d)).astype(np.float32))
 
   def loss(causal, *a):
-    out = L.gqa_attention(*a[:3], mask, self_k=a[3], self_v=a[4], self_mask=smask, causal=causal)
+    out = L.gqa_attention(*a[:3], mask, self_k=a[3], self_v=a[4], self_mask=smask, causal=causal, perf=perf)
     return jnp.sum(out * w), out
 
   args = (q, k, v, sk, sv)
@@ -172,32 +172,14 @@ def test_gqa_attention_causal_blocks_equal_full(monkeypatch, impl, block):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
   # The blocking really happened: a key after its query (which causal=True promises away) is ignored.
   leaky = mask.at[:, 0, t - 1].set(True)
-  full = L.gqa_attention(q, k, v, leaky)
-  blocked = L.gqa_attention(q, k, v, leaky, causal=True)
+  full = L.gqa_attention(q, k, v, leaky, perf=perf)
+  blocked = L.gqa_attention(q, k, v, leaky, causal=True, perf=perf)
   assert not np.allclose(np.asarray(full)[:, 0], np.asarray(blocked)[:, 0])
+  # causal_block = 0: causal=True attends to all keys (no blocking), the same as the full attention.
+  unblocked = L.gqa_attention(q, k, v, leaky, causal=True, perf=PerfOptions(attention_grad=impl, causal_block=0))
+  np.testing.assert_array_equal(np.asarray(unblocked), np.asarray(full))
   with pytest.raises(ValueError, match="causal=True needs as many keys"):
-    L.gqa_attention(q, k[:, :5], v[:, :5], mask[:, :, :5], causal=True)
-
-
-def test_attention_variant_sets_and_restores_trace_time_settings(monkeypatch):
-  monkeypatch.setattr(L, "ATTENTION_CAUSAL_BLOCK", 3)
-  rng = np.random.default_rng(2)
-  b, t, n, d = 1, 8, 2, 4
-  q, k, v = (jnp.asarray(rng.normal(size=sh).astype(np.float32)) for sh in [(b, t, n, d), (b, t, 1, d), (b, t, 1, d)])
-  leaky = jnp.ones((b, t, t), bool)          # breaks causal=True's promise: blocking shows in the result
-  full = np.asarray(L.gqa_attention(q, k, v, leaky))
-  with L.attention_variant("autodiff", causal_block=0):
-    assert L._attention_impl == "autodiff"
-    np.testing.assert_array_equal(np.asarray(L.gqa_attention(q, k, v, leaky, causal=True)), full)
-  assert (L._attention_impl, L.ATTENTION_CAUSAL_BLOCK) == ("custom_vjp", 3)
-  assert not np.allclose(np.asarray(L.gqa_attention(q, k, v, leaky, causal=True)), full)
-  with pytest.raises(ValueError, match="attention impl"):
-    with L.attention_variant("flash"):
-      pass
-  with pytest.raises(RuntimeError):
-    with L.attention_variant(causal_block=0):
-      raise RuntimeError("inside")
-  assert L.ATTENTION_CAUSAL_BLOCK == 3
+    L.gqa_attention(q, k[:, :5], v[:, :5], mask[:, :, :5], causal=True, perf=perf)
 
 
 def test_segment_causal_mask_hand_example():
@@ -326,69 +308,3 @@ def test_unstack_equals_indexing_in_value_and_gradient(dtype):
   assert g.dtype == x.dtype and g.shape == x.shape
   np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
   assert not np.asarray(g[3], np.float32).any()
-
-
-@pytest.mark.parametrize("mesh_shape,axes", [((1, 8, 1), ("fsdp",)), ((2, 4, 1), ("fsdp",)),
-                                             ((2, 4, 1), ("data", "fsdp"))])
-def test_table_rows_of_a_split_table_equal_indexing_in_value_and_gradient(mesh_shape, axes):
-  """A table split on its feature dim, kept split in a per-device program (`split_tables`): each device
-  gets its own tokens' whole rows, and each block's gradient is the scatter-add of every device's tokens
-  (over the table's axes) -- the same as indexing the whole table, value and gradient."""
-  from jax.sharding import PartitionSpec as P
-  from lkjax import sharding as shd
-  mesh = shd.make_mesh(mesh_shape)
-  E, V, D, B, T = 3, 50, 16, 8, 5
-  table = jax.random.normal(jax.random.key(0), (E, V, D))
-  ids = jax.random.randint(jax.random.key(1), (E, B, T), 0, V)
-  which = np.arange(E, dtype=np.int32)[:, None, None]
-  weight = jax.random.normal(jax.random.key(2), (E, B, T, D))
-
-  def loss(tab, ids, w):
-    return jnp.sum(L.table_rows(tab, (which, ids), D) * w)
-
-  ref_value, ref_grad = jax.value_and_grad(loss)(table, ids, weight)
-  ref_rows = table[which, ids]
-
-  def per_device(tab, ids, w):
-    batch = ("data", "fsdp")
-    rest = tuple(a for a in batch if a not in axes)   # devices holding the same block, other tokens
-    if rest:   # per-device gradients, summed below (as the train step does)
-      tab = shd.make_varying(tab, rest)
-    with L.split_tables(axes):
-      rows = L.table_rows(tab, (which, ids), D)
-      value, grad = jax.value_and_grad(loss)(tab, ids, w)
-    if rest:
-      grad = jax.lax.psum(grad, rest)
-    return rows, jax.lax.psum(value, batch), grad
-
-  split = axes if len(axes) > 1 else axes[0]
-  fn = jax.jit(jax.shard_map(per_device, mesh=mesh,
-                             in_specs=(P(None, None, split), P(None, ("data", "fsdp")), P(None, ("data", "fsdp"))),
-                             out_specs=(P(None, ("data", "fsdp")), P(), P(None, None, split))))
-  rows, value, grad = fn(table, ids, weight)
-  np.testing.assert_array_equal(np.asarray(rows), np.asarray(ref_rows))
-  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-6)
-
-
-def test_table_rows_of_a_narrow_table_outside_split_tables_is_an_error():
-  table = jnp.zeros((10, 4))
-  np.testing.assert_array_equal(L.table_rows(table, (jnp.array([1, 2]),), 4), jnp.zeros((2, 4)))
-  with pytest.raises(ValueError, match="column block"):
-    L.table_rows(table, (jnp.array([1, 2]),), 8)
-
-
-def test_table_rows_of_a_block_that_does_not_match_the_split_is_an_error():
-  """A block of 2 of 16 columns is 1/8 of the table; split 4 ways it is not (a wrong width or axis)."""
-  from jax.sharding import PartitionSpec as P
-  from lkjax import sharding as shd
-  mesh = shd.make_mesh((2, 4, 1))
-
-  def per_device(tab, ids):
-    with L.split_tables(("fsdp",)):
-      return L.table_rows(tab, (ids,), 16)
-
-  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(None, "fsdp"), P(("data", "fsdp"))),
-                     out_specs=P(("data", "fsdp")))
-  with pytest.raises(ValueError, match="split over .'fsdp',. of 4 devices"):
-    jax.jit(fn).lower(jnp.zeros((10, 8)), jnp.zeros((8, 3), jnp.int32))

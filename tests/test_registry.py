@@ -25,14 +25,30 @@ def test_default_configs():
       576, 9, 3, 64, 1536)
   assert e.rope_theta == 100000.0 and e.rms_norm_eps == 1e-5
   m = registry.default_model_config("mtp", SMOL)
-  assert (m.num_heads, m.share_weights, m.draft_vocab_size) == (7, True, 0)
+  assert (m.num_heads, m.share_weights, m.draft_vocab_size) == (7, True, 8192)
   md = registry.default_model_config("medusa", SMOL)
   assert (md.num_heads, md.num_layers, md.fc_bias, md.init_head_from_target) == (6, 1, True, True)
   s = registry.default_model_config("mlp_speculator", SMOL)
   assert (s.num_heads, s.inner_dim, s.emb_dim, s.tie_weights, s.scale_input) == (6, 576, 576, False, False)
   assert registry.default_model_config("eagle3", TINY).draft_vocab_size == 0
+  assert registry.default_draft_vocab(128_256) == 32000 and registry.default_draft_vocab(49152) == 8192
   with pytest.raises(ValueError, match="arch='hydra'"):
     registry.default_model_config("hydra", SMOL)
+
+
+def test_one_spec_per_architecture_drives_build_export_and_serving():
+  """Every registered architecture's spec names a model module that builds it, an exporter that exists,
+  and a vLLM method (or None); the export package dispatches through it."""
+  import importlib
+  from lkjax import export
+  assert export.ARCHS == registry.ARCHS and set(registry.ARCHS) == {"eagle3", "medusa", "mlp_speculator", "mtp"}
+  for arch in registry.ARCHS:
+    sp = registry.spec(arch)
+    model = registry.build_draft(registry.default_model_config(arch, TINY), TINY, rngs=nnx.Rngs(0))
+    assert type(model).__module__ == sp.module and model.num_heads == sp.num_heads
+    module, name = sp.exporter.split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    assert sp.vllm_method in (None, arch) and sp.title
 
 
 def test_build_dispatches_and_resolves_inherited_sizes():

@@ -7,7 +7,6 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lkjax import sharding as shd
 from lkjax.models.base import Frozen
@@ -206,7 +205,6 @@ def test_params_move_and_frozen_get_no_optimizer_state():
                                                                   jax.tree.leaves(p0)))
 
 
-# (4, 1, 2): the partitioner's placement; (4, 1, 1): shard_map, the gradient summed once after the scan.
 @pytest.mark.parametrize("mesh_shape", [None, (4, 1, 2), (4, 1, 1)])
 def test_grad_accumulation_equals_double_batch(mesh_shape):
   # Full mask: every micro-batch has the same per-head token count, so mean of means == global mean.
@@ -364,25 +362,7 @@ def test_precast_rest_changes_nothing_but_the_per_step_cast():
 
 
 # ----------------------------------------------------------------------------------------------
-# Data-parallel meshes: one explicit gradient sum per step (shard_map) == the partitioner's placement
-
-
-def test_data_parallel_axes_only_when_every_split_is_over_the_batch_axes():
-  def axes(mesh_shape, allow_split=True):
-    return step_lib.data_parallel_axes(setup(mesh_shape)[4], allow_split=allow_split)
-
-  assert axes((8, 1, 1)) == axes((8, 1, 1), False) == ("data",)
-  assert axes((4, 1, 1)) == ("data",)       # fewer devices than the host has: the first four
-  assert axes((1, 8, 1)) == ("fsdp",)       # the batch and the "embed" parameters over fsdp
-  assert axes((4, 2, 1)) == ("data", "fsdp")
-  assert axes((1, 8, 1), False) is None     # split parameters: only with gather_split_params
-  assert axes((4, 2, 1), False) is None
-  assert axes((1, 1, 1)) is None            # one device: nothing to sum
-  assert axes((2, 2, 2)) is None            # tensor axis: the partitioner's placement
-  sh = setup((4, 2, 1))[4]                  # parameters split over fsdp, the batch over data only
-  sh = dict(sh, batch=jax.tree.map(lambda s: NamedSharding(s.mesh, P("data")), sh["batch"]))
-  assert step_lib.data_parallel_axes(sh, allow_split=True) is None
-  assert step_lib.data_parallel_axes(None) is None
+# Every layout is the same step: one jit, the partitioner places the collectives
 
 
 def test_all_reduce_bytes_counts_every_result_of_every_all_reduce():
@@ -398,9 +378,9 @@ def test_all_reduce_bytes_counts_every_result_of_every_all_reduce():
   assert shd.collective_bytes(hlo, "all-gather") == 0
 
 
-def _arch_step(arch, mesh_shape, explicit, gather=False, split_tables=()):
+def _arch_step(arch, mesh_shape):
   """A real draft's fp32 train step (`tiny_draft`, batch 8 x 10) on ``mesh_shape`` (None: single device,
-  no shardings) -> (jitted step, its arguments, number of trainable parameters)."""
+  no shardings) -> (jitted step, its arguments)."""
   graphdef, params, rest, target, batch = tiny_draft(arch, 8, 10)
   tx = optim.make_optimizer(optim_cfg(), total_steps=10)
   batch = add_target_lse(batch, target)
@@ -416,51 +396,26 @@ def _arch_step(arch, mesh_shape, explicit, gather=False, split_tables=()):
     state, pure_rest = jax.device_put(state, sh["state"]), jax.device_put(pure_rest, sh["rest"])
     target, batch = jax.device_put(target, sh["target"]), jax.device_put(batch, sh["batch"])
   fn = step_lib.make_train_step(graphdef, tx, loss_cfg("lk_hybrid"), total_steps=10, precision="fp32",
-                                shardings=sh, donate=False, explicit_grad_reduce=explicit,
-                                gather_split_params=gather, split_tables=split_tables)
-  return fn, (state, pure_rest, target, batch), sum(x.size for x in jax.tree.leaves(pure_params))
+                                shardings=sh, donate=False)
+  return fn, (state, pure_rest, target, batch)
 
 
+@pytest.mark.mesh
 @pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
-def test_data_parallel_step_sums_gradients_once_and_equals_single_device(arch):
-  """The shard_map step on 8 devices: the same state and metrics as one device and as the partitioner's
-  placement, with each parameter's float32 gradient summed over the devices once (plus the loss's [K]
-  token sums) -- an EAGLE-3 or MTP parameter used by every head is not summed once per use.
-
-  Data parallel (8x1x1): one all-reduce of every gradient. FSDP (1x8x1, "embed" dims split): the split
-  parameters are gathered at the start and their gradients reduce-scattered, each device receiving its
-  eighth; only the replicated ones are all-reduced (``gather_split_params``). Both (2x4x1): the batch over
-  both axes."""
-  results, hlo, split = {}, {}, {}
-  for name, mesh_shape, explicit in (("single", None, True), ("explicit", (8, 1, 1), True),
-                                     ("compiler", (8, 1, 1), False), ("fsdp", (1, 8, 1), True),
-                                     ("both", (2, 4, 1), True)):
-    fn, args, n_params = _arch_step(arch, mesh_shape, explicit, gather=name in ("fsdp", "both"))
-    compiled = fn.lower(*args).compile()
-    results[name] = jax.tree.map(np.asarray, compiled(*args))
-    hlo[name] = compiled.as_text()
-    split[name] = sum(x.size for x in jax.tree.leaves(args[0]["params"])
-                      if any(e is not None for e in tuple(getattr(x.sharding, "spec", ()))))
-  ref_state, ref_metrics = results["single"]
-  for name in ("explicit", "compiler", "fsdp", "both"):
-    state, metrics = results[name]
+def test_every_layout_gives_the_single_device_step(arch):
+  """Data parallel (8x1x1), FSDP (1x8x1: the "embed" dims split, the batch over fsdp) and both (2x4x1):
+  the same state and metrics (lambda from the global batch) as one device, the parameters placed as the
+  rules say."""
+  ref_fn, ref_args = _arch_step(arch, None)
+  ref_state, ref_metrics = jax.tree.map(np.asarray, ref_fn(*ref_args))
+  for mesh_shape in ((8, 1, 1), (1, 8, 1), (2, 4, 1)):
+    fn, args = _arch_step(arch, mesh_shape)
+    state, metrics = jax.tree.map(np.asarray, fn(*args))
     for key in ref_metrics:
-      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, atol=1e-6, err_msg=f"{name} {key}")
+      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, atol=1e-6, err_msg=f"{mesh_shape} {key}")
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=2e-5, atol=1e-6), state, ref_state)
-  assert "all-reduce" not in hlo["single"] and shd.all_reduce_bytes(hlo["single"]) == 0
-  k = ref_metrics["alpha"].shape[0]
-  # f32 gradients once + at most the objective's psum-ed [K] sums (tokens, alpha, kl, tv, -log alpha).
-  assert split["explicit"] == 0
-  assert 4 * n_params <= shd.all_reduce_bytes(hlo["explicit"]) <= 4 * n_params + 4 * 8 * k
-  assert 0 < split["fsdp"] == split["both"] <= n_params
-  rest = n_params - split["fsdp"]
-  # ... + the partial sums of squares of the split gradients (their global norm, for the clip and grad_norm).
-  n_leaves = len(jax.tree.leaves(ref_state["params"]))
-  assert 4 * rest <= shd.all_reduce_bytes(hlo["fsdp"]) <= 4 * rest + 4 * 8 * k + 8 * n_leaves
-  assert shd.collective_bytes(hlo["fsdp"], "reduce-scatter") == 4 * split["fsdp"] // 8
-  # Both axes: the split gradients are all-reduced over data (2) first, then reduce-scattered over fsdp (4).
-  assert 4 * n_params <= shd.all_reduce_bytes(hlo["both"]) <= 4 * n_params + 4 * 8 * k + 8 * n_leaves
-  assert shd.collective_bytes(hlo["both"], "reduce-scatter") == 4 * split["both"] // 4
+    split = [x for x in jax.tree.leaves(args[0]["params"]) if any(e is not None for e in tuple(x.sharding.spec))]
+    assert bool(split) == (mesh_shape[1] > 1), mesh_shape     # FSDP splits parameters, data parallel does not
 
 
 @pytest.mark.parametrize("arch", ["eagle3", "medusa", "mlp_speculator", "mtp"])
@@ -477,81 +432,3 @@ def test_output_layers_equal_feature_logits(arch):
   for k, f in enumerate(feats):
     np.testing.assert_allclose(heads[k](f), model.feature_logits(f, k), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(logits[k], heads[k](f), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("arch,table", [("mlp_speculator", "emb"), ("eagle3", "embed_tokens"),
-                                        ("mtp", "embed_tokens")])
-@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 4, 1)])
-def test_split_table_step_equals_single_device_and_moves_no_table(arch, table, mesh_shape):
-  """Embedding tables kept split in the per-device program (``split_tables``): the MLP-Speculator's
-  trainable stage embeddings and the frozen target embedding of EAGLE-3 and MTP. The same state and
-  metrics as one device, and the table is neither gathered nor reduce-scattered -- only the other split
-  arrays are (a trainable table's gradient is psum-ed over ``data`` only, on 2x4x1), plus the token ids
-  of the devices that share a block."""
-  ref_fn, ref_args, _ = _arch_step(arch, None, True)
-  ref_state, ref_metrics = jax.tree.map(np.asarray, ref_fn(*ref_args))
-  fn, args, n_params = _arch_step(arch, mesh_shape, True, gather=True, split_tables=(table,))
-  compiled = fn.lower(*args).compile()
-  state, metrics = jax.tree.map(np.asarray, compiled(*args))
-  for key in ref_metrics:
-    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, atol=1e-6, err_msg=key)
-  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=2e-5, atol=1e-6), state, ref_state)
-  params, rest = args[0]["params"], args[1]
-  assert tuple({**rest, **params}[table].sharding.spec)[-1] == "fsdp"
-  fsdp = mesh_shape[1]
-  split = lambda x: any(e is not None for e in tuple(x.sharding.spec))  # noqa: E731
-  others = sum(x.size for k, x in params.items() if k != table for x in jax.tree.leaves(x) if split(x))
-  rest_bytes = sum(x.nbytes for k, x in rest.items() if k != table for x in jax.tree.leaves(x) if split(x))
-  assert others > 0
-  hlo = compiled.as_text()
-  assert shd.collective_bytes(hlo, "reduce-scatter") == 4 * others // fsdp
-  # The other split parameters (float32 here) and frozen arrays, and per lookup the int32 token ids of
-  # the devices sharing a block: [fsdp, B / (data * fsdp), T] = B / data * T ids.
-  ids = shd.collective_bytes(hlo, "all-gather") - 4 * others - rest_bytes
-  per_lookup = 4 * (args[3]["input_ids"].shape[0] // mesh_shape[0]) * args[3]["input_ids"].shape[1]
-  assert ids > 0 and ids % per_lookup == 0
-  if arch == "mlp_speculator":   # one lookup of every stage's tokens
-    assert ids == per_lookup * ref_metrics["alpha"].shape[0]
-  assert shd.collective_bytes(hlo, "all-to-all") > 0
-  with pytest.raises(ValueError, match="not a parameter"):
-    _arch_step(arch, mesh_shape, True, gather=True, split_tables=("embedding",))
-
-
-def test_split_tables_must_be_split_on_the_feature_dim_only():
-  with pytest.raises(ValueError, match="last .feature. dim"):
-    _arch_step("mlp_speculator", (1, 8, 1), True, gather=True, split_tables=("head",))
-
-
-def test_gather_split_moves_bf16_blocks_as_16_bit_words():
-  """`gather_split` of a bf16 block: the whole array, bit for bit, gathered as uint16 (XLA's CPU backend
-  would widen a bf16 all-gather to float32, doubling its bytes)."""
-  mesh = shd.make_mesh((2, 4, 1))
-  x = jax.random.normal(jax.random.key(0), (6, 64, 8))
-  spec = P(None, "fsdp", "data")
-  fn = jax.jit(jax.shard_map(lambda b: step_lib.gather_split(b.astype(jnp.bfloat16), spec), mesh=mesh,
-                             in_specs=spec, out_specs=P(), check_vma=False))
-  compiled = fn.lower(x).compile()
-  np.testing.assert_array_equal(np.asarray(compiled(x), np.float32), np.asarray(x.astype(jnp.bfloat16), np.float32))
-  hlo = compiled.as_text()
-  gathers = [line for line in hlo.splitlines() if "all-gather(" in line]
-  assert len(gathers) == 2 and all(" u16[" in line for line in gathers)
-  # the fsdp gather (6*64*4 words from 6*16*4) and the data one (all 6*64*8): 2 bytes each
-  assert shd.collective_bytes(hlo, "all-gather") == 2 * (6 * 64 * 4 + 6 * 64 * 8)
-
-
-@pytest.mark.parametrize("slice_by_slice", [False, True])
-def test_sum_split_scatters_stacked_gradients_slice_by_slice(monkeypatch, slice_by_slice):
-  """`sum_split` of a stacked gradient split below its stacking dim (a [K, Ht, Vd] head split on Ht): the
-  device sum as this device's block, whether scattered whole or slice by slice (which large slices take)."""
-  monkeypatch.setattr(step_lib, "MIN_SCATTER_SLICE", 1 if slice_by_slice else 10 ** 9)
-  mesh = shd.make_mesh((1, 8, 1))
-  g = jax.random.normal(jax.random.key(0), (8, 3, 16, 5))   # device i's gradient: g[i]
-  spec = P(None, "fsdp", None)
-  fn = jax.jit(jax.shard_map(lambda x: step_lib.sum_split(x[0], spec, ("fsdp",)), mesh=mesh,
-                             in_specs=P("fsdp"), out_specs=spec, check_vma=False))
-  compiled = fn.lower(g).compile()
-  np.testing.assert_allclose(np.asarray(compiled(g)), np.asarray(g).sum(0), rtol=1e-5, atol=1e-5)
-  scatters = [line for line in compiled.as_text().splitlines() if "reduce-scatter(" in line]
-  # three [16, 5] slices each scattered on its own leading dim into [2, 5] blocks, or [3, 16, 5] at once
-  want = (3, "f32[2,5]") if slice_by_slice else (1, "f32[3,2,5]")
-  assert len(scatters) == want[0] and all(f"= {want[1]}" in line for line in scatters), scatters

@@ -44,10 +44,13 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from lkjax import files
+from lkjax.models import registry
+
 STATE_FILE = "study_state.json"
 EVAL_MARKER = "study_eval.json"
 BENCH_TITLES = {"mt_bench": "MT-bench", "humaneval": "HumanEval", "gsm8k": "GSM8K"}
-ARCH_TITLES = {"eagle3": "EAGLE-3", "medusa": "MEDUSA", "mlp_speculator": "MLP-Speculator", "mtp": "MTP"}
+ARCH_TITLES = {name: spec.title for name, spec in registry.SPECS.items()}
 PENDING = "pending"
 DISCUSSION_START = "<!-- discussion:start (hand-written; kept when this file is regenerated) -->"
 DISCUSSION_END = "<!-- discussion:end -->"
@@ -260,13 +263,8 @@ def _now() -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (a kill leaves the old file or the new one, never half of one)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(_jsonable(obj), f, indent=2, allow_nan=False)
-    f.write("\n")
-  os.replace(tmp, path)
+  """`lkjax.files.write_json` of ``obj`` made strict JSON (`_jsonable`: no NaN)."""
+  files.write_json(path, _jsonable(obj), allow_nan=False)
 
 
 def read_json(path: str) -> Any:

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from lkjax.data.shards import write_json_atomic
+from lkjax.files import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +290,7 @@ def generate_replies(target, prompts: Sequence[Prompt], out_path: str | os.PathL
       complete=len(records) == len(prompts), repaired_partial_line=repaired,
       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
       target=getattr(getattr(target, "info", None), "name", None), **(extra_summary or {}))
-  write_json_atomic(summary_path(out_path), summary)
+  write_json(summary_path(out_path), summary, indent=1)
   return summary
 
 

@@ -36,6 +36,7 @@ import torch
 
 from lkjax.data import shards
 from lkjax.data.generate import read_replies
+from lkjax.files import write_json
 
 PROGRESS_FILE = "precompute_progress.json"
 
@@ -176,7 +177,7 @@ def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLi
       raise ValueError(f"{progress_path}: was written for {state.get('config')}, this run is {config}; "
                        f"use another output directory or delete {out_dir} to start over")
   out_dir.mkdir(parents=True, exist_ok=True)
-  shards.write_json_atomic(progress_path, state)
+  write_json(progress_path, state, indent=1)
   target.export_head(out_dir)
   lm_head = torch.from_numpy(target.head_weights()["lm_head"]) if target_lse else None
 
@@ -216,7 +217,7 @@ def precompute(target, replies_path: str | os.PathLike, out_dir: str | os.PathLi
         "truncated": stats["truncated"], "skipped_empty": stats["skipped_empty"],
         "skipped_no_loss_tokens": stats["skipped_no_loss_tokens"], "skipped": skipped,
         "token_counts": {str(k): int(v) for k, v in counts.items()}}
-    shards.write_json_atomic(progress_path, state)
+    write_json(progress_path, state, indent=1)
     bar.update(len(chunk))
     bar.set_postfix(tok_s=f"{done_tokens / max(elapsed, 1e-9):.0f}")
   bar.close()

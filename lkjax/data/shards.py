@@ -34,12 +34,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import msgpack
 import numpy as np
+
+from lkjax.files import atomic_path, write_json
 
 FORMAT = "lkjax-shards/1"
 MANIFEST_FILE = "manifest.json"
@@ -136,19 +137,13 @@ def validate_record(record: Mapping[str, np.ndarray], *, hidden_size: int | None
   return int(length)
 
 
-def _atomic_path(path: pathlib.Path):
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  return pathlib.Path(tmp)
-
-
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
   """Write encoded records to one ArrayRecord file atomically; returns the record count."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _atomic_path(path)
+  tmp = atomic_path(path)
   n = 0
   try:
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
@@ -185,22 +180,10 @@ def shard_paths(directory: str | os.PathLike) -> list[pathlib.Path]:
   return sorted(pathlib.Path(directory).glob("shard-*.array_record"))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _atomic_path(path)
-  try:
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
 def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> pathlib.Path:
   """Write ``manifest.json`` atomically (adds ``format``)."""
   path = pathlib.Path(directory) / MANIFEST_FILE
-  write_json_atomic(path, {"format": FORMAT, **manifest})
+  write_json(path, {"format": FORMAT, **manifest}, indent=1)
   return path
 
 
@@ -263,7 +246,7 @@ def save_target_weights(directory: str | os.PathLike, *, embed_tokens: np.ndarra
   path.parent.mkdir(parents=True, exist_ok=True)
   tensors = {TARGET_WEIGHT_KEYS["embed_tokens"]: embed_tokens, TARGET_WEIGHT_KEYS["lm_head"]: lm_head,
              TARGET_WEIGHT_KEYS["norm"]: norm}
-  tmp = _atomic_path(path)
+  tmp = atomic_path(path)
   try:
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)

@@ -14,12 +14,13 @@ speculative tokens/s over target-only tokens/s measured in the same run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from lkjax.files import write_json
 
 
 def _check_lengths(accept_lengths: Iterable[int], num_draft: int) -> np.ndarray:
@@ -316,8 +317,7 @@ def write_report(report: Mapping[str, Any], out_dir: str, *, stem: str = "report
   """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir`` -> their paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {k: os.path.join(out_dir, f"{stem}.{k}") for k in ("json", "md", "png")}
-  with open(paths["json"], "w") as f:
-    json.dump(report, f, indent=2, allow_nan=False)
+  write_json(paths["json"], report, allow_nan=False)
   with open(paths["md"], "w") as f:
     f.write(markdown_table(report))
   plot_report(report, paths["png"])

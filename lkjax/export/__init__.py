@@ -10,17 +10,17 @@
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
 from pathlib import Path
 from typing import Any
 
-from lkjax.export.eagle3 import export_eagle3, import_eagle3
+from lkjax.export.eagle3 import import_eagle3
+from lkjax.models import registry
 
-ARCHS = ("eagle3", "medusa", "mlp_speculator", "mtp")
-# vLLM's speculative_config "method" of each export (MTP has none for an lkjax draft: see lkjax.export.mtp).
-VLLM_METHODS = {"eagle3": "eagle3", "medusa": "medusa", "mlp_speculator": "mlp_speculator"}
+ARCHS = registry.ARCHS
 
 __all__ = ["ARCHS", "export_draft", "import_eagle3", "serving_commands"]
 
@@ -32,18 +32,8 @@ def export_draft(model: Any, arch: str, out_dir: str | os.PathLike, target, **kw
   EAGLE-3, ``full_lm_head`` for MTP, ``prefix`` for MLP-Speculator).  Raises ValueError for an unknown
   ``arch`` or a model of another architecture.
   """
-  if arch == "eagle3":
-    return export_eagle3(model, out_dir, target, **kwargs)
-  if arch == "medusa":
-    from lkjax.export.medusa import export_medusa
-    return export_medusa(model, out_dir, target, **kwargs)
-  if arch == "mlp_speculator":
-    from lkjax.export.mlp_speculator import export_mlp_speculator
-    return export_mlp_speculator(model, out_dir, target, **kwargs)
-  if arch == "mtp":
-    from lkjax.export.mtp import export_mtp
-    return export_mtp(model, out_dir, target, **kwargs)
-  raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
+  module, name = registry.spec(arch).exporter.split(":")
+  return getattr(importlib.import_module(module), name)(model, out_dir, target, **kwargs)
 
 
 def serving_commands(arch: str, out_dir: str | os.PathLike, target_model: str,
@@ -65,7 +55,7 @@ def serving_commands(arch: str, out_dir: str | os.PathLike, target_model: str,
                      "MTP support (DeepSeek-V3/R1, Qwen3-Next, MiMo, GLM-4.5: speculative_config method 'mtp'); "
                      "a Llama target has no MTP serving path. Evaluate with: python experiments/evaluate.py. "
                      f"Tensors (DeepSeek naming) are in {out}.")}
-  spec = {"method": VLLM_METHODS[arch], "model": out, "num_speculative_tokens": int(num_speculative_tokens)}
+  spec = {"method": registry.spec(arch).vllm_method, "model": out, "num_speculative_tokens": int(num_speculative_tokens)}
   cmds = {
       "vllm_python": (f"from vllm import LLM\nllm = LLM(model={target_model!r}, "
                       f"speculative_config={json.dumps(spec)})"),

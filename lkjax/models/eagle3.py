@@ -30,6 +30,7 @@ from flax import nnx
 
 from lkjax.models import layers as L
 from lkjax.models.base import shift_left
+from lkjax.perf import PerfOptions, or_default
 from lkjax.targets.info import TargetInfo
 
 
@@ -62,7 +63,7 @@ class Eagle3DecoderLayer(L.LlamaDecoderLayer):
   """vLLM's ``midlayer``: a Llama layer whose q/k/v read ``concat(input_layernorm(e), hidden_norm(g))``."""
 
   def __init__(self, hidden: int, *, rms_norm_eps: float, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **kw):
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **kw):  # kw: LlamaDecoderLayer's, incl. perf
     super().__init__(hidden, rms_norm_eps=rms_norm_eps, attn_in_features=2 * hidden, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs, **kw)
     self.hidden_norm = L.RMSNorm(hidden, eps=rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -91,7 +92,8 @@ class Eagle3(nnx.Module):
                num_attention_heads: int, num_key_value_heads: int, head_dim: int, intermediate_size: int,
                rms_norm_eps: float, rope_theta: float, num_layers: int = 1, num_heads: int = 7,
                draft_vocab: np.ndarray | None = None, target_embed: np.ndarray | None = None,
-               init_lm_head: np.ndarray | None = None, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               init_lm_head: np.ndarray | None = None, dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               perf: PerfOptions | None = None):
     """Builds the model.
 
     Args:
@@ -102,6 +104,7 @@ class Eagle3(nnx.Module):
       target_embed: ``[V, Ht]`` target embedding (frozen copy when H == Ht); None = random (tests).
       init_lm_head: optional ``[Vd, H]`` rows to initialise lm_head (PyTorch layout).
       dtype: compute dtype; parameters are float32.
+      perf: `lkjax.perf.PerfOptions` (None: this backend's default).
     """
     if num_layers < 1 or num_heads < 1:
       raise ValueError(f"num_layers={num_layers}, num_heads={num_heads}: both must be >= 1")
@@ -112,6 +115,7 @@ class Eagle3(nnx.Module):
     self.num_kv_heads, self.head_dim = int(num_key_value_heads), int(head_dim)
     self.num_layers = int(num_layers)
     self.dtype = dtype
+    self.perf = or_default(perf)
     H, V, Vd = self.hidden_size, self.vocab_size, self.draft_vocab_size
     self.embed_trainable = H != target_hidden_size
     if self.embed_trainable:
@@ -123,8 +127,9 @@ class Eagle3(nnx.Module):
       self.embed_tokens = L.frozen(emb, ("vocab", "embed"))
     kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     layer_kw = dict(num_heads=num_attention_heads, num_kv_heads=num_key_value_heads, head_dim=head_dim,
-                    intermediate=intermediate_size, rms_norm_eps=rms_norm_eps, rope_theta=rope_theta, **kw)
-    self.fc = L.dense(num_aux * target_hidden_size, H, (None, "embed"), **kw)
+                    intermediate=intermediate_size, rms_norm_eps=rms_norm_eps, rope_theta=rope_theta,
+                    perf=self.perf, **kw)
+    self.fc = L.dense(num_aux * target_hidden_size, H, (None, "embed"), perf=self.perf, **kw)
     self.midlayer = Eagle3DecoderLayer(H, **layer_kw)
     self.layers = nnx.List([L.LlamaDecoderLayer(H, **layer_kw) for _ in range(num_layers - 1)])
     self.norm = L.RMSNorm(H, eps=rms_norm_eps, **kw)
@@ -134,13 +139,12 @@ class Eagle3(nnx.Module):
       if rows.shape != (Vd, H):
         raise ValueError(f"init_lm_head: expected shape {(Vd, H)}, got {rows.shape}")
       head_init = lambda key, shape, dt: jnp.asarray(rows.T, dt)
-    self.lm_head = L.dense(H, Vd, ("embed", "vocab"), kernel_init=head_init, **kw)
+    self.lm_head = L.dense(H, Vd, ("embed", "vocab"), kernel_init=head_init, perf=self.perf, **kw)
     self.draft_vocab = None if draft_vocab is None else L.frozen(np.asarray(draft_vocab, np.int32), ("vocab",))
 
   # ------------------------------------------------------------------ pieces
   def _embed(self, tokens: jax.Array) -> jax.Array:
-    # A plain lookup; with the table kept split (mesh.split_tables) a lookup in column blocks.
-    return L.table_rows(self.embed_tokens[...], (tokens,), self.hidden_size).astype(self.dtype)
+    return self.embed_tokens[...][tokens].astype(self.dtype)
 
   def _first_hidden(self, aux: jax.Array) -> jax.Array:
     """``aux [B, T, A*Ht] -> g [B, T, H]``."""
@@ -186,12 +190,13 @@ class Eagle3(nnx.Module):
 
     def ttt_attend(layer: int, i: int) -> L.Attend:
       if i == 0:
-        return lambda q, k, v: L.gqa_attention(q, k, v, prefix, causal=True)
+        return lambda q, k, v: L.gqa_attention(q, k, v, prefix, causal=True, perf=self.perf)
       def attend(q, k, v):
         ks = jnp.stack([kv[0] for kv in later[layer]] + [k], axis=2)    # [B, T, i, Nkv, D]
         vs = jnp.stack([kv[1] for kv in later[layer]] + [v], axis=2)
         k0, v0 = step0[layer]
-        return L.gqa_attention(q, k0, v0, prefix, self_k=ks, self_v=vs, self_mask=own[:, :, :i], causal=True)
+        return L.gqa_attention(q, k0, v0, prefix, self_k=ks, self_v=vs, self_mask=own[:, :, :i], causal=True,
+                               perf=self.perf)
       return attend
 
     out = []
@@ -330,7 +335,8 @@ def resolve_config(cfg, target: TargetInfo) -> dict[str, Any]:
 
 
 def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
-                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs) -> Eagle3:
+                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs,
+                perf: PerfOptions | None = None) -> Eagle3:
   """Builds an `Eagle3` from a ConfigDict (see `resolve_config`; 0 = inherit the target's value).
 
   cfg keys: ``arch`` ('eagle3'), ``num_heads`` (K = 7), ``draft_vocab_size`` (0 = V), ``dtype``,
@@ -351,4 +357,5 @@ def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
     head_rows = tw["lm_head"] if ids is None else tw["lm_head"][ids]
   return Eagle3(target_hidden_size=target.hidden_size, vocab_size=target.vocab_size, num_aux=target.num_aux,
                 draft_vocab=ids, target_embed=None if tw is None else tw["embed_tokens"],
-                init_lm_head=head_rows, dtype=L.parse_dtype(cfg.get("dtype", "float32")), rngs=rngs, **shape)
+                init_lm_head=head_rows, dtype=L.parse_dtype(cfg.get("dtype", "float32")), rngs=rngs, perf=perf,
+                **shape)

@@ -22,7 +22,6 @@ draft -> target id mapping) live at the end of this module.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import jax
@@ -30,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkjax.models import matmul as matmul_lib
+from lkjax import perf as perf_lib
 from lkjax.models.base import Frozen
-from lkjax.sharding import axis_arg, cotangent_like, make_varying, varying_axes
+from lkjax.perf import PerfOptions
+from lkjax.sharding import cotangent_like
 
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "head_dim", "vocab")
 
@@ -67,15 +67,15 @@ def frozen(value, axes: tuple[str | None, ...]) -> Frozen:
 
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *, dtype: Any,
           param_dtype: Any = jnp.float32, rngs: nnx.Rngs, use_bias: bool = False,
-          kernel_init=nnx.initializers.lecun_normal()) -> nnx.Linear:
+          kernel_init=nnx.initializers.lecun_normal(), perf: PerfOptions | None = None) -> nnx.Linear:
   """A bias-free (by default) ``nnx.Linear`` ``[in, out]`` whose kernel carries logical ``axes``.
 
-  Its matmul is `lkjax.models.matmul.matmul` (bf16 NN dots forward and backward on CPU).
+  Its matmul is `lkjax.perf.matmul` in the form ``perf.matmul`` names (None: this backend's default).
   """
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=partitioned(kernel_init, axes),
                     bias_init=partitioned(nnx.initializers.zeros, (axes[1],)),
-                    dot_general=matmul_lib.dense_dot_general, rngs=rngs)
+                    dot_general=perf_lib.dense_dot_general(perf_lib.or_default(perf)), rngs=rngs)
 
 
 @jax.custom_vjp
@@ -99,60 +99,6 @@ def _unstack_bwd(x, cts):
 
 
 unstack.defvjp(_unstack_fwd, _unstack_bwd)
-
-
-# Mesh axes over which `table_rows` finds tables' feature dims split (None: tables are whole).
-_split_table_axes: tuple[str, ...] | None = None
-
-
-@contextlib.contextmanager
-def split_tables(axes: tuple[str, ...]):
-  """Within the block (inside ``shard_map``, read at trace time), a table passed to `table_rows` whose
-  last dim is narrower than its ``width`` is this device's block of columns of a table split over
-  ``axes``, and the tokens of every device in ``axes`` are looked up in it (`table_rows`). Set by the
-  train step for ``mesh.split_tables``; the previous setting comes back on exit."""
-  global _split_table_axes
-  saved = _split_table_axes
-  _split_table_axes = tuple(axes) or None   # (): no table is split
-  try:
-    yield
-  finally:
-    _split_table_axes = saved
-
-
-def table_rows(table: jax.Array, index: tuple, width: int) -> jax.Array:
-  """``table[index]``: rows of ``width`` features, ``index`` integer arrays (or numpy constants)
-  over the table's leading dims, broadcasting to a shape S -> ``[*S, width]``.
-
-  A table of full ``width`` is indexed directly. A narrower one is this device's column block of a table
-  split over the axes set by `split_tables` (an FSDP embedding, kept split in the per-device program):
-  every device's ``index`` is gathered (integers, a few KB), looked up in the block -- this device's
-  columns of every device's rows -- and an ``all_to_all`` hands each device its own rows' columns from
-  all blocks. The gradient (its transpose) sends each device's row cotangents back to the blocks, so
-  each block's gradient is the scatter-add of the tokens of every device in the axes: whole, never a
-  ``[V, width]`` array per device to be summed.
-  """
-  n, rem = divmod(width, table.shape[-1])
-  if n == 1 and not rem:
-    return table[index]
-  if rem or _split_table_axes is None:
-    raise ValueError(f"table_rows: a table of {table.shape[-1]} columns for rows of {width}: a column block "
-                     f"is only looked up inside the per-device program of a split table (split_tables)")
-  axes = _split_table_axes
-  if jax.lax.axis_size(axis_arg(axes)) != n:
-    raise ValueError(f"table_rows: a block of {table.shape[-1]} columns for rows of {width} is 1/{n} of the "
-                     f"table, but the table is split over {axes} of {jax.lax.axis_size(axis_arg(axes))} devices")
-  shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in index))
-
-  def every_device(i):
-    i = jnp.broadcast_to(jnp.asarray(i, jnp.int32), shape)
-    if not varying_axes(i) & set(axes):   # the same on every device (e.g. a constant): nothing to gather
-      return jnp.broadcast_to(i, (n,) + shape)
-    return jax.lax.all_gather(make_varying(i, axes), axis_arg(axes), axis=0)   # [n, *S]
-
-  rows = table[tuple(every_device(i) for i in index)]                             # [n, *S, width / n]
-  rows = jax.lax.all_to_all(rows, axis_arg(axes), 0, rows.ndim - 1, tiled=True)
-  return rows[0]                                                                  # [*S, width]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float, dtype: Any,
@@ -215,7 +161,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                   self_k: jax.Array | None = None, self_v: jax.Array | None = None,
-                  self_mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+                  self_mask: jax.Array | None = None, causal: bool = False,
+                  perf: PerfOptions | None = None) -> jax.Array:
   """Grouped-query softmax attention with an explicit boolean mask.
 
   ``o[b,t,n] = sum_s softmax_s(q[b,t,n] . k[b,s,n//G] / sqrt(D))[mask] v[b,s,n//G]`` with G = N / Nkv,
@@ -225,7 +172,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   The gradient is hand-written (`_attention` custom VJP, flash-attention style): the backward pass
   recomputes the scores from q and k instead of keeping ``[B, N, Tq, Tk]`` residuals, and forms
   ``dS = P * (dP - rowsum(dO * O))`` in one elementwise pass; `gqa_attention_reference` is the same
-  forward under plain autodiff (the tests compare the two).
+  forward under plain autodiff (the tests compare the two); ``perf.attention_grad`` picks one.
 
   Args:
     q: ``[B, Tq, N, D]``.
@@ -235,9 +182,10 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     self_mask: bool ``[B, Tq, S]`` for the extra keys (default all True).
     causal: the caller guarantees that ``mask[b, t, s]`` is False for every key ``s > t`` (``Tq == Tk``,
       queries and keys in the same slot order, e.g. `segment_causal_mask` of a training row).  Then
-      query block ``[a, e)`` (blocks of `ATTENTION_CAUSAL_BLOCK` rows) attends to keys ``[0, e)`` only:
+      query block ``[a, e)`` (blocks of ``perf.causal_block`` rows) attends to keys ``[0, e)`` only:
       the same result up to the float summation order, with 3/4 of the score work at 2 blocks (5/8 at 4).
       Nothing checks the guarantee: a key after its query that the mask allows would be dropped.
+    perf: `lkjax.perf.PerfOptions` (None: this backend's default).
   Returns:
     ``[B, Tq, N, D]`` in q's dtype; rows with no visible key (padding) are 0, never NaN.
   """
@@ -245,52 +193,20 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   tq = q.shape[1]
   if causal and k.shape[1] != tq:
     raise ValueError(f"causal=True needs as many keys as queries; got Tq={tq}, Tk={k.shape[1]}")
-  block = ATTENTION_CAUSAL_BLOCK
+  perf = perf_lib.or_default(perf)
+  attend = _attention if perf.attention_grad == "custom_vjp" else _attention_autodiff
+  block = int(perf.causal_block)
   if not causal or block <= 0 or tq < 2 * block:
-    return _attend(q, k, v, mask, sk, sv, smask)
+    return attend(q, k, v, mask, sk, sv, smask)
   outs = []
   for a in range(0, tq, block):
     e = min(a + block, tq)
-    outs.append(_attend(q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e], sk[:, a:e], sv[:, a:e], smask[:, a:e]))
+    outs.append(attend(q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e], sk[:, a:e], sv[:, a:e], smask[:, a:e]))
   return jnp.concatenate(outs, axis=1)
 
 
-# Query rows per block of `gqa_attention(..., causal=True)`; 0 turns the blocking off.  256 measured best
-# of {all keys, 256, 128, 64} rows at T = 512 on the 2-core CPU (benchmarks/bench_parts.py; the fwd + bwd
-# of one EAGLE-3 attention, 193 / 89 / 100 / 118 ms, is in benchmarks/README.md).
-ATTENTION_CAUSAL_BLOCK = 256
-
-
-def _attend(q, k, v, mask, sk, sv, smask):
-  if _attention_impl == "autodiff":
-    return _attention_forward(q, k, v, mask, sk, sv, smask)[0]
-  return _attention(q, k, v, mask, sk, sv, smask)
-
-
-ATTENTION_IMPLS = ("custom_vjp", "autodiff")
-_attention_impl = "custom_vjp"
-
-
-@contextlib.contextmanager
-def attention_variant(impl: str | None = None, causal_block: int | None = None):
-  """Within the block, trace `gqa_attention` with another gradient ``impl`` (``"custom_vjp"``, the
-  default, or ``"autodiff"``; the forward is the same) and/or another `ATTENTION_CAUSAL_BLOCK` (0: all
-  keys).  Both are read at trace time, so this wraps the ``lower`` / first call of a jitted function;
-  for A/B benchmarks.  None keeps the current setting; the previous settings come back on exit."""
-  global _attention_impl, ATTENTION_CAUSAL_BLOCK
-  if impl is not None and impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
-  if causal_block is not None and int(causal_block) < 0:
-    raise ValueError(f"causal_block={causal_block}: must be >= 0 (0 = all keys)")
-  saved = _attention_impl, ATTENTION_CAUSAL_BLOCK
-  if impl is not None:
-    _attention_impl = impl
-  if causal_block is not None:
-    ATTENTION_CAUSAL_BLOCK = int(causal_block)
-  try:
-    yield
-  finally:
-    _attention_impl, ATTENTION_CAUSAL_BLOCK = saved
+def _attention_autodiff(q, k, v, mask, sk, sv, smask):
+  return _attention_forward(q, k, v, mask, sk, sv, smask)[0]
 
 
 def gqa_attention_reference(q, k, v, mask, *, self_k=None, self_v=None, self_mask=None) -> jax.Array:
@@ -413,12 +329,13 @@ class Attention(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, num_heads: int, num_kv_heads: int,
                head_dim: int, rope_theta: float, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, perf: PerfOptions | None = None):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = int(num_heads), int(num_kv_heads), int(head_dim)
     self.rope_theta = float(rope_theta)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.perf = perf_lib.or_default(perf)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, perf=self.perf)
     self.q_proj = dense(in_features, num_heads * head_dim, ("embed", "heads"), **kw)
     self.k_proj = dense(in_features, num_kv_heads * head_dim, ("embed", "kv"), **kw)
     self.v_proj = dense(in_features, num_kv_heads * head_dim, ("embed", "kv"), **kw)
@@ -439,15 +356,15 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     """Masked self-attention: ``x [B,T,in]``, positions ``[B,T]``, mask bool ``[B,T,T]`` -> ``[B,T,out]``."""
     q, k, v = self.project(x, positions)
-    return self.output(gqa_attention(q, k, v, mask))
+    return self.output(gqa_attention(q, k, v, mask, perf=self.perf))
 
 
 class GatedMLP(nnx.Module):
   """Llama MLP ``down(silu(gate(x)) * up(x))``: ``[..., H] -> [..., H]`` via ``[..., I]``."""
 
   def __init__(self, hidden: int, intermediate: int, *, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, perf: PerfOptions | None = None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, perf=perf)
     self.gate_proj = dense(hidden, intermediate, ("embed", "mlp"), **kw)
     self.up_proj = dense(hidden, intermediate, ("embed", "mlp"), **kw)
     self.down_proj = dense(intermediate, hidden, ("mlp", "embed"), **kw)
@@ -466,15 +383,17 @@ class LlamaDecoderLayer(nnx.Module):
 
   def __init__(self, hidden: int, *, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int,
                rms_norm_eps: float, rope_theta: float, attn_in_features: int | None = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               perf: PerfOptions | None = None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.hidden = int(hidden)
     self.dtype = dtype
+    self.perf = perf_lib.or_default(perf)
     self.input_layernorm = RMSNorm(hidden, eps=rms_norm_eps, **kw)
-    self.self_attn = Attention(attn_in_features or hidden, hidden, num_heads=num_heads,
-                               num_kv_heads=num_kv_heads, head_dim=head_dim, rope_theta=rope_theta, **kw)
+    self.self_attn = Attention(attn_in_features or hidden, hidden, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               head_dim=head_dim, rope_theta=rope_theta, perf=self.perf, **kw)
     self.post_attention_layernorm = RMSNorm(hidden, eps=rms_norm_eps, **kw)
-    self.mlp = GatedMLP(hidden, intermediate, **kw)
+    self.mlp = GatedMLP(hidden, intermediate, perf=self.perf, **kw)
 
   def block(self, attn_in: jax.Array, residual: jax.Array, positions: jax.Array,
             attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -499,7 +418,7 @@ class LlamaDecoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     """Standard layer with dense masked self-attention (mask bool ``[B, T, T]``) -> ``[B, T, H]``."""
-    return self.forward(x, positions, lambda q, k, v: gqa_attention(q, k, v, mask))[0]
+    return self.forward(x, positions, lambda q, k, v: gqa_attention(q, k, v, mask, perf=self.perf))[0]
 
 
 def write_cache(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:

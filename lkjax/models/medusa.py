@@ -21,7 +21,7 @@ from flax import nnx
 from lkjax.models.base import Frozen
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
                                  sample_tokens, unstack)
-from lkjax.models.matmul import matmul
+from lkjax.perf import PerfOptions, matmul, or_default
 from lkjax.targets.info import TargetInfo
 
 
@@ -43,7 +43,7 @@ class Medusa(nnx.Module):
 
   def __init__(self, *, hidden_size: int, vocab_size: int, num_heads: int = 6, num_layers: int = 1,
                fc_bias: bool = True, draft_vocab=None, target_lm_head: np.ndarray | None = None,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, rngs: nnx.Rngs, perf: PerfOptions | None = None):
     """Builds the heads.
 
     Args:
@@ -57,6 +57,7 @@ class Medusa(nnx.Module):
         initialised from its rows for the draft vocabulary, else from a truncated normal (std 1/sqrt(Ht)).
       dtype: compute dtype (parameters are float32).
       rngs: nnx.Rngs with a ``params`` stream.
+      perf: `lkjax.perf.PerfOptions` (None: this backend's default).
     """
     if num_heads < 1 or num_layers < 1:
       raise ValueError(f"num_heads={num_heads}, num_layers={num_layers}: both must be >= 1")
@@ -68,6 +69,7 @@ class Medusa(nnx.Module):
     self.draft_vocab_size = int(vocab_size if ids is None else ids.size)
     self.fc_bias = bool(fc_bias)
     self.dtype = dtype
+    self.perf = or_default(perf)
     K, L, H, Vd = self.num_heads, self.num_layers, self.hidden_size, self.draft_vocab_size
 
     zeros = nnx.initializers.zeros
@@ -99,7 +101,7 @@ class Medusa(nnx.Module):
     xs = [h.astype(dt)] * K
     for l in range(L):
       for k in range(K):
-        y = matmul(xs[k], w[k * L + l])           # one NN matmul per head (lkjax.models.matmul)
+        y = matmul(xs[k], w[k * L + l], self.perf.nn)
         if b is not None:
           y = y + b[k * L + l]
         xs[k] = xs[k] + jax.nn.silu(y)
@@ -107,12 +109,12 @@ class Medusa(nnx.Module):
 
   def feature_logits(self, features: jax.Array, k: int) -> jax.Array:
     """Head k's LM head: ``[..., Ht] -> [..., Vd]``."""
-    return matmul(features, self.lm_head[...][k].astype(self.dtype))
+    return matmul(features, self.lm_head[...][k].astype(self.dtype), self.perf.nn)
 
   def output_layers(self) -> list:
     """The K LM heads as functions (`feature_logits`), the stacked weight split once (`layers.unstack`)."""
     heads = unstack(self.lm_head[...].astype(self.dtype))
-    return [lambda f, w=w: matmul(f, w) for w in heads]
+    return [lambda f, w=w: matmul(f, w, self.perf.nn) for w in heads]
 
   def head_logits(self, h: jax.Array) -> jax.Array:
     """All K heads on final hidden states ``h [..., Ht]`` -> logits ``[K, ..., Vd]`` (compute dtype)."""
@@ -158,7 +160,8 @@ class Medusa(nnx.Module):
 
 
 def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
-                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs) -> Medusa:
+                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs,
+                perf: PerfOptions | None = None) -> Medusa:
   """Builds a `Medusa` from an ml_collections config.
 
   cfg keys: ``arch`` ('medusa'), ``num_heads`` (6), ``num_layers`` (1), ``fc_bias`` (True),
@@ -177,4 +180,4 @@ def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
   return Medusa(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                 num_heads=int(cfg.get("num_heads", 6)), num_layers=int(cfg.get("num_layers", 1)),
                 fc_bias=bool(cfg.get("fc_bias", True)), draft_vocab=ids, target_lm_head=head,
-                dtype=parse_dtype(cfg.get("dtype", "float32")), rngs=rngs)
+                dtype=parse_dtype(cfg.get("dtype", "float32")), rngs=rngs, perf=perf)

@@ -32,8 +32,8 @@ from flax import nnx
 
 from lkjax.models.base import Frozen, shift_left
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
-                                 rms_norm, sample_tokens, table_rows, unstack)
-from lkjax.models.matmul import matmul
+                                 rms_norm, sample_tokens, unstack)
+from lkjax.perf import PerfOptions, matmul, or_default
 from lkjax.targets.info import TargetInfo
 
 LN_EPS = 1e-6
@@ -62,7 +62,7 @@ class MLPSpeculator(nnx.Module):
 
   def __init__(self, *, emb_dim: int, vocab_size: int, num_heads: int = 6, inner_dim: int = 0,
                tie_weights: bool = False, scale_input: bool = False, draft_vocab=None,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, rngs: nnx.Rngs, perf: PerfOptions | None = None):
     """Builds the speculator.
 
     Args:
@@ -75,6 +75,7 @@ class MLPSpeculator(nnx.Module):
       draft_vocab: int ``[Vd]`` ascending target ids, or None (Vd = V).
       dtype: compute dtype (parameters are float32).
       rngs: nnx.Rngs with a ``params`` stream.
+      perf: `lkjax.perf.PerfOptions` (None: this backend's default).
     """
     if num_heads < 1:
       raise ValueError(f"num_heads={num_heads}: must be >= 1")
@@ -90,6 +91,7 @@ class MLPSpeculator(nnx.Module):
     self.tie_weights = bool(tie_weights)
     self.scale_input = bool(scale_input)
     self.dtype = dtype
+    self.perf = or_default(perf)
     self.state_weight = 0.5 ** (0.5 / self.num_heads)
     self.emb_weight = math.sqrt(1.0 - self.state_weight ** 2)
     K, D, V, Vd = self.num_heads, self.inner_dim, self.vocab_size, self.draft_vocab_size
@@ -140,7 +142,7 @@ class MLPSpeculator(nnx.Module):
     stage's embedding rows."""
     dt = self.dtype
     z = z.astype(dt) * jnp.asarray(self.emb_weight * math.sqrt(self.inner_dim / 2.0), dt)
-    x = matmul(state, proj.astype(dt)) * jnp.asarray(self.state_weight, dt) + z
+    x = matmul(state, proj.astype(dt), self.perf.nn) * jnp.asarray(self.state_weight, dt) + z
     x = speculator_norm(x, ln_w, ln_b)
     return jax.nn.gelu(x, approximate=False)
 
@@ -157,16 +159,14 @@ class MLPSpeculator(nnx.Module):
 
     The same stages as `stage_state`, arranged for the gradient: every stage's embedding rows come from
     ONE gather on the ``[E, V, D]`` tables (its gradient is one scatter-add, not K full-size tables), and
-    the stacked per-stage weights are split once (`layers.unstack`). In the FSDP per-device program with
-    ``mesh.split_tables = ("emb",)`` the tables are each device's column block, and that gather is
-    `layers.table_rows`'s lookup of every device's tokens in it.
+    the stacked per-stage weights are split once (`layers.unstack`).
     """
     K = self.num_heads
     state = self.init_state(batch["final_hidden"])
     ids = batch["input_ids"].astype(jnp.int32)
     table = np.array([self._stage_index(i)[0] for i in range(K)], np.int32)[:, None, None]
     toks = jnp.stack([shift_left(ids, 1 + i, axis=1) for i in range(K)])         # [K, B, T]
-    z = unstack(table_rows(self.emb[...], (table, toks), self.inner_dim))          # K x [B, T, D]
+    z = unstack(self.emb[...][table, toks])                                       # K x [B, T, D]
     ln_w, ln_b = unstack(self.ln_w[...]), unstack(self.ln_b[...])
     proj = unstack(self.proj[...]) if self.proj is not None else ()
     out = []
@@ -179,12 +179,12 @@ class MLPSpeculator(nnx.Module):
   def feature_logits(self, features: jax.Array, k: int) -> jax.Array:
     """Stage k's logits from its state (its own head, or the shared one)."""
     e, _ = self._stage_index(k)
-    return matmul(features, self.head[...][e].astype(self.dtype))
+    return matmul(features, self.head[...][e].astype(self.dtype), self.perf.nn)
 
   def output_layers(self) -> list:
     """The K heads as functions (`feature_logits`), the stacked weight split once (`layers.unstack`)."""
     heads = unstack(self.head[...].astype(self.dtype))
-    return [lambda f, w=heads[self._stage_index(k)[0]]: matmul(f, w) for k in range(self.num_heads)]
+    return [lambda f, w=heads[self._stage_index(k)[0]]: matmul(f, w, self.perf.nn) for k in range(self.num_heads)]
 
   def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
     """Drafting state: last committed final hidden ``hidden f32[B, Ht]`` and token ``token int32[B]``."""
@@ -221,7 +221,8 @@ class MLPSpeculator(nnx.Module):
 
 
 def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
-                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs) -> MLPSpeculator:
+                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs,
+                perf: PerfOptions | None = None) -> MLPSpeculator:
   """Builds an `MLPSpeculator` from an ml_collections config.
 
   cfg keys: ``arch`` ('mlp_speculator'), ``num_heads`` (6), ``inner_dim`` (0 = Ht), ``emb_dim`` (0 = Ht;
@@ -243,4 +244,4 @@ def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
                        inner_dim=int(cfg.get("inner_dim", 0)) or target.hidden_size,
                        tie_weights=bool(cfg.get("tie_weights", False)),
                        scale_input=bool(cfg.get("scale_input", False)), draft_vocab=ids,
-                       dtype=parse_dtype(cfg.get("dtype", "float32")), rngs=rngs)
+                       dtype=parse_dtype(cfg.get("dtype", "float32")), rngs=rngs, perf=perf)

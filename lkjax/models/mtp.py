@@ -39,7 +39,7 @@ from flax import nnx
 
 from lkjax.models import layers as L
 from lkjax.models.base import shift_left
-from lkjax.models.matmul import matmul_t
+from lkjax.perf import PerfOptions, matmul_t, or_default
 from lkjax.targets.info import TargetInfo
 
 
@@ -48,14 +48,14 @@ class MTPModule(nnx.Module):
 
   def __init__(self, hidden: int, *, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int,
                rms_norm_eps: float, rope_theta: float, head_norm: np.ndarray | None = None,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, rngs: nnx.Rngs, perf: PerfOptions | None = None):
     kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.enorm = L.RMSNorm(hidden, eps=rms_norm_eps, **kw)
     self.hnorm = L.RMSNorm(hidden, eps=rms_norm_eps, **kw)
-    self.eh_proj = L.dense(2 * hidden, hidden, (None, "embed"), **kw)
+    self.eh_proj = L.dense(2 * hidden, hidden, (None, "embed"), perf=perf, **kw)
     self.block = L.LlamaDecoderLayer(hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                                      intermediate=intermediate, rms_norm_eps=rms_norm_eps,
-                                     rope_theta=rope_theta, **kw)
+                                     rope_theta=rope_theta, perf=perf, **kw)
     self.shared_head_norm = L.RMSNorm(hidden, eps=rms_norm_eps, **kw)
     if head_norm is not None:
       # Start from the target's final norm: h^k then lives where the target's final hidden lives.
@@ -83,7 +83,7 @@ class MTP(nnx.Module):
                head_dim: int, intermediate_size: int, rms_norm_eps: float, rope_theta: float,
                num_heads: int = 7, share_weights: bool = True, draft_vocab: np.ndarray | None = None,
                target_weights: Mapping[str, np.ndarray] | None = None, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, perf: PerfOptions | None = None):
     """Builds the model.
 
     Args:
@@ -93,6 +93,7 @@ class MTP(nnx.Module):
       draft_vocab: validated ``int32[Vd]`` target ids, or None.
       target_weights: checked ``{"embed_tokens", "lm_head" [V, Ht], "norm" [Ht]}`` float32, or None (random).
       dtype: compute dtype; parameters are float32.
+      perf: `lkjax.perf.PerfOptions` (None: this backend's default).
     """
     if num_heads < 1:
       raise ValueError(f"num_heads={num_heads}: must be >= 1")
@@ -102,6 +103,7 @@ class MTP(nnx.Module):
     self.draft_vocab_size = int(vocab_size if draft_vocab is None else len(draft_vocab))
     self.hidden_size, self.num_kv_heads, self.head_dim = int(hidden_size), int(num_key_value_heads), int(head_dim)
     self.dtype = dtype
+    self.perf = or_default(perf)
     H, V = self.hidden_size, self.vocab_size
     if target_weights is None:
       k1, k2 = jax.random.split(rngs.params())
@@ -116,19 +118,18 @@ class MTP(nnx.Module):
     self.mtp = nnx.List([
         MTPModule(H, num_heads=num_attention_heads, num_kv_heads=num_key_value_heads, head_dim=head_dim,
                   intermediate=intermediate_size, rms_norm_eps=rms_norm_eps, rope_theta=rope_theta,
-                  head_norm=norm, dtype=dtype, rngs=rngs) for _ in range(n_mod)])
+                  head_norm=norm, dtype=dtype, rngs=rngs, perf=self.perf) for _ in range(n_mod)])
     self.draft_vocab = None if draft_vocab is None else L.frozen(np.asarray(draft_vocab, np.int32), ("vocab",))
 
   def module(self, depth: int) -> MTPModule:
     return self.mtp[0 if self.share_weights else depth]
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
-    # A plain lookup; with the table kept split (mesh.split_tables) a lookup in column blocks.
-    return L.table_rows(self.embed_tokens[...], (tokens.astype(jnp.int32),), self.hidden_size).astype(self.dtype)
+    return self.embed_tokens[...][tokens.astype(jnp.int32)].astype(self.dtype)
 
   def _logits(self, h: jax.Array) -> jax.Array:
     """``h [..., Ht] -> [..., Vd]`` with the frozen shared head."""
-    return matmul_t(h, self.lm_head[...].astype(self.dtype))   # rows [Vd, Ht], PyTorch layout
+    return matmul_t(h, self.lm_head[...].astype(self.dtype), self.perf.nn)   # rows [Vd, Ht], PyTorch layout
 
   def _check_hidden(self, h: jax.Array) -> None:
     if h.shape[-1] != self.hidden_size:
@@ -149,7 +150,7 @@ class MTP(nnx.Module):
     self._check_hidden(batch["final_hidden"])
     idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
     mask = L.segment_causal_mask(seg, seg, idx, idx)
-    attend = lambda q, k, v: L.gqa_attention(q, k, v, mask, causal=True)
+    attend = lambda q, k, v: L.gqa_attention(q, k, v, mask, causal=True, perf=self.perf)
     h = batch["final_hidden"].astype(self.dtype)
     out = []
     for k in range(self.num_heads):
@@ -288,7 +289,8 @@ def resolve_config(cfg, target: TargetInfo) -> dict[str, Any]:
 
 
 def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
-                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs) -> MTP:
+                target_weights: Mapping[str, np.ndarray] | None = None, rngs: nnx.Rngs,
+                perf: PerfOptions | None = None) -> MTP:
   """Builds an `MTP` from a ConfigDict.
 
   cfg keys: ``arch`` ('mtp'), ``num_heads`` (K = 7), ``share_weights`` (True), ``draft_vocab_size``
@@ -303,4 +305,4 @@ def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
   tw = L.check_target_weights(target_weights, target.vocab_size, target.hidden_size,
                               ("embed_tokens", "lm_head", "norm"))
   return MTP(vocab_size=target.vocab_size, draft_vocab=ids, target_weights=tw,
-             dtype=L.parse_dtype(cfg.get("dtype", "float32")), rngs=rngs, **shape)
+             dtype=L.parse_dtype(cfg.get("dtype", "float32")), rngs=rngs, perf=perf, **shape)

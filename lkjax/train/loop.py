@@ -38,6 +38,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from lkjax import perf as perf_lib
+from lkjax.files import write_json
 from lkjax import sharding as shd
 from lkjax.train import checkpoint as ckpt_lib
 from lkjax.train import metrics as metrics_lib
@@ -132,7 +134,7 @@ def build_setup(config: ml_collections.ConfigDict, manifest: Mapping[str, Any], 
   weights = shards.load_target_weights(config.data.dir) if with_weights else None
   with nnx.use_eager_sharding(False):  # placed explicitly afterwards, from the config's rules
     model = registry.build_draft(model_cfg, info, draft_vocab=ids, target_weights=weights,
-                                 rngs=nnx.Rngs(params=config.seed))
+                                 rngs=nnx.Rngs(params=config.seed), perf=perf_lib.from_config(config))
   return DraftSetup(model=model, model_config=model_cfg, target_info=info, draft_vocab=vocab,
                     target_weights=weights, target_lse=use_target_lse(config) and shards.has_target_lse(manifest))
 
@@ -268,13 +270,6 @@ def next_commands(workdir: str, name: str) -> list[str]:
           f"tensorboard --logdir={shlex.quote(_shown(os.path.join(workdir, metrics_lib.TB_DIR)))}"]
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-  os.replace(tmp, path)
-
-
 def _finite(metrics: Mapping[str, Any]) -> bool:
   return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
 
@@ -352,10 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   train_step = step_lib.make_train_step(graphdef, tx, config.loss, total_steps=total_steps,
                                         precision=config.precision, grad_accum=config.optim.grad_accum,
-                                        shardings=shardings,
-                                        explicit_grad_reduce=bool(config.mesh.explicit_grad_reduce),
-                                        gather_split_params=bool(config.mesh.gather_split_params),
-                                        split_tables=tuple(config.mesh.split_tables))
+                                        shardings=shardings)
   eval_step = step_lib.make_eval_step(graphdef, config.loss, total_steps=total_steps,
                                       precision=config.precision, shardings=shardings)
 
@@ -446,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  target_lse=setup.target_lse, checkpoints=ckpt.all_steps(),
                  signal=None if stop.received is None else signal.Signals(stop.received).name)
   if is_main:
-    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     split, tau = ("val", last_val["tau"]) if "tau" in last_val else ("train", last_train.get("tau", float("nan")))
     minutes = (time.perf_counter() - t_start) / 60
     lines = [f"[lkjax] {status} at step {step}/{total_steps} in {minutes:.1f} min ({split} tau {tau:.3f})",

@@ -21,13 +21,10 @@ draft-vocabulary rows of the head are multiplied (``final_hidden @ lm_head[draft
 and the stored lse is used: the same numbers up to float32 rounding, without the ``[B, T, V]`` matmul.
 Those rows are ``target["draft_head"]``, taken from the head once by `make_target`, not on every device in
 every step.
-Every reduction is a masked mean over the global (sharded) batch, so lambda_k of ``lk_hybrid`` is
-computed from the global batch. On a data-parallel mesh (and, with ``gather_split_params``, an FSDP
-one) the gradient is a per-device program
-(``shard_map``) whose means ``psum`` their sums and whose parameter gradients are summed over the devices
-once (`make_train_step`, ``explicit_grad_reduce``); on other layouts the partitioner places the collectives.
-Embedding tables named in ``split_tables`` stay split there: rows are looked up in each device's column
-block (`lkjax.models.layers.table_rows`).
+The step is one ``jax.jit`` of ``value_and_grad`` with explicit in/out shardings from the logical-axis
+rules (`lkjax.sharding`); the partitioner (GSPMD) places the collectives for any mesh layout (data
+parallel, FSDP, tensor). Every reduction is a masked mean over the global (sharded) batch array, so
+lambda_k of ``lk_hybrid`` is computed from the global batch on any number of devices and hosts.
 
 Mixed precision (``precision="bf16"``): the float32 parameters (and floating ``rest``) are cast to bf16
 inside the differentiated function, so the forward/backward run in bf16 while gradients, the optimizer
@@ -41,7 +38,7 @@ per micro-batch) this equals the gradient of the whole batch.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +52,6 @@ from lkjax import losses_chunked
 from lkjax.losses import lk_objective, needed_grads
 from lkjax.models import layers
 from lkjax.models.base import head_mask, head_targets, shift_right
-from lkjax.sharding import axis_arg, make_varying
 
 PRECISIONS = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -228,15 +224,9 @@ def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, ja
 
 
 def _forward_loss(graphdef, loss_fn: Callable, kind: str, kw: Mapping[str, Any], dtype,
-                  params, rest, target, batch, step, impl: str = "per_head", axis_name: Any = None):
-  """Loss and metrics of one (micro-)batch; differentiable in ``params``.
-
-  ``axis_name``: the batch is this device's slice of a batch split over those mesh axes (inside
-  ``shard_map``); the loss's means are taken over the whole batch (`lkjax.losses.lk_objective`).
-  """
+                  params, rest, target, batch, step, impl: str = "per_head"):
+  """Loss and metrics of one (micro-)batch; differentiable in ``params``."""
   model = nnx.merge(graphdef, cast_floating(params, dtype), cast_floating(rest, dtype))
-  if axis_name is not None:
-    kw = dict(kw, axis_name=axis_name)
   if impl == "per_head" and hasattr(model, "features"):
     return per_head_loss(model, batch, target, kind, dict(kw, step=step))
   logits = model(batch)
@@ -244,118 +234,6 @@ def _forward_loss(graphdef, loss_fn: Callable, kind: str, kw: Mapping[str, Any],
   mask = head_mask(batch["loss_mask"], batch["segment_ids"], num_heads)
   y_d, lse = target_distribution(batch, target, num_heads)
   return loss_fn(logits, y_d, mask, kind, step=step, target_lse=lse, **kw)
-
-
-def data_parallel_axes(shardings: Mapping[str, Any] | None, allow_split: bool = False) -> tuple[str, ...] | None:
-  """The mesh axes the batch is split over, when the layout is data parallel; else None.
-
-  Data parallel: the batch's leading axis is split over some mesh axes (together more than one device),
-  every other mesh axis has size 1, and nothing else (parameters, optimizer state, ``rest``, ``target``)
-  is split -- or, with ``allow_split``, split over those same axes only (e.g. the ``embed`` dims over
-  ``fsdp``). Then the gradient is one per-device program (`make_train_step`'s ``explicit_grad_reduce``):
-  split inputs are gathered once at its start, and each parameter's gradient is summed over the devices
-  once at its end -- a ``psum`` for a replicated parameter, a ``psum_scatter`` into its own split for a
-  split one.
-  """
-  if shardings is None:
-    return None
-  mesh = shardings["mesh"]
-  specs = {tuple(s.spec) for s in jax.tree.leaves(shardings["batch"])}
-  leads = {spec[0] if spec else None for spec in specs}
-  if len(leads) != 1 or any(len(spec) > 1 and any(a is not None for a in spec[1:]) for spec in specs):
-    return None
-  lead = leads.pop()
-  axes = () if lead is None else ((lead,) if isinstance(lead, str) else tuple(lead))
-  if not axes or np.prod([mesh.shape[a] for a in axes]) < 2:
-    return None
-  if any(size > 1 for name, size in mesh.shape.items() if name not in axes):
-    return None
-  for key in ("state", "rest", "target"):
-    for s in jax.tree.leaves(shardings[key], is_leaf=lambda x: isinstance(x, NamedSharding)):
-      if any(a not in axes or not allow_split for entry in tuple(s.spec) for a in _entry_axes(entry)):
-        return None
-  return axes
-
-
-def _entry_axes(entry) -> tuple[str, ...]:
-  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def gather_split(x: jax.Array, spec: P) -> jax.Array:
-  """Inside ``shard_map``: this device's block of an array split as ``spec`` -> the whole array (an
-  ``all_gather`` per split dimension).
-
-  A 16-bit float block is gathered as its bits (uint16): XLA's CPU backend widens a bf16 all-gather to
-  float32 (convert, gather, convert back), which doubles the bytes the gather moves."""
-  dtype = x.dtype
-  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
-    x = jax.lax.bitcast_convert_type(x, jnp.uint16)
-  for d, entry in enumerate(tuple(spec)):
-    if _entry_axes(entry):
-      x = jax.lax.all_gather(x, axis_arg(_entry_axes(entry)), axis=d, tiled=True)
-  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
-
-
-def sum_split(g: jax.Array, spec: P, axes: tuple[str, ...], scatter: bool = True) -> jax.Array:
-  """Inside ``shard_map``: per-device gradients ``g`` of a whole parameter -> their sum over the devices
-  of ``axes``, as this device's block of the split ``spec`` (``psum`` over the axes the parameter is
-  replicated on, ``psum_scatter`` over those it is split on). ``scatter=False``: ``g`` is already the
-  block's gradient from the tokens of every device it is split over (a table kept split,
-  `split_table_axes`), so only the ``psum`` is taken. A gradient split on one dim below its leading dims
-  (a stacked ``[K, Ht, Vd]`` head split on Ht) with at most `MAX_SCATTER_SLICES` slices of at least
-  `MIN_SCATTER_SLICE` elements is scattered slice by slice (smaller collectives overlap better with compute)."""
-  split = [a for entry in tuple(spec) for a in _entry_axes(entry)]
-  whole = tuple(a for a in axes if a not in split)
-  if whole:
-    g = jax.lax.psum(g, whole)
-  if not scatter:
-    return g
-  dims = [d for d, entry in enumerate(tuple(spec)) if _entry_axes(entry)]
-  if (len(dims) == 1 and 0 < dims[0] and int(np.prod(g.shape[:dims[0]])) <= MAX_SCATTER_SLICES
-      and int(np.prod(g.shape[dims[0]:])) >= MIN_SCATTER_SLICE):
-    # A stacked parameter split below its stacking dims (the heads' [K, Ht, Vd] split on Ht): scattering
-    # the whole gradient on dim d first copies it into a d-major layout. Each slice over the dims before d
-    # is scattered on its own leading dim instead, where every device's block is contiguous.
-    d = dims[0]
-    lead, axis = g.shape[:d], axis_arg(_entry_axes(tuple(spec)[d]))
-    flat = g.reshape((-1,) + g.shape[d:])
-    blocks = [jax.lax.psum_scatter(flat[i], axis, scatter_dimension=0, tiled=True) for i in range(flat.shape[0])]
-    return jnp.stack(blocks).reshape(lead + blocks[0].shape)
-  for d in dims:
-    g = jax.lax.psum_scatter(g, axis_arg(_entry_axes(tuple(spec)[d])), scatter_dimension=d, tiled=True)
-  return g
-
-
-# `sum_split` scatters a gradient split below its leading dims slice by slice when it has at most this many
-# slices of at least this many elements each.
-MAX_SCATTER_SLICES = 16
-MIN_SCATTER_SLICE = 1 << 20
-
-
-def split_table_axes(specs: Mapping[str, Any], names: Sequence[str], axes: tuple[str, ...]) -> tuple[str, ...]:
-  """The mesh axes the tables ``names`` (config ``mesh.split_tables``: top-level names of the draft's
-  parameters or of its frozen ``rest``, whose specs ``specs`` maps) are split over, checked: each is one
-  array, split on its last (feature) dim only, over batch ``axes``, all over the same axes. () when none
-  is split (e.g. one device): they are gathered like the rest."""
-  found = set()
-  for name in names:
-    if name not in specs:
-      raise ValueError(f"mesh.split_tables: {name!r} is not a parameter or frozen array of the draft "
-                       f"(have {sorted(specs)})")
-    if not isinstance(specs[name], P):
-      raise ValueError(f"mesh.split_tables: {name!r} is a group of parameters, not one table")
-    entries = tuple(specs[name])
-    if any(_entry_axes(e) for e in entries[:-1]) or any(a not in axes for a in _entry_axes(entries[-1] if entries else None)):
-      raise ValueError(f"mesh.split_tables: {name!r} is split as {specs[name]}; a table kept split "
-                       f"must be split on its last (feature) dim only, over the batch's mesh axes {axes}")
-    if entries and _entry_axes(entries[-1]):
-      found.add(_entry_axes(entries[-1]))
-  if len(found) > 1:
-    raise ValueError(f"mesh.split_tables: {list(names)} are split over different mesh axes {sorted(found)}")
-  return found.pop() if found else ()
 
 
 def _split_micro(batch: Mapping[str, jax.Array], accum: int, batch_axes) -> dict[str, jax.Array]:
@@ -375,8 +253,7 @@ def _split_micro(batch: Mapping[str, jax.Array], accum: int, batch_axes) -> dict
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg, *,
                     total_steps: int, precision: str = "fp32", grad_accum: int = 1,
                     shardings: Mapping[str, Any] | None = None, loss_fn: Callable | None = None,
-                    donate: bool = True, explicit_grad_reduce: bool = True,
-                    gather_split_params: bool = False, split_tables: Sequence[str] = ()) -> Callable:
+                    donate: bool = True) -> Callable:
   """Build the jitted ``train_step(state, rest, target, batch) -> (state, metrics)``.
 
   Args:
@@ -390,98 +267,41 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
       (None: let jit place everything, single device).
     loss_fn: `lkjax.losses.lk_loss` or a function with its signature.
     donate: donate the input state buffers (the caller must not reuse them).
-    explicit_grad_reduce: on a purely data-parallel layout (`data_parallel_axes`), compute the gradient
-      as a per-device program (``shard_map``) whose parameter gradients are summed over the devices ONCE,
-      after every use of a parameter and every micro-batch has added its share, with the loss's means
-      taken over the global batch (``psum`` in `lkjax.losses.lk_objective`). Left to the partitioner,
-      XLA's CPU backend sums the contributions of each use separately: an EAGLE-3 step all-reduced 250 MB
-      of gradients (the LM head's once per TTT step) for 39 MB of parameters. Same numbers either way (up
-      to float rounding); False, or any other layout, leaves the placement to the partitioner.
-    gather_split_params: with ``explicit_grad_reduce``, also take the per-device program on layouts whose
-      parameters (and ``rest``, ``target``) are split over the batch's mesh axes only (FSDP over
-      ``fsdp``; `data_parallel_axes` with ``allow_split``). Split inputs are gathered once at its start,
-      parameters cast to the compute dtype first (`gather_split`), and their gradients are
-      reduce-scattered back into the split (`sum_split`), so the optimizer updates each device's part
-      only. Config ``mesh.gather_split_params``; measured per config in benchmarks/README.md (bench_mesh).
-    split_tables: in that program, top-level parameters or frozen ``rest`` arrays (embedding tables, split
-      on their feature dim) NOT gathered: the draft looks rows up in each device's column block for the
-      tokens of every device (`lkjax.models.layers.table_rows`), so a trainable table's gradient needs no
-      reduce-scatter and no device holds a whole table or its gradient. Config ``mesh.split_tables``
-      (the MLP-Speculator's ``emb``; the target embedding ``embed_tokens`` of EAGLE-3 and MTP).
 
   Returns metrics: per head ``alpha``, ``lambda``, ``kl``, ``tv`` ``[K]`` (and the other lk_loss metrics),
   scalars ``loss``, ``tau``, ``grad_norm`` (before clipping), ``lr``-free (the loop logs the schedule).
   """
-  # A caller's loss_fn may not take axis_name: its step keeps the partitioner's placement.
-  dp_axes = (data_parallel_axes(shardings, allow_split=gather_split_params)
-             if explicit_grad_reduce and loss_fn is None else None)
   loss_fn, impl = _loss_fn_and_impl(loss_cfg, loss_fn)
   dtype = compute_dtype(precision)
   kind = loss_cfg.kind
   kw = loss_kwargs(loss_cfg, total_steps)
   accum = int(grad_accum)
-  batch_axes = None   # inside shard_map (dp_axes) every device's batch is its own rows already
-  if shardings is not None and accum > 1 and dp_axes is None:
+  batch_axes = None
+  if shardings is not None and accum > 1:
     mesh, bspec = shardings["mesh"], shardings["batch_spec"]
     batch_axes = lambda nd: NamedSharding(mesh, P(None, *bspec(nd - 1)))  # noqa: E731
 
   def grads_of(params, rest, target, batch, step):
-    f = lambda p: _forward_loss(graphdef, loss_fn, kind, kw, dtype, p, rest, target, batch, step, impl, dp_axes)  # noqa: E731
-    with layers.split_tables(table_axes):   # (): no table kept split
-      (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    f = lambda p: _forward_loss(graphdef, loss_fn, kind, kw, dtype, p, rest, target, batch, step, impl)  # noqa: E731
+    (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
     return grads, metrics
-
-  def varying(tree):
-    # Per-device values over every axis of dp_axes (a gathered block is already per-device over its own).
-    return tree if dp_axes is None else jax.tree.map(lambda x: make_varying(x, dp_axes), tree)
 
   def accumulated_grads(params, rest, target, batch, step):
-    to_param_dtype = lambda g: g  # noqa: E731
-    if dp_axes is not None:
-      # Each device gathers what is split once, here: the parameters already cast to the compute dtype
-      # (half the bytes in bf16; the forward would cast them anyway, so the values are unchanged). They
-      # are made per-device values, so each device's gradient is its own partial sum over every use of a
-      # parameter and every micro-batch, summed over the devices once at the end (`sum_split`).
-      dtypes = jax.tree.map(lambda p: p.dtype, params)
-      to_param_dtype = lambda g: jax.tree.map(lambda x, d: x.astype(d), g, dtypes)  # noqa: E731
-      params = varying({k: jax.tree.map(lambda p, s: (cast_floating(p, dtype) if k in kept
-                                                      else gather_split(cast_floating(p, dtype), s)), v, specs["params"][k])
-                        for k, v in params.items()})
-      rest = {k: v if k in kept else jax.tree.map(gather_split, v, specs["rest"][k]) for k, v in rest.items()}
-      target = jax.tree.map(gather_split, target, specs["target"])
     if accum == 1:
-      grads, metrics = grads_of(params, rest, target, batch, step)
-      grads = to_param_dtype(grads)
-    else:
-      micro = _split_micro(batch, accum, batch_axes)
+      return grads_of(params, rest, target, batch, step)
+    micro = _split_micro(batch, accum, batch_axes)
 
-      def body(carry, mb):
-        g, m = grads_of(params, rest, target, mb, step)
-        return jax.tree.map(jnp.add, carry, (to_param_dtype(g), m)), None
+    def body(carry, mb):
+      g, m = grads_of(params, rest, target, mb, step)
+      return jax.tree.map(jnp.add, carry, (g, m)), None
 
-      shapes = jax.eval_shape(lambda: grads_of(params, rest, target, jax.tree.map(lambda x: x[0], micro), step))
-      gzero, mzero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      (gsum, msum), _ = jax.lax.scan(body, (varying(to_param_dtype(gzero)), mzero), micro)
-      grads = jax.tree.map(lambda g: g / accum, gsum)
-      metrics = jax.tree.map(lambda m: m / accum, msum)
-      metrics["tokens"] = msum["tokens"]  # counts add up, they are not averaged
-    if dp_axes is not None:
-      grads = {k: jax.tree.map(lambda g, s: sum_split(g, s, dp_axes, scatter=k not in kept), v, specs["params"][k])
-               for k, v in grads.items()}
+    shapes = jax.eval_shape(lambda: grads_of(params, rest, target, jax.tree.map(lambda x: x[0], micro), step))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (gsum, msum), _ = jax.lax.scan(body, zeros, micro)
+    grads = jax.tree.map(lambda g: g / accum, gsum)
+    metrics = jax.tree.map(lambda m: m / accum, msum)
+    metrics["tokens"] = msum["tokens"]  # counts add up, they are not averaged
     return grads, metrics
-
-  table_axes, kept = (), frozenset()
-  if dp_axes is not None:
-    spec_of = lambda tree: jax.tree.map(lambda s: s.spec, tree, is_leaf=lambda x: isinstance(x, NamedSharding))  # noqa: E731
-    specs = dict(params=spec_of(shardings["state"]["params"]), rest=spec_of(shardings["rest"]),
-                 target=spec_of(shardings["target"]))
-    table_axes = split_table_axes({**specs["rest"], **specs["params"]}, tuple(split_tables), dp_axes)
-    kept = frozenset(split_tables) if table_axes else frozenset()
-    batch_in = jax.tree.map(lambda _: P(dp_axes), shardings["batch"],
-                            is_leaf=lambda x: isinstance(x, NamedSharding))
-    accumulated_grads = jax.shard_map(accumulated_grads, mesh=shardings["mesh"],
-                                      in_specs=(specs["params"], specs["rest"], specs["target"], batch_in, P()),
-                                      out_specs=(specs["params"], P()))
 
   def train_step(state, rest, target, batch):
     params, step = state["params"], state["step"]

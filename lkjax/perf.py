@@ -1,47 +1,90 @@
-"""Dense-layer matmuls that stay on the CPU's fast bf16 path in the forward AND the backward pass.
+"""Performance options: HOW the draft's dense layers and training attention are computed, never WHAT.
 
-Measured on the 2-core CPU machines (``benchmarks/bench_matmul.py``, XLA CPU with its YNNPACK dot
-fusions): a bf16 ``[M, K] @ [K, N]`` dot runs at full speed only when
+Every option is a field of `PerfOptions`, set from the config's ``perf`` section (`from_config`) and handed
+to the draft's constructor explicitly (`lkjax.models.registry.build_draft`); the modules keep it as a static
+attribute, so a step traced with other options is another compiled program and nothing global is flipped.
+``"auto"`` picks per backend: the CPU forms below where a side-by-side run on CPU showed they help
+(benchmarks/README.md: bench_matmul, bench_parts), the plain XLA forms on GPU/TPU, whose libraries need no
+such help.
 
-  * both operands are physically row-major and the contraction is lhs dim 1 with rhs dim 0 ("NN"), and
-  * the result is float32 (``preferred_element_type``); a bf16 result is produced by a slower path.
+  matmul          "nn": dense layers as bf16 row-major dots in the forward AND backward pass (below);
+                  "xla": XLA's dot with folded transposes.                       auto: nn on CPU, else xla
+  attention_grad  "custom_vjp": flash-style backward that recomputes the scores instead of keeping
+                  [B, N, Tq, Tk] residuals; "autodiff": plain autodiff of the same forward.   default custom_vjp
+  causal_block    query rows per block of causal training attention (a block skips the keys after it;
+                  same values up to summation order); 0: all keys.               auto (-1): 256 on CPU, else 0
 
-Autodiff of ``x @ W`` gives ``dx = g @ W.T`` and ``dW = x.T @ g``; XLA folds those transposes into the
-dot's dimension numbers ("NT" / "TN"), and such bf16 dots are upcast to float32 and run at about 40% of
-the NN speed.  A transpose written as split-reshape -> transpose -> reshape is not folded: XLA
-materialises it (a cheap copy of one operand) and the dot stays a bf16 NN dot.
-
-With few rows (one sequence per device on a mesh) the weight's copy costs more than the dot saves, and
-``dx`` is taken as ``(w @ g.T).T`` instead, copying the smaller cotangent (`transposes_cotangent`).
-A weight stored as rows ``[N, K]`` (`matmul_t`) needs no copy for ``dx`` at all: ``g @ w_rows``.
-
-`matmul` is ``x @ w`` with a custom VJP built that way; `dense_dot_general` plugs it into
-``nnx.Linear``.  The numbers are those of ``x @ w``: float32 accumulation, then a cast to the operand
-dtype.  On other backends (GPU, TPU) the plain XLA dot is used: their libraries take transposed
-operands natively, so the extra copies would only cost.
+Why the NN matmul helps on CPU (``benchmarks/bench_matmul.py``, XLA CPU with its YNNPACK dot fusions): a bf16
+``[M, K] @ [K, N]`` dot runs at full speed only when both operands are physically row-major with the
+contraction on lhs dim 1 / rhs dim 0 ("NN") and the result is float32.  Autodiff of ``x @ W`` gives
+``dx = g @ W.T`` and ``dW = x.T @ g``; XLA folds those transposes into the dot ("NT" / "TN"), and such bf16
+dots run at about 40% of the NN speed.  A transpose written as split-reshape -> transpose -> reshape is not
+folded: XLA materialises it (a cheap copy of one operand) and the dot stays an NN dot.  With few rows the
+weight's copy costs more than the dot saves, and ``dx`` is taken as ``(w @ g.T).T`` instead
+(`transposes_cotangent`).  A weight stored as rows ``[N, K]`` (`matmul_t`) needs no copy for ``dx``.
+The numbers are those of ``x @ w`` either way: float32 accumulation, then a cast to the operand dtype.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from lkjax.sharding import cotangent_like
 
-IMPLS = ("auto", "xla", "nn")
-_impl = "auto"
+MATMULS = ("nn", "xla")
+ATTENTION_GRADS = ("custom_vjp", "autodiff")
+CPU_CAUSAL_BLOCK = 256   # best of {all keys, 256, 128, 64} rows at T = 512 on CPU (bench_parts)
 
 
-def set_impl(impl: str) -> None:
-  """``"auto"`` (NN matmuls on CPU, XLA's dot elsewhere), ``"xla"`` (always XLA's) or ``"nn"`` (always NN)."""
-  global _impl
-  if impl not in IMPLS:
-    raise ValueError(f"matmul impl={impl!r}: expected one of {IMPLS}")
-  _impl = impl
+@dataclasses.dataclass(frozen=True)
+class PerfOptions:
+  """Resolved performance options (no ``"auto"``); hashable, kept as a static module attribute."""
+  matmul: str = "xla"
+  attention_grad: str = "custom_vjp"
+  causal_block: int = 0
+
+  def __post_init__(self):
+    if self.matmul not in MATMULS:
+      raise ValueError(f"perf.matmul={self.matmul!r}: expected one of {MATMULS} (or 'auto' in a config)")
+    if self.attention_grad not in ATTENTION_GRADS:
+      raise ValueError(f"perf.attention_grad={self.attention_grad!r}: expected one of {ATTENTION_GRADS}")
+    if int(self.causal_block) < 0:
+      raise ValueError(f"perf.causal_block={self.causal_block}: must be >= 0 (0: all keys; -1 only as 'auto')")
+
+  @property
+  def nn(self) -> bool:
+    return self.matmul == "nn"
 
 
-def use_nn() -> bool:
-  """Whether `matmul` takes the NN path (decided at trace time)."""
-  return _impl == "nn" or (_impl == "auto" and jax.default_backend() == "cpu")
+def resolve(matmul: str = "auto", attention_grad: str = "custom_vjp", causal_block: int = -1,
+            backend: str | None = None) -> PerfOptions:
+  """`PerfOptions` with ``"auto"`` (and ``causal_block=-1``) decided for ``backend`` (default: JAX's)."""
+  cpu = (backend or jax.default_backend()) == "cpu"
+  if matmul == "auto":
+    matmul = "nn" if cpu else "xla"
+  block = int(causal_block)
+  if block == -1:
+    block = CPU_CAUSAL_BLOCK if cpu else 0
+  return PerfOptions(matmul=str(matmul), attention_grad=str(attention_grad), causal_block=block)
+
+
+def from_config(config: Mapping[str, Any] | None) -> PerfOptions:
+  """The config's ``perf`` section (missing keys: auto) -> `PerfOptions` for this backend."""
+  perf = (config or {}).get("perf") or {}
+  unknown = set(perf) - {"matmul", "attention_grad", "causal_block"}
+  if unknown:
+    raise ValueError(f"config.perf has unknown keys {sorted(unknown)}: expected matmul, attention_grad, "
+                     "causal_block")
+  return resolve(str(perf.get("matmul", "auto")), str(perf.get("attention_grad", "custom_vjp")),
+                 int(perf.get("causal_block", -1)))
+
+
+def or_default(perf: PerfOptions | None) -> PerfOptions:
+  """``perf``, or the auto options of this backend when None (models built without a config, e.g. tests)."""
+  return resolve() if perf is None else perf
 
 
 def physical_transpose(a: jax.Array) -> jax.Array:
@@ -99,11 +142,12 @@ def _nn_bwd(res, g):
 _nn_matmul.defvjp(_nn_fwd, _nn_bwd)
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """``x [..., K] @ w [K, N] -> [..., N]`` in the operands' (common) dtype, float32 accumulation."""
+def matmul(x: jax.Array, w: jax.Array, nn: bool) -> jax.Array:
+  """``x [..., K] @ w [K, N] -> [..., N]`` in the operands' (common) dtype, float32 accumulation; ``nn``: the
+  NN form (module docstring), else XLA's dot."""
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"matmul: x {x.shape} and w {w.shape} do not contract (need w 2-D, x[-1] == w[0])")
-  if not use_nn():
+  if not nn:
     return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
   return _on_rows(_nn_matmul, x, w, w.shape[1])
 
@@ -155,30 +199,43 @@ def grad_rows_from_cotangent(m: int, k: int, n: int) -> bool:
 _nn_matmul_t.defvjp(_nn_t_fwd, _nn_t_bwd)
 
 
-def matmul_t(x: jax.Array, w_rows: jax.Array) -> jax.Array:
+def matmul_t(x: jax.Array, w_rows: jax.Array, nn: bool) -> jax.Array:
   """``x [..., K] @ w_rows.T`` for a weight stored as rows ``[N, K]`` (PyTorch layout) -> ``[..., N]``.
 
   Many rows (training): the forward materialises the transpose once and runs an NN dot; the backward's
-  ``dx = g @ w_rows`` is an NN dot on the rows as stored (`_nn_t_bwd`).  Few rows (drafting) or a non-CPU
-  backend: XLA's dot with the transposed operand.
+  ``dx = g @ w_rows`` is an NN dot on the rows as stored (`_nn_t_bwd`).  Few rows (drafting) or ``nn``
+  False: XLA's dot with the transposed operand.
   """
   if w_rows.ndim != 2 or x.shape[-1] != w_rows.shape[1]:
     raise ValueError(f"matmul_t: x {x.shape} and w_rows {w_rows.shape} do not contract (need x[-1] == w_rows[1])")
   rows = 1
   for d in x.shape[:-1]:
     rows *= d
-  if use_nn() and rows >= MIN_ROWS_TO_TRANSPOSE:
+  if nn and rows >= MIN_ROWS_TO_TRANSPOSE:
     return _on_rows(_nn_matmul_t, x, w_rows, w_rows.shape[0])
   return jnp.einsum("...k,nk->...n", x, w_rows, preferred_element_type=jnp.float32).astype(
       jnp.result_type(x, w_rows))
 
 
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                      out_sharding=None):
-  """``lax.dot_general`` drop-in for ``nnx.Linear`` (its ``x @ kernel`` form only) using `matmul`."""
+def _dot_general(nn: bool, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                 out_sharding=None):
   (lc, rc), (lb, rb) = dimension_numbers
   if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, out_sharding=out_sharding)
-  y = matmul(lhs, rhs)
+  y = matmul(lhs, rhs, nn)
   return y if preferred_element_type is None else y.astype(preferred_element_type)
+
+
+def _dot_general_nn(*args, **kw):
+  return _dot_general(True, *args, **kw)
+
+
+def _dot_general_xla(*args, **kw):
+  return _dot_general(False, *args, **kw)
+
+
+def dense_dot_general(perf: PerfOptions):
+  """A ``lax.dot_general`` drop-in for ``nnx.Linear``: its ``x @ kernel`` form goes through `matmul` (one
+  module-level function per option, so two drafts built alike have equal graphs)."""
+  return _dot_general_nn if perf.nn else _dot_general_xla
