@@ -268,7 +268,35 @@ def test_stored_states_and_lse_match_transformers(pipeline):
     assert agree >= 0.9, (family, agree)
 
 
-def _train(arch, data_dir, workdir, **over):
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """A persistent XLA cache for this module: every family's draft has the same shapes and static settings
+  (`DRAFT`), so each architecture's train step compiles once for the whole matrix."""
+  import jax
+
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+  from jax._src import compilation_cache   # drop the initialised cache so later modules do not write to it
+
+  compilation_cache.reset_cache()
+
+
+# Draft settings shared by every family (the EAGLE-3 layer's RoPE base and eps would otherwise follow the
+# target's and make each family's step a new program); that the defaults DO follow the target is checked
+# in `test_train_evaluate_export` without training.
+DRAFT = {"eagle3": {"model.draft_vocab_size": 64, "model.rope_theta": 1e4, "model.rms_norm_eps": 1e-6},
+         "medusa": {"model.draft_vocab_size": 0}, "mtp": {"model.draft_vocab_size": 0},
+         "mlp_speculator": {"model.draft_vocab_size": 0}}
+
+
+def _train(arch, data_dir, workdir):
   from absl import flags
 
   from lkjax.config_args import load_config
@@ -277,15 +305,16 @@ def _train(arch, data_dir, workdir, **over):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   cfg = load_config(f"configs/{arch}.py:smoke", {
-      "data.dir": str(data_dir), "data.max_length": 64, "data.val_fraction": 0.25, "data.auto_prepare": False,
-      "batch_size": 2, "num_steps": 2, "model.num_heads": 2, "eval_every": 100, "eval_steps": 1, "log_every": 1,
-      "checkpoint.every": 2, "precision": "fp32", "optim.warmup_steps": 1, "mesh.shape": (1, 1, 1), **over})
+      "data.dir": str(data_dir), "data.max_length": 64, "data.val_fraction": 0.0, "data.auto_prepare": False,
+      "batch_size": 2, "num_steps": 2, "model.num_heads": 2, "eval_every": 0, "log_every": 1,
+      "checkpoint.every": 2, "precision": "fp32", "optim.warmup_steps": 1, "mesh.shape": (1, 1, 1),
+      **DRAFT[arch]})
   summary = loop.train_and_evaluate(cfg, workdir)
   assert summary["status"] == "finished"
   return loop.load_trained_draft(workdir)
 
 
-def test_train_evaluate_export(pipeline):
+def test_train_evaluate_export(pipeline, compile_cache):
   """A few steps of each draft, speculative decoding at T = 0 equal to transformers' greedy output, export."""
   from lkjax import export
   from lkjax.eval.speculative import speculative_generate
@@ -303,9 +332,13 @@ def test_train_evaluate_export(pipeline):
   stop = next((i for i, t in enumerate(ref) if t in info.eos_token_ids), None)
   ref = ref if stop is None else ref[:stop + 1]
   weights = shards.load_target_weights(root / "data")
+  from lkjax.models import registry
+
+  default = registry.default_model_config("eagle3", info)
+  assert (default.rope_theta, default.rms_norm_eps, default.head_dim) == (info.rope_theta, info.rms_norm_eps,
+                                                                          info.head_dim)
   for arch in archs:
-    over = {"model.draft_vocab_size": 64} if arch == "eagle3" else {}
-    trained = _train(arch, root / "data", root / f"run_{arch}", **over)
+    trained = _train(arch, root / "data", root / f"run_{arch}")
     assert trained.target_info == info
     res = speculative_generate(verifier, trained.model, prompt, num_draft=2, temperature=0.0, max_new_tokens=16,
                                eos_token_id=info.eos_token_ids)
@@ -314,7 +347,7 @@ def test_train_evaluate_export(pipeline):
     assert (out / "config.json").is_file()
     if arch == "eagle3":
       c = json.loads((out / "config.json").read_text())
-      assert c["rope_theta"] == info.rope_theta == c["rope_parameters"]["rope_theta"]
+      assert c["rope_theta"] == DRAFT["eagle3"]["model.rope_theta"] == c["rope_parameters"]["rope_theta"]
       assert c["target_hidden_size"] == H and c["vocab_size"] == V and c["draft_vocab_size"] == 64
       assert c["eagle_aux_hidden_state_layer_ids"] == list(info.aux_layer_ids)
       # the draft's embedding input is the raw embed_tokens rows (what vLLM feeds the draft), not scaled
@@ -322,8 +355,7 @@ def test_train_evaluate_export(pipeline):
     if arch == "mtp":   # the head norm starts from the target's final-norm multiplier (1 + w for Gemma)
       from flax import nnx
 
-      from lkjax.models import registry
-
-      fresh = registry.build_draft(trained.config.model, info, target_weights=weights, rngs=nnx.Rngs(0))
+      fresh = registry.build_draft(registry.default_model_config("mtp", info), info, target_weights=weights,
+                                   rngs=nnx.Rngs(0))
       np.testing.assert_allclose(np.asarray(fresh.mtp[0].shared_head_norm.weight[...]), weights["norm"])
   verifier.close()
