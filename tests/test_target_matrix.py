@@ -359,3 +359,83 @@ def test_train_evaluate_export(pipeline, compile_cache):
                                    rngs=nnx.Rngs(0))
       np.testing.assert_allclose(np.asarray(fresh.mtp[0].shared_head_norm.weight[...]), weights["norm"])
   verifier.close()
+
+
+# ------------------------------------------------------------------------------------------ vocabulary scale
+
+BIG_V, BIG_H, BIG_T, BIG_B = 262_144, 16, 64, 2
+
+
+def _big_vocab_data(directory):
+  """Random shards of a 256k-vocabulary target (hidden 16) with target lse, its head stored in bf16."""
+  from lkjax.targets.info import TargetInfo
+
+  rng = np.random.default_rng(0)
+  bf16 = np.dtype(ml_dtypes.bfloat16)
+  info = TargetInfo(name="big-vocab", model_type="gemma3_text", num_layers=8, hidden_size=BIG_H, vocab_size=BIG_V,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=32,
+                    rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=128, tie_word_embeddings=True,
+                    dtype="bfloat16")
+  emb = (0.5 * rng.standard_normal((BIG_V, BIG_H))).astype(np.float32)
+  shards.save_target_weights(directory, embed_tokens=emb, lm_head=emb, norm=np.ones(BIG_H, np.float32),
+                             dtype="bfloat16")
+  head = torch.from_numpy(shards.load_target_weights(directory)["lm_head"])
+  recs, freqs, tokens = [], np.zeros(BIG_V, np.int64), 0
+  for _ in range(8):
+    ids = rng.integers(0, BIG_V, BIG_T).astype(np.int32)
+    final = rng.standard_normal((BIG_T, BIG_H)).astype(bf16)
+    recs.append({"input_ids": ids, "loss_mask": np.ones(BIG_T, np.uint8),
+                 "aux_hidden": rng.standard_normal((BIG_T, 3 * BIG_H)).astype(bf16), "final_hidden": final,
+                 "target_lse": precompute.lse_from_stored(final, head)})
+    np.add.at(freqs, ids, 1)
+    tokens += BIG_T
+  name = shards.SHARD_PATTERN.format(0)
+  shards.write_shard(directory / name, [shards.encode_record(r) for r in recs])
+  shards.write_manifest(directory, {
+      "target": info.to_dict(), "max_length": BIG_T, "num_records": len(recs), "num_tokens": tokens,
+      "num_loss_tokens": tokens, "shards": [{"file": name, "num_records": len(recs), "num_tokens": tokens}],
+      "token_freqs": freqs.tolist(), "target_lse": True})
+  return info
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tmp_path_factory):
+  d = tmp_path_factory.mktemp("big_vocab")
+  return d, _big_vocab_data(d)
+
+
+def test_big_vocab_head_file_is_bf16(big_vocab):
+  d, info = big_vocab
+  assert (d / shards.TARGET_WEIGHTS_FILE).stat().st_size < BIG_V * BIG_H * 2 * 2 * 1.01 + 4096   # two bf16 tables
+
+
+@pytest.mark.parametrize("arch,draft_vocab", [("eagle3", 32000), ("eagle3", 0), ("medusa", 0)])
+def test_big_vocab_step_memory(big_vocab, tmp_path, monkeypatch, arch, draft_vocab):
+  """The compiled train step on a 256k vocabulary: its temporaries, against one [B, T, V] float32 array."""
+  from absl import flags
+
+  from lkjax.config_args import load_config
+  from lkjax.train import loop
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  d, info = big_vocab
+  seen = {}
+  real = loop._print_compile_report
+
+  def record(compiled, *a, **k):
+    seen["mem"] = compiled.memory_analysis()
+    return real(compiled, *a, **k)
+
+  monkeypatch.setattr(loop, "_print_compile_report", record)
+  cfg = load_config(f"configs/{arch}.py:smoke", {
+      "data.dir": str(d), "data.max_length": BIG_T, "data.val_fraction": 0.0, "data.auto_prepare": False,
+      "batch_size": BIG_B, "num_steps": 1, "model.num_heads": 2, "model.draft_vocab_size": draft_vocab,
+      "eval_every": 0, "log_every": 1, "checkpoint.every": 1, "precision": "bf16", "optim.warmup_steps": 1,
+      "mesh.shape": (1, 1, 1)})
+  loop.train_and_evaluate(cfg, tmp_path / "run")
+  one_btv = BIG_B * BIG_T * BIG_V * 4
+  temps = seen["mem"].temp_size_in_bytes
+  print(f"\n{arch} Vd={draft_vocab or BIG_V}: temps {temps / 2**20:.1f} MiB; one [B, T, V] f32 = "
+        f"{one_btv / 2**20:.1f} MiB")
+  assert temps < one_btv, (arch, draft_vocab, temps)
