@@ -244,6 +244,23 @@ def test_head_file_in_checkpoint_dtype_and_conventions(pipeline):
   np.testing.assert_allclose(xh * w["norm"], y, rtol=1e-4, atol=1e-5)
 
 
+def test_decode_equals_transformers_generate(pipeline):
+  """lkjax's decoder (preallocated cache, sliding layers included) gives transformers' greedy output, with
+  sequences longer than the sliding windows (8) of Mistral and Gemma-3."""
+  family, root, target, manifest = pipeline
+  for text in PROMPTS[:3]:
+    prompt = target.encode_prompt(text)
+    with torch.no_grad():
+      ref = target.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):]
+    ref = ref.tolist()
+    stop = next((i for i, t in enumerate(ref) if t in target.stop_token_ids), None)
+    gen = target.generate([text], max_new_tokens=20)[0]
+    assert gen.token_ids == (ref if stop is None else ref[:stop]), family
+    assert gen.finished == (stop is not None) and gen.stop_token_id == (None if stop is None else ref[stop])
+    assert len(prompt) + len(ref) > 8
+
+
 def test_stored_states_and_lse_match_transformers(pipeline):
   family, root, target, manifest = pipeline
   lines = generate.read_replies(root / "replies.jsonl")[0]    # shard records follow the file's line order

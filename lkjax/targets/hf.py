@@ -10,8 +10,9 @@ Feature conventions (docs/design.md#target-features-and-the-draft-vocabulary):
 
 Sequence convention for training data (`encode_conversation`): ``prompt_ids + reply_ids + [eot]`` where
 ``prompt_ids`` are the tokens of `format_prompt` (the chat template with the generation prompt), reply_ids
-the reply text tokenized alone, and eot the end-of-turn token that stops generation (the tokenizer's eos,
-``<|im_end|>`` for ChatML), appended only when the reply finished.  This is exactly the token stream the
+the reply text tokenized alone, and eot the stop token that ended generation (one of `stop_token_ids`: the
+tokenizer's eos, ``<|im_end|>`` for ChatML, and the generation config's eos ids), appended only when the
+reply finished.  This is exactly the token stream the
 target sees while serving (prompt, then its generated tokens); the template's text after eot (ChatML's
 trailing newline) is never generated, so it is not part of the sequence.  The loss mask is 1 on
 reply_ids and eot.
@@ -92,7 +93,8 @@ class TargetModel:
   Attributes:
     model: the ``AutoModelForCausalLM`` (eval mode).
     tokenizer: its tokenizer.
-    info: `TargetInfo` (sizes, aux layer ids, weights sha256).
+    info: `TargetInfo` (sizes, aux layer ids, weights sha256, and the family conventions read by
+      `lkjax.targets.facts`; a target the drafts cannot represent raises `facts.UnsupportedTarget`).
   """
 
   def __init__(self, model: torch.nn.Module, tokenizer, *, name: str, weights_sha256: str | None = None,
