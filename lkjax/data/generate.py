@@ -1,8 +1,9 @@
 """Target-regenerated training data: the target writes the assistant replies to ShareGPT prompts.
 
-Output: a JSONL file, one line per prompt ``{"id", "prompt", "reply", "finished", "reply_ids"}`` (``finished`` =
-the reply ended with the end-of-turn token rather than at ``max_new_tokens``; ``reply_ids`` = the generated
-token ids, end-of-turn excluded, which precompute uses as they are), plus ``<out>.summary.json``.
+Output: a JSONL file, one line per prompt ``{"id", "prompt", "reply", "finished", "reply_ids", "stop_token_id"}``
+(``finished`` = the reply ended with a stop token rather than at ``max_new_tokens``; ``reply_ids`` = the
+generated token ids, stop token excluded, which precompute uses as they are; ``stop_token_id`` = which stop
+token ended it, for targets with several, only on finished lines), plus ``<out>.summary.json``.
 
 Resumability: lines are appended per batch and flushed; a restart reads the ids already present and
 generates only the rest.  Prompts are split into fixed batches (``batch_size`` consecutive prompts of the
@@ -273,7 +274,9 @@ def generate_replies(target, prompts: Sequence[Prompt], out_path: str | os.PathL
       gens = target.generate([p.text for p in todo], max_new_tokens=max_new_tokens, temperature=temperature,
                              seed=seed * 1_000_003 + b, on_step=on_step)
       lines = [json.dumps({"id": p.id, "prompt": p.text, "reply": g.text, "finished": bool(g.finished),
-                           "reply_ids": [int(t) for t in g.token_ids]},
+                           "reply_ids": [int(t) for t in g.token_ids],
+                           **({"stop_token_id": int(g.stop_token_id)}
+                              if getattr(g, "stop_token_id", None) is not None else {})},
                           ensure_ascii=False) + "\n" for p, g in zip(todo, gens)]
       f.write("".join(lines))
       f.flush()

@@ -6,7 +6,8 @@ the generator recorded them).
 Output directory:
   shard-00000.array_record ...    records of `shards.RECORD_SCHEMA` (int32 ids, uint8 mask, bf16 states)
                                   + ``target_lse`` f32[T] (`shards.OPTIONAL_SCHEMA`) unless disabled
-  target_head.safetensors         the target's embedding / LM head / final norm (`TargetModel.export_head`)
+  target_head.safetensors         the target's embedding / LM head (checkpoint dtype) / final norm multiplier
+                                  (`TargetModel.export_head`); ``target_lse`` is computed from this stored head
   manifest.json                   written last, when every shard is done (`shards.write_manifest`)
   precompute_progress.json        per finished shard: counts and sparse token counts (resume state)
 
@@ -116,7 +117,8 @@ def _prepare_lines(target, lines: Sequence[dict], *, max_length: int, first_line
       warnings.warn(f"{where}: empty reply, skipped")
       continue
     input_ids, mask = target.encode_conversation(rec["prompt"], rec["reply"], finished=rec.get("finished", True),
-                                                 reply_ids=rec.get("reply_ids"))
+                                                 reply_ids=rec.get("reply_ids"),
+                                                 stop_token_id=rec.get("stop_token_id"))
     if len(input_ids) > max_length:
       stats["truncated"] += 1
       input_ids, mask = input_ids[:max_length], mask[:max_length]

@@ -4,7 +4,8 @@ A shard directory holds
   shard-00000.array_record ...   ArrayRecord files (``group_size:1`` for random access), one msgpack
                                  record per sequence (schema `RECORD_SCHEMA`)
   manifest.json                  what the shards hold (`write_manifest` / `read_manifest`)
-  target_head.safetensors        the target's input embedding, LM head and final norm weight
+  target_head.safetensors        the target's input embedding and LM head (in the checkpoint dtype) and final
+                                 norm multiplier (float32); see `lkjax.targets.hf.TargetModel.head_weights`
 
 Record schema (one training sequence, T tokens, target hidden H, A aux layers):
   input_ids    int32[T]
@@ -237,18 +238,33 @@ def target_info(manifest: Mapping[str, Any]):
   return TargetInfo.from_dict(manifest["target"])
 
 
+HEAD_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+               "float16": np.dtype(np.float16)}
+
+
+def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+  """``x`` rounded to ``dtype`` (a `HEAD_DTYPES` name) and back to float32."""
+  if dtype not in HEAD_DTYPES:
+    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(HEAD_DTYPES)}")
+  return np.asarray(x, np.float32).astype(HEAD_DTYPES[dtype]).astype(np.float32)
+
+
 def save_target_weights(directory: str | os.PathLike, *, embed_tokens: np.ndarray, lm_head: np.ndarray,
-                        norm: np.ndarray) -> pathlib.Path:
-  """Write the target's embedding [V, H], LM head [V, H] and final norm [H] (float32, safetensors)."""
+                        norm: np.ndarray, dtype: str = "float32") -> pathlib.Path:
+  """Write the target's embedding [V, H] and LM head [V, H] in ``dtype`` (the checkpoint's: a 256k x H head
+  in bf16 is half the float32 file) and its final norm [H] in float32 (safetensors)."""
   from safetensors.numpy import save_file
 
+  if dtype not in HEAD_DTYPES:
+    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(HEAD_DTYPES)}")
   path = pathlib.Path(directory) / TARGET_WEIGHTS_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  tensors = {TARGET_WEIGHT_KEYS["embed_tokens"]: embed_tokens, TARGET_WEIGHT_KEYS["lm_head"]: lm_head,
-             TARGET_WEIGHT_KEYS["norm"]: norm}
+  tensors = {TARGET_WEIGHT_KEYS["embed_tokens"]: np.asarray(embed_tokens, np.float32).astype(HEAD_DTYPES[dtype]),
+             TARGET_WEIGHT_KEYS["lm_head"]: np.asarray(lm_head, np.float32).astype(HEAD_DTYPES[dtype]),
+             TARGET_WEIGHT_KEYS["norm"]: np.asarray(norm, np.float32)}
   tmp = atomic_path(path)
   try:
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
   finally:
     if tmp.exists():
@@ -257,7 +273,8 @@ def save_target_weights(directory: str | os.PathLike, *, embed_tokens: np.ndarra
 
 
 def load_target_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-  """``{"embed_tokens": [V, H], "lm_head": [V, H], "norm": [H]}`` float32 from the shard directory."""
+  """``{"embed_tokens": [V, H], "lm_head": [V, H], "norm": [H]}`` float32 from the shard directory (whatever
+  dtype the file stores)."""
   from safetensors.numpy import load_file
 
   path = pathlib.Path(directory) / TARGET_WEIGHTS_FILE

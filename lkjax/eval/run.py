@@ -296,7 +296,7 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
   _check_args(benchmarks, temperatures, num_draft, max_new_tokens, prompts)
   info = target.info
   check_draft_fits(draft, info)  # vocabulary / hidden size / aux layers: fail before any decoding
-  eos = target.eot_token_id
+  eos = list(getattr(target, "stop_token_ids", ()) or ()) or target.eot_token_id   # every stop token
   runner = JittedDraft(draft, chunk=commit_chunk) if jit else draft
   verifier = Verifier(target.model, aux_layer_ids=info.aux_layer_ids, max_context=max_context)
   ctx_len = verifier.max_context

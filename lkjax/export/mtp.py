@@ -28,6 +28,9 @@ vLLM's DeepSeek MTP proposer if someone ports the block: vLLM recycles the PRE-n
 (lkjax: the post-``shared_head.norm`` state, docs/design.md#architectures) and zeroes the embedding at position 0; with
 M = 1 it chains one module along positions rather than per depth (see `lkjax.models.mtp`).
 
+Norm weights are multipliers (``x / rms(x) * w``, DeepSeek's RMSNorm), also for a target whose own norms
+multiply by ``1 + w`` (Gemma): ``shared_head.norm`` starts from that target's ``1 + w``.
+
 ``shared_head.head`` is the target's LM head, frozen in lkjax, which keeps only its draft-vocabulary
 rows; with a truncated vocabulary pass ``full_lm_head`` (the target's ``[V, H]`` head) to write the
 full head a DeepSeek-style loader expects, otherwise the ``[Vd, H]`` rows are written with ``d2t``.

@@ -58,7 +58,8 @@ class MTPModule(nnx.Module):
                                      rope_theta=rope_theta, perf=perf, **kw)
     self.shared_head_norm = L.RMSNorm(hidden, eps=rms_norm_eps, **kw)
     if head_norm is not None:
-      # Start from the target's final norm: h^k then lives where the target's final hidden lives.
+      # Start from the target's final norm (its multiplier, 1 + w for Gemma: docs/design.md#target-families):
+      # h^k then lives where the target's final hidden lives.
       self.shared_head_norm.weight[...] = jnp.asarray(head_norm, jnp.float32)
 
   def __call__(self, emb: jax.Array, h_prev: jax.Array, positions: jax.Array,
@@ -295,7 +296,8 @@ def from_config(cfg, target: TargetInfo, *, draft_vocab=None,
 
   cfg keys: ``arch`` ('mtp'), ``num_heads`` (K = 7), ``share_weights`` (True), ``draft_vocab_size``
   (0 = V), ``dtype``; target-shape keys (0 = inherit).  ``target_weights``: ``{"embed_tokens": [V, Ht],
-  "lm_head": [V, Ht], "norm": [Ht]}`` float32 (``norm`` seeds ``shared_head_norm``), or None (random).
+  "lm_head": [V, Ht], "norm": [Ht]}`` float32 (``norm``, the target's final-norm multiplier, seeds
+  ``shared_head_norm``), or None (random).
   """
   arch = cfg.get("arch", "mtp")
   if arch != "mtp":

@@ -4,9 +4,10 @@ Why not ``model.generate``: its `DynamicCache` concatenates every layer's keys a
 (an O(length) copy per token, which dominates a CPU decode step at batch 64+), and a batch keeps decoding
 rows that already ended.  Here:
 
-* `preallocated_cache` gives full-attention layers a buffer with room to spare: new keys/values are written
-  in place and attention gets a view of the filled part (no copy per step, no attention over empty slots).  Layers of
-  other kinds (sliding-window, linear attention) keep their transformers implementation.
+* `preallocated_cache` gives attention layers (full and sliding-window) a buffer with room to spare: new
+  keys/values are written in place and attention gets a view of the filled part (no copy per step, no attention
+  over empty slots; the sliding window is the mask's job).  Other layer kinds (linear attention) keep their
+  transformers implementation.
 * `decode` drops finished rows from the batch (cache, mask, positions) once enough of them ended, so the
   step cost follows the rows still running.
 * The prompt pass runs in chunks of rows of similar length, each padded only to its own longest prompt and
@@ -96,15 +97,23 @@ _LAYER_CLS = None
 
 
 def preallocated_cache(model, capacity: int):
-  """A `DynamicCache` for ``model`` whose full-attention layers are preallocated (``capacity`` positions)."""
+  """A `DynamicCache` for ``model`` whose attention layers are preallocated (``capacity`` positions).
+
+  Sliding-window layers get a preallocated FULL layer too: the model's sliding-window mask (built from
+  absolute cache slots) still hides keys outside the window, so the output is unchanged, and the cache
+  can be cropped anywhere (transformers' `DynamicSlidingWindowLayer` keeps only the last window and
+  cannot roll back past it, which speculative verification needs).  Other layer kinds (linear
+  attention) keep their transformers implementation.
+  """
   global _LAYER_CLS
   from transformers import DynamicCache
-  from transformers.cache_utils import DynamicLayer
+  from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
   if _LAYER_CLS is None:
     _LAYER_CLS = _make_layer_class()
   cache = DynamicCache(config=model.config)
-  cache.layers = [_LAYER_CLS(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+  cache.layers = [_LAYER_CLS(capacity) if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                  for layer in cache.layers]
   return cache
 
 
@@ -153,10 +162,11 @@ def _chunked_prefill(model, cache, prompts, ids, mask, capacity: int, prefill_to
 
 @dataclasses.dataclass
 class Decoded:
-  """New tokens of one row (up to and excluding the stop token) and whether a stop token ended it."""
+  """New tokens of one row (up to and excluding the stop token), whether a stop token ended it, and which."""
 
   token_ids: list[int]
   finished: bool
+  stop_token_id: int | None = None
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -218,6 +228,7 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_
 
   results: list[list[int]] = [[] for _ in range(n)]
   finished = [False] * n
+  stopped_by: list[int | None] = [None] * n
   rows = torch.arange(n, device=device)        # original index of each batch row
   positions = mask.sum(-1)                     # position of the next token per row
   running = torch.ones(n, dtype=torch.bool, device=device)
@@ -230,6 +241,7 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_
         continue
       if st:
         finished[r] = True
+        stopped_by[r] = t
       else:
         results[r].append(t)
     if on_step is not None:
@@ -249,4 +261,4 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_
                 past_key_values=cache, use_cache=True)
     logits = out.logits[:, -1]
     positions = positions + 1
-  return [Decoded(results[i], finished[i]) for i in range(n)]
+  return [Decoded(results[i], finished[i], stopped_by[i]) for i in range(n)]

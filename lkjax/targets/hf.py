@@ -10,8 +10,9 @@ Feature conventions (docs/design.md#target-features-and-the-draft-vocabulary):
 
 Sequence convention for training data (`encode_conversation`): ``prompt_ids + reply_ids + [eot]`` where
 ``prompt_ids`` are the tokens of `format_prompt` (the chat template with the generation prompt), reply_ids
-the reply text tokenized alone, and eot the end-of-turn token that stops generation (the tokenizer's eos,
-``<|im_end|>`` for ChatML), appended only when the reply finished.  This is exactly the token stream the
+the reply text tokenized alone, and eot the stop token that ended generation (one of `stop_token_ids`: the
+tokenizer's eos, ``<|im_end|>`` for ChatML, and the generation config's eos ids), appended only when the
+reply finished.  This is exactly the token stream the
 target sees while serving (prompt, then its generated tokens); the template's text after eot (ChatML's
 trailing newline) is never generated, so it is not part of the sequence.  The loss mask is 1 on
 reply_ids and eot.
@@ -19,15 +20,16 @@ reply_ids and eot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import pathlib
+import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from lkjax.targets.info import TargetInfo, eagle3_aux_layer_ids
 
 PACKAGED = {"smollm2": "smollm2-135m-instruct"}
 
@@ -61,11 +63,13 @@ class Features(NamedTuple):
 
 @dataclasses.dataclass
 class Generation:
-  """One generated reply: decoded text (special tokens dropped), new token ids, and whether it hit eos."""
+  """One generated reply: text (control tokens dropped, `TargetModel.reply_text`), new token ids, whether a
+  stop token ended it, and which one."""
 
   text: str
   token_ids: list[int]
   finished: bool
+  stop_token_id: int | None = None
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -78,27 +82,9 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
   return h.hexdigest()
 
 
-def _rope_theta(config) -> float:
-  rp = getattr(config, "rope_parameters", None)
-  if isinstance(rp, Mapping) and "rope_theta" in rp:
-    return float(rp["rope_theta"])
-  return float(getattr(config, "rope_theta", 10000.0))
-
-
-def target_info_from_config(config, *, name: str, weights_sha256: str = "") -> TargetInfo:
-  """`TargetInfo` of a transformers decoder config (aux ids ``(2, N//2, N-3)``)."""
-  n = int(config.num_hidden_layers)
-  heads = int(config.num_attention_heads)
-  return TargetInfo(
-      name=name, model_type=str(config.model_type), num_layers=n, hidden_size=int(config.hidden_size),
-      vocab_size=int(config.vocab_size), num_attention_heads=heads,
-      num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-      head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-      intermediate_size=int(config.intermediate_size), rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
-      rope_theta=_rope_theta(config), max_position_embeddings=int(getattr(config, "max_position_embeddings", 0)),
-      hidden_act=str(getattr(config, "hidden_act", "silu")),
-      tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-      aux_layer_ids=eagle3_aux_layer_ids(n), weights_sha256=weights_sha256)
+# An added token whose text is markup (``<end_of_turn>``, ``<|im_end|>``, ``[INST]``) is a control token even
+# when the tokenizer does not mark it special (decode(skip_special_tokens=True) would keep it as text).
+_MARKUP = re.compile(r"^(<[^<>\s]+>|<\|[^\s]*\|>|\[/?[A-Z_]+\])$")
 
 
 class TargetModel:
@@ -107,15 +93,21 @@ class TargetModel:
   Attributes:
     model: the ``AutoModelForCausalLM`` (eval mode).
     tokenizer: its tokenizer.
-    info: `TargetInfo` (sizes, aux layer ids, weights sha256).
+    info: `TargetInfo` (sizes, aux layer ids, weights sha256, and the family conventions read by
+      `lkjax.targets.facts`; a target the drafts cannot represent raises `facts.UnsupportedTarget`).
   """
 
-  def __init__(self, model: torch.nn.Module, tokenizer, *, name: str, weights_sha256: str | None = None):
+  def __init__(self, model: torch.nn.Module, tokenizer, *, name: str, weights_sha256: str | None = None,
+               dtype: str | None = None):
+    """``dtype``: the checkpoint's parameter dtype when the model was loaded in another (`load` passes
+    config.json's); the precomputed target head is stored in it."""
+    from lkjax.targets import facts
+
     self.model = model.eval()
     self.tokenizer = tokenizer
     if weights_sha256 is None:
       weights_sha256 = state_dict_sha256(model)
-    self.info = target_info_from_config(model.config, name=name, weights_sha256=weights_sha256)
+    self.info = facts.read_target_info(model, tokenizer, name=name, weights_sha256=weights_sha256, dtype=dtype)
     if len(tokenizer) > self.info.vocab_size:
       raise ValueError(f"{name}: tokenizer has {len(tokenizer)} tokens but the model vocabulary is "
                        f"{self.info.vocab_size}")
@@ -137,9 +129,14 @@ class TargetModel:
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json); packaged targets: "
                                 f"{sorted(PACKAGED)}")
       name = str(path)
+    import json
+
+    raw = json.loads((path / "config.json").read_text())
+    raw = raw.get("text_config") or raw
+    declared = raw.get("dtype") or raw.get("torch_dtype")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return cls(model, tokenizer, name=name)
+    return cls(model, tokenizer, name=name, dtype=declared)
 
   # --- sizes -------------------------------------------------------------------------------------------
   @property
@@ -160,8 +157,29 @@ class TargetModel:
 
   @property
   def eot_token_id(self) -> int | None:
-    """The end-of-turn token that stops generation (the tokenizer's eos), or None."""
-    return self.tokenizer.eos_token_id
+    """The end-of-turn token appended to a finished reply that does not record its own stop token: the
+    tokenizer's eos (else the generation config's first), or None."""
+    return self.info.eos_token_ids[0] if self.info.eos_token_ids else None
+
+  @property
+  def stop_token_ids(self) -> tuple[int, ...]:
+    """Every token that ends a reply (`TargetInfo.eos_token_ids`: tokenizer eos + generation config eos)."""
+    return self.info.eos_token_ids
+
+  @functools.cached_property
+  def control_token_ids(self) -> frozenset[int]:
+    """Tokens never shown in reply text: the tokenizer's special tokens, the stop tokens, and added tokens
+    whose text is markup even when the tokenizer does not mark them special (`_MARKUP`)."""
+    ids = set(int(i) for i in self.tokenizer.all_special_ids) | set(self.stop_token_ids)
+    for i, tok in getattr(self.tokenizer, "added_tokens_decoder", {}).items():
+      if getattr(tok, "special", False) or _MARKUP.match(str(tok)):
+        ids.add(int(i))
+    return frozenset(ids)
+
+  def reply_text(self, token_ids: Sequence[int]) -> str:
+    """Text of generated token ids without control tokens (`control_token_ids`)."""
+    return self.tokenizer.decode([int(t) for t in token_ids if int(t) not in self.control_token_ids],
+                                 skip_special_tokens=True)
 
   @property
   def pad_token_id(self) -> int:
@@ -197,11 +215,13 @@ class TargetModel:
     return list(self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"])
 
   def encode_conversation(self, prompt: str | Messages, reply: str, *, finished: bool = True,
-                          reply_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          reply_ids: Sequence[int] | None = None,
+                          stop_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Training sequence of one exchange (convention in the module docstring).
 
     ``reply_ids``: the reply's token ids as the target generated them (then ``reply`` is not re-tokenized;
-    text -> ids is not always the inverse of ids -> text).
+    text -> ids is not always the inverse of ids -> text).  ``stop_token_id``: the token that ended the
+    reply when the generator recorded it (a target with several stop tokens); else `eot_token_id`.
 
     Returns:
       ``(input_ids int32[T], loss_mask uint8[T])``; the mask is 1 exactly on the reply tokens and, when
@@ -215,7 +235,9 @@ class TargetModel:
         raise ValueError(f"reply_ids: token ids {bad[:5]} outside the target vocabulary [0, {self.vocab_size})")
     else:
       reply_ids = list(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else []
-    if finished and self.eot_token_id is not None:
+    if finished and stop_token_id is not None:
+      reply_ids.append(int(stop_token_id))
+    elif finished and self.eot_token_id is not None:
       reply_ids.append(int(self.eot_token_id))
     ids = np.asarray(prompt_ids + reply_ids, dtype=np.int32)
     mask = np.zeros(len(ids), dtype=np.uint8)
@@ -238,12 +260,10 @@ class TargetModel:
 
     if not prompts:
       return []
-    eos = self.eot_token_id
     out = decode.decode(self.model, [self.encode_prompt(p) for p in prompts], max_new_tokens=max_new_tokens,
-                        pad_token_id=self.pad_token_id, stop_token_ids=() if eos is None else (int(eos),),
+                        pad_token_id=self.pad_token_id, stop_token_ids=self.stop_token_ids,
                         temperature=temperature, seed=seed, prefill_tokens=prefill_tokens, on_step=on_step)
-    return [Generation(self.tokenizer.decode(d.token_ids, skip_special_tokens=True), d.token_ids, d.finished)
-            for d in out]
+    return [Generation(self.reply_text(d.token_ids), d.token_ids, d.finished, d.stop_token_id) for d in out]
 
   # --- features ----------------------------------------------------------------------------------------
   @torch.no_grad()
@@ -273,17 +293,27 @@ class TargetModel:
 
   # --- export ------------------------------------------------------------------------------------------
   def head_weights(self) -> dict[str, np.ndarray]:
-    """``{"embed_tokens": [V, H], "lm_head": [V, H], "norm": [H]}`` float32 (lm_head = embedding if tied)."""
-    emb = self.model.get_input_embeddings().weight
-    head = self.model.get_output_embeddings().weight
-    norm = getattr(self.model.get_decoder(), "norm", None)
-    if norm is None or getattr(norm, "weight", None) is None:
-      raise ValueError(f"{self.info.name}: the decoder has no final `norm` with a weight; cannot export the head")
-    f = lambda t: t.detach().float().cpu().numpy()
-    return {"embed_tokens": f(emb), "lm_head": f(head), "norm": f(norm.weight)}
+    """``{"embed_tokens": [V, H], "lm_head": [V, H], "norm": [H]}`` float32, exactly as `export_head` stores
+    them (docs/design.md#target-families):
 
-  def export_head(self, directory: str | os.PathLike) -> pathlib.Path:
-    """Write ``target_head.safetensors`` (embedding, LM head, final norm) into ``directory``."""
+      embed_tokens  the raw ``embed_tokens`` rows, WITHOUT the target's embedding scale: what vLLM and
+                    SGLang feed an EAGLE-3 draft (they share the target's embedding module and call it)
+      lm_head       the LM head (= embed_tokens when tied)
+      norm          the final norm's MULTIPLIER ``norm_weight_offset + weight`` (lkjax's and DeepSeek's
+                    RMSNorm convention), so ``1 + w`` for Gemma
+    The embedding and head are rounded to the checkpoint dtype (`TargetInfo.dtype`), the norm is float32.
+    """
     from lkjax.data import shards
 
-    return shards.save_target_weights(directory, **self.head_weights())
+    emb = self.model.get_input_embeddings().weight
+    head = self.model.get_output_embeddings().weight
+    norm = self.model.get_decoder().norm.weight
+    rows = lambda t: shards.round_to_dtype(t.detach().float().cpu().numpy(), self.info.dtype)
+    return {"embed_tokens": rows(emb), "lm_head": rows(head),
+            "norm": (self.info.norm_weight_offset + norm.detach().float().cpu()).numpy()}
+
+  def export_head(self, directory: str | os.PathLike) -> pathlib.Path:
+    """Write ``target_head.safetensors`` (embedding, LM head in the checkpoint dtype; final norm float32)."""
+    from lkjax.data import shards
+
+    return shards.save_target_weights(directory, **self.head_weights(), dtype=self.info.dtype)
