@@ -128,11 +128,16 @@ def _params(workdir):
 
 
 def _files(workdir):
-  """Every file of a workdir (relative), the per-process iterator files and TensorBoard's event names aside."""
+  """Every file of a workdir (relative) outside orbax's array storage (``checkpoints/<step>/state``, where
+  each process writes the shards it holds), with the per-process iterator files and TensorBoard's event file
+  names reduced to a pattern."""
   out = set()
   for root, _, names in os.walk(workdir):
     for n in names:
       rel = os.path.relpath(os.path.join(root, n), workdir)
+      parts = rel.split(os.sep)
+      if len(parts) > 3 and parts[0] == "checkpoints" and parts[2] == "state":
+        continue
       if n.startswith("process_") and n.endswith(".json"):
         rel = os.path.join(os.path.dirname(rel), "process_*.json")
       elif rel.startswith(metrics_lib.TB_DIR):
@@ -248,7 +253,10 @@ def test_killed_process_stops_the_others_and_relaunch_resumes(runs, data_dir, tm
   # Process 0 ended on its own (not stopped by the launcher), with jax's error, within the heartbeat timeout.
   assert not p0.stopped_by_launcher and p0.returncode != 0
   assert p0.seconds - p1.seconds < HEARTBEAT_S + 20, text[-4000:]
-  assert "JAX distributed service detected fatal errors" in logs[0]
+  # Either jax's coordination service saw process 1's heartbeats stop (process 0 blocked elsewhere), or
+  # process 0's next cross-process transfer failed at once (gloo: connection reset) and lkjax ended it.
+  assert ("JAX distributed service detected fatal errors" in logs[0]
+          or ("Gloo" in logs[0] and "Connection reset by peer" in logs[0] and "ending it now" in logs[0])), logs[0][-3000:]
   assert "process 1 failed first" in text and "killed by SIGKILL" in text
 
   # Relaunch: both processes resume from the newest checkpoint (no checkpointed step is lost) ...
