@@ -23,7 +23,7 @@ from absl import app, flags
 flags.DEFINE_integer("num_processes", 2, "Number of local processes.")
 flags.DEFINE_integer("devices_per_process", 4, "CPU devices of each process.")
 flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free port).")
-flags.DEFINE_integer("heartbeat_timeout_s", 10, "Seconds without a heartbeat before the others stop.")
+flags.DEFINE_integer("heartbeat_timeout_s", 30, "Seconds without a heartbeat before the others stop.")
 flags.DEFINE_integer("init_timeout_s", 120, "Seconds to wait for every process to connect.")
 flags.DEFINE_float("grace_s", None, "Seconds after the first failure before the launcher stops the rest "
                    "(default: heartbeat timeout + 30).")

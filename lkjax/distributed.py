@@ -334,7 +334,7 @@ def _pump(stream, out: TextIO, prefix: str, log: TextIO | None) -> None:
 
 
 def launch_local(command: Sequence[str], *, num_processes: int, devices_per_process: int, port: int = 0,
-                 heartbeat_timeout_s: int = 10, init_timeout_s: int = 120, grace_s: float | None = None,
+                 heartbeat_timeout_s: int = 30, init_timeout_s: int = 120, grace_s: float | None = None,
                  log_dir: str | os.PathLike | None = None, out: TextIO | None = None, cwd: str | None = None,
                  on_start=None) -> LaunchResult:
   """Run ``command`` as ``num_processes`` local processes of one multi-process jax run and wait for them.

@@ -28,7 +28,7 @@ from flax import nnx
 
 from lkjax import distributed
 from lkjax.config_args import load_config
-from lkjax.data import pipeline
+from lkjax.data import pipeline, shards
 from lkjax.train import loop, metrics as metrics_lib
 
 from test_train_loop import make_data  # 40 synthetic records, V = 64, H = 16, an 8-layer target
@@ -36,7 +36,7 @@ from test_train_loop import make_data  # 40 synthetic records, V = 64, H = 16, a
 pytestmark = pytest.mark.multiprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEARTBEAT_S = 10
+HEARTBEAT_S = 30  # a loaded 2-core CI machine can starve a heartbeat thread for 10 s during compilation
 TIMINGS = ("tokens_per_s", "step_time_s", "split")
 ETA = {"eagle3": 3.0, "medusa": 10.0}
 
@@ -269,6 +269,37 @@ def test_killed_process_stops_the_others_and_relaunch_resumes(runs, data_dir, tm
   # ... and the steps after it read the same batches and log the same metrics as the uninterrupted run.
   _assert_same_metrics(uninterrupted, workdir, rel=1e-6, abs=1e-7)
   assert _loader_states(workdir, 6) == _loader_states(uninterrupted, 6)
+
+
+def _records_of_batch(data_dir, batch):
+  """Global indices of the records in the rows of an unpacked batch (matched by their tokens)."""
+  (path,) = shards.shard_paths(data_dir)
+  recs = shards.read_shard(path)
+  out = set()
+  for ids, seg in zip(batch["input_ids"], batch["segment_ids"]):
+    row = ids[seg > 0]
+    out |= {i for i, r in enumerate(recs) if len(r["input_ids"]) == len(row) and (r["input_ids"] == row).all()}
+  return out
+
+
+def test_error_in_one_process_stops_the_others(data_dir, tmp_path):
+  """A corrupted record in process 1's share: process 1 stops with the ShardError naming it and exits at
+  once (not in jax's shutdown barrier, where it would wait 300 s for process 0, itself waiting for process 1
+  in the next collective); process 0 then stops within the heartbeat timeout."""
+  from test_train_loop import _flip_a_record
+  bad = shutil.copytree(data_dir, tmp_path / "bad")
+  it = iter(pipeline.make_loader(bad, split="train", global_batch_size=8, max_length=16, seed=0, num_epochs=1,
+                                 val_fraction=0.2, process_index=1, process_count=2))
+  next(it)
+  (shard,) = shards.shard_paths(bad)
+  rec = _flip_a_record(shard, _records_of_batch(bad, next(it)))   # in process 1's second batch
+  cmd = _train_cmd("medusa", tmp_path / "run", _overrides(bad, **{"num_steps": 3, "eval_every": 0}))
+  res, text, logs = _launch(cmd, tmp_path, "error")
+  p0, p1 = res.exits
+  assert res.first_failure.process_id == 1 and p1.returncode == 1, text[-4000:]
+  assert f"{shard.name} record {rec} is corrupted" in logs[1] and "ending it now" in logs[1]
+  assert not p0.stopped_by_launcher and p0.returncode != 0
+  assert p0.seconds - p1.seconds < HEARTBEAT_S + 20, text[-4000:]
 
 
 def test_mismatched_configs_are_rejected_naming_the_key(data_dir, tmp_path):
