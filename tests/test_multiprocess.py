@@ -64,11 +64,13 @@ def _train_cmd(arch, workdir, overrides):
 
 
 def _launch(cmd, base, name, *, num_processes=2, on_start=None):
-  """Launch ``cmd`` as local processes x 4 CPU devices; returns (LaunchResult, launcher output, [process logs])."""
+  """Launch ``cmd`` as local processes x 4 CPU devices; returns (LaunchResult, launcher output, [process logs]);
+  the logs stay in ``<base>/<name>_logs``."""
   out = io.StringIO()
   res = distributed.launch_local(cmd, num_processes=num_processes, devices_per_process=8 // num_processes,
                                  heartbeat_timeout_s=HEARTBEAT_S, log_dir=base / f"{name}_logs", out=out, cwd=ROOT,
                                  on_start=on_start)
+  (base / f"{name}_logs" / "launcher.log").write_text(out.getvalue())   # kept for debugging a failure
   logs = [(base / f"{name}_logs" / f"process_{i}.log").read_text() for i in range(num_processes)]
   return res, out.getvalue(), logs
 
