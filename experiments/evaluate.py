@@ -63,7 +63,9 @@ def main(argv):
     temperatures = [float(t) for t in FLAGS.temperatures]
   except ValueError:
     raise app.UsageError(f"--temperatures={','.join(FLAGS.temperatures)}: expected numbers, e.g. 0,1") from None
-  from lkjax import cli
+  from lkjax import cli, distributed
+  if not distributed.main_process_only("evaluation"):  # launched on every host: evaluate (and write) once
+    return
   if FLAGS.target:
     cli.check_target(FLAGS.target, "--target")
   if FLAGS.import_eagle3 and not os.path.isdir(FLAGS.import_eagle3):

@@ -38,6 +38,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("pass exactly one of --workdir and --checkpoint")
+  from lkjax import distributed
+  if not distributed.main_process_only("export"):  # launched on every host: write the export once
+    return
   from lkjax import export
   from lkjax.train import loop
 

@@ -51,7 +51,7 @@ def test_state_and_iterator_round_trip(data_dir, tmp_path):
   fresh = iter(_loader(data_dir))
   zeros = jax.tree.map(jnp.zeros_like, state)
   restored, meta = ck.restore(ckpt_lib.abstract_with_shardings(zeros, shardings), data_iter=fresh)
-  assert meta == {"loss": 1.5, "step": 5}
+  assert meta == {"loss": 1.5, "step": 5, "process_count": 1}
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
   assert restored["params"]["w"].sharding == shardings["params"]["w"]
   for want in expected:

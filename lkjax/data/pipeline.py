@@ -3,7 +3,7 @@
     ArrayRecord shards (checked against manifest.json)
       -> split (train / val: a fixed, seed-independent hash of the global record index)
       -> global shuffle (grain index shuffle, reshuffled every epoch) -> this process's strided share
-      -> repeat(num_epochs)
+      -> repeat(num_epochs) -> tag each record with its epoch
       -> decode + validate + truncate to max_length (counted)      numpy only, runs in grain workers
       -> pad to max_length | first-fit pack several documents per row
       -> batch (global_batch_size // process_count rows)
@@ -24,7 +24,11 @@ epoch so that all processes make the same number of steps (`LoaderInfo.skipped_p
 The iterator (``iter(loader)``) is a `grain.DatasetIterator`: ``get_state()`` / ``set_state()`` give exact
 resumption and it works with ``grain.checkpoint.CheckpointSave/CheckpointRestore`` in an orbax manager.
 Its state also carries the statistics (`loader_stats`): documents read, tokens, and the sequences longer
-than ``max_length`` that were truncated (with the number of tokens cut) -- nothing is dropped silently.
+than ``max_length`` that were truncated (with the number of tokens cut) -- nothing is dropped silently --
+and, per epoch, a digest of WHICH records this process read (`epoch_records`: their count and the sum and
+xor of a 64-bit hash of their global index). Digests of all processes combine (`combine_digests`) and equal
+`records_digest` of the split exactly when every record was read once in that epoch (`skipped_per_epoch`
+aside): how a multi-process run is checked from the loaders' own counters.
 """
 from __future__ import annotations
 
@@ -48,6 +52,9 @@ _ROW_STATS = ("docs", "tokens", "loss_tokens", "truncated_docs", "truncated_toke
 _SPLIT_SALT = np.uint64(0x6C6B6A6178766C31)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _HIDDEN_KEYS = ("aux_hidden", "final_hidden")
+# Per document of a row: its global record index and epoch (-1: no document), for the per-epoch digests.
+_REC_INDEX, _REC_EPOCH = "_rec_index", "_rec_epoch"
+_MASK64 = (1 << 64) - 1
 
 
 # ------------------------------------------------------------------------------------------ shard directory
@@ -229,8 +236,21 @@ class _SplitSource(grain.sources.RandomAccessDataSource):
     return f"_SplitSource({len(self._files)} shards, {self._indices.size} records)"
 
 
+class _TagEpoch(grain.transforms.MapWithIndex):
+  """``(global_index, bytes)`` at position ``i`` of this process's repeated stream -> ``(global_index, epoch,
+  bytes)``; each epoch is ``per_epoch`` consecutive positions."""
+
+  def __init__(self, per_epoch: int):
+    self._per_epoch = int(per_epoch)
+
+  def map_with_index(self, index, element):
+    g, data = element
+    return g, int(index) // self._per_epoch, data
+
+
 class _Decode(grain.transforms.Map):
-  """``(global_index, bytes)`` -> validated record dict, truncated to ``max_length`` (+ ``orig_len``)."""
+  """``(global_index, epoch, bytes)`` -> validated record dict, truncated to ``max_length`` (+ ``orig_len``,
+  ``record``, ``epoch``)."""
 
   def __init__(self, names, offsets, *, hidden_size: int, num_aux: int, max_length: int,
                optional: tuple[str, ...] = ()):
@@ -242,7 +262,7 @@ class _Decode(grain.transforms.Map):
     self._max_length = max_length
 
   def map(self, element):
-    g, data = element
+    g, epoch, data = element
     s = int(np.searchsorted(self._offsets, g, side="right")) - 1
     where = f"{self._names[s]} record {g - int(self._offsets[s])}"
     rec = shards.decode_record(data, where=where)
@@ -253,6 +273,7 @@ class _Decode(grain.transforms.Map):
       raise shards.ShardError(f"{where}: missing fields {missing}, which the manifest says every record has")
     out = {k: rec[k][:keep] for k in (*shards.RECORD_SCHEMA, *self._optional)}
     out["orig_len"] = length
+    out["record"], out["epoch"] = int(g), int(epoch)
     return out
 
 
@@ -271,7 +292,9 @@ class _Collate:
   `LoaderIterator` strips them in the main process.
   """
 
-  def __init__(self, *, max_length: int, aux_width: int, hidden_size: int, optional: tuple[str, ...] = ()):
+  def __init__(self, *, max_length: int, aux_width: int, hidden_size: int, optional: tuple[str, ...] = (),
+               max_docs: int = 1):
+    self._max_docs = int(max_docs)    # documents a row can hold (1 without packing)
     self._optional = tuple(optional)
     self._max_length = max_length
     self._aux_width = aux_width
@@ -293,6 +316,8 @@ class _Collate:
       assert ndim == 1, k
       out[k] = np.zeros((b, t), dt)
     stats = {k: np.zeros(b, np.int64) for k in _ROW_STATS}
+    rec_index = np.full((b, self._max_docs), -1, np.int64)
+    rec_epoch = np.full((b, self._max_docs), -1, np.int64)
     for r, docs in enumerate(rows):
       start = 0
       for seg, doc in enumerate(docs, start=1):
@@ -311,10 +336,12 @@ class _Collate:
         stats["loss_tokens"][r] += int(np.count_nonzero(doc["loss_mask"]))
         stats["truncated_docs"][r] += int(cut > 0)
         stats["truncated_tokens"][r] += cut
+        rec_index[r, seg - 1], rec_epoch[r, seg - 1] = doc["record"], doc["epoch"]
     for k in _HIDDEN_KEYS:
       out[k] = out[k].view(_BF16)
     for k, v in stats.items():
       out[_STAT_PREFIX + k] = v
+    out[_REC_INDEX], out[_REC_EPOCH] = rec_index, rec_epoch
     return out
 
 
@@ -423,23 +450,38 @@ class LoaderIterator(grain.DatasetIterator):
   """Yields batch dicts with exactly `BATCH_KEYS`; ``stats`` holds the running totals of this process.
 
   ``stats`` keys: docs, tokens, loss_tokens (after truncation), truncated_docs, truncated_tokens (tokens cut
-  off sequences longer than max_length), rows, pad_tokens.  They are part of ``get_state()``.
+  off sequences longer than max_length), rows, pad_tokens.  ``epoch_records``: per epoch, the digest of
+  the records read (`records_digest`).  Both are part of ``get_state()``.
   """
 
   def __init__(self, parent):
     super().__init__(parent)
     self._stats = dict.fromkeys(_ROW_STATS + ("rows", "pad_tokens"), 0)
+    self._epochs: dict[int, dict[str, int]] = {}
     self._warned = False
 
   @property
   def stats(self) -> dict[str, int]:
     return dict(self._stats)
 
+  @property
+  def epoch_records(self) -> dict[int, dict[str, int]]:
+    """``{epoch: {"records": n, "sum": s, "xor": x}}`` of the records this process has read."""
+    return {e: dict(d) for e, d in sorted(self._epochs.items())}
+
+  def _count_records(self, index: np.ndarray, epoch: np.ndarray) -> None:
+    valid = index >= 0
+    index, epoch = index[valid], epoch[valid]
+    for e in np.unique(epoch):
+      part = records_digest(index[epoch == e])
+      self._epochs[int(e)] = combine_digests([self._epochs.get(int(e), _EMPTY_DIGEST), part])
+
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
     batch = next(self._parent)
     for k in _ROW_STATS:
       self._stats[k] += int(np.sum(batch.pop(_STAT_PREFIX + k)))
+    self._count_records(batch.pop(_REC_INDEX), batch.pop(_REC_EPOCH))
     b, t = batch["input_ids"].shape
     self._stats["rows"] += b
     self._stats["pad_tokens"] = self._stats["rows"] * t - self._stats["tokens"]
@@ -450,14 +492,41 @@ class LoaderIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"pipeline": self._parent.get_state(), "stats": dict(self._stats)}
+    # Epoch keys as strings: the state goes through JSON (grain's checkpoint handler).
+    return {"pipeline": self._parent.get_state(), "stats": dict(self._stats),
+            "epoch_records": {str(e): dict(d) for e, d in sorted(self._epochs.items())}}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["pipeline"])
     self._stats = {k: int(state["stats"].get(k, 0)) for k in self._stats}
+    self._epochs = {int(e): {k: int(v) for k, v in d.items()}
+                    for e, d in state.get("epoch_records", {}).items()}
 
   def __str__(self) -> str:
     return "LoaderIterator"
+
+
+_EMPTY_DIGEST = {"records": 0, "sum": 0, "xor": 0}
+
+
+def records_digest(indices) -> dict[str, int]:
+  """Order-independent digest of a multiset of global record indices: ``{"records": count, "sum": sum of
+  h(i) mod 2**64, "xor": xor of h(i)}`` with h a fixed 64-bit mix (splitmix64). A repeated or missing
+  record changes it (up to a 64-bit hash collision)."""
+  h = _mix64(np.asarray(indices, np.int64).astype(np.uint64))
+  with np.errstate(over="ignore"):
+    total = int(np.sum(h, dtype=np.uint64)) if h.size else 0
+  xor = int(np.bitwise_xor.reduce(h)) if h.size else 0
+  return {"records": int(h.size), "sum": total & _MASK64, "xor": xor}
+
+
+def combine_digests(digests) -> dict[str, int]:
+  """The `records_digest` of the union (with multiplicity) of the multisets behind ``digests``."""
+  out = dict(_EMPTY_DIGEST)
+  for d in digests:
+    out = {"records": out["records"] + int(d["records"]), "sum": (out["sum"] + int(d["sum"])) & _MASK64,
+           "xor": out["xor"] ^ int(d["xor"])}
+  return out
 
 
 def loader_stats(iterator: LoaderIterator) -> dict[str, int]:
@@ -580,6 +649,7 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, global_batch_size: i
   # epoch is a new global permutation and the processes' shares stay disjoint within it.
   ds = ds[pi:per_process * pc:pc]
   ds = ds.repeat(num_epochs)
+  ds = ds.map_with_index(_TagEpoch(per_process))
   ds = ds.map(_Decode([f.name for f in shard_set.files], shard_set.offsets, hidden_size=hidden,
                       num_aux=num_aux, max_length=max_length, optional=optional))
   if not packing:
@@ -592,7 +662,7 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, global_batch_size: i
   # Rows are lists of documents until here; collating copies each document once into the batch arrays.
   it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder,
                       batch_fn=_Collate(max_length=max_length, aux_width=num_aux * hidden, hidden_size=hidden,
-                                        optional=optional))
+                                        optional=optional, max_docs=max_length if packing else 1))
   if worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                            per_worker_buffer_size=worker_buffer_size))

@@ -3,7 +3,12 @@
 Layout: ``<workdir>/checkpoints/<step>/{state, data, meta}``
   state  the train state pytree (params, opt_state, step, rng) -- `lkjax.train.step`
   data   the grain iterator position (grain's orbax handler; one JSON file per process)
-  meta   JSON: step, config name, last metrics (what `load_trained_draft` and resumption read)
+  meta   JSON: step, process_count, config name, last metrics (what `load_trained_draft` and resumption read)
+
+Multi-process runs: every process calls `save` / `restore` (orbax writes each array's shards from the
+process that holds them; the workdir must be on storage all processes share). The state restores with any
+process count (evaluation and export read it in one process); the data iterator positions are per process,
+so resuming training needs the process count that saved them (`restore` says so otherwise).
 
 Saving the iterator with the state is what makes a resumed run see exactly the batches an uninterrupted
 run would have seen. Saves at multiples of ``every``, whenever ``every_minutes`` have passed since the last
@@ -62,7 +67,8 @@ class Checkpointer:
     timed = self.every_seconds > 0 and self._clock() - self._last_save >= self.every_seconds
     if step in self.manager.all_steps() or not (force or timed or step % self.every == 0):
       return False
-    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+    meta = dict(meta or {}, step=int(step), process_count=jax.process_count())
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -78,6 +84,12 @@ class Checkpointer:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     if data_iter is not None:
+      saved_by = self.restore_meta(step).get("process_count")  # absent in checkpoints older than the key
+      if saved_by is not None and int(saved_by) != jax.process_count():
+        raise ValueError(
+            f"{self.directory}/{step} was saved by {saved_by} processes and this run has {jax.process_count()}: "
+            f"each process's data position is its own share of the records, so training resumes only with "
+            f"{saved_by} processes (evaluation and export load the parameters with any process count).")
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"], dict(out["meta"])

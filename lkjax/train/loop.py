@@ -83,6 +83,11 @@ def ensure_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
   from lkjax.data import shards
   path = os.path.join(config.data.dir, shards.MANIFEST_FILE)
   if not os.path.exists(path):
+    if jax.process_count() > 1:  # N processes would prepare the same directory at once
+      raise FileNotFoundError(
+          f"no training data in {os.path.abspath(config.data.dir)} ({shards.MANIFEST_FILE} is missing). A "
+          f"multi-process run does not prepare data; prepare it once, on storage every process reads:\n"
+          f"  {prepare_command(config)}")
     if not config.data.auto_prepare:
       raise FileNotFoundError(
           f"no training data in {os.path.abspath(config.data.dir)} ({shards.MANIFEST_FILE} is missing). "
@@ -283,8 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """
   from tqdm.auto import tqdm
 
+  from lkjax import distributed
   validate_config(config)
   workdir = check_workdir(workdir)
+  distributed.check_same_config(config)  # multi-process: every process runs this config, or all stop here
   is_main = jax.process_index() == 0
   t_start = time.perf_counter()
   manifest = ensure_data(config)
@@ -415,7 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         window_tokens, window_time, window_steps = 0, 0.0, 0
       if config.eval_every and (step % config.eval_every == 0 or step == total_steps):
         last_val = metrics_lib.flatten(evaluate(step))
-        pbar.write(f"[lkjax] step {step}: val loss {last_val['loss']:.4f} tau {last_val['tau']:.3f}")
+        if is_main:
+          pbar.write(f"[lkjax] step {step}: val loss {last_val['loss']:.4f} tau {last_val['tau']:.3f}")
         t_prev = time.perf_counter()  # validation time is not step time
       ckpt.save(step, state, data_iter=train_iter, meta={"name": config.get("name", ""), "loss": float(m["loss"])},
                 force=step == total_steps)
