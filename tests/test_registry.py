@@ -102,8 +102,7 @@ def test_check_compatible_rejects(cfg, vocab, match):
 
 def test_check_compatible_accepts_defaults_and_bad_target_aux():
   for arch in registry.ARCHS:
-    registry.check_compatible(registry.default_model_config(arch, SMOL), SMOL, np.arange(0, 49152, 6)[:8192]
-                              if arch == "eagle3" else None)
+    registry.check_compatible(registry.default_model_config(arch, SMOL), SMOL, np.arange(0, 49152, 6)[:8192])
   bad = TargetInfo(**{**TINY.to_dict(), "aux_layer_ids": (2, 4, 9)})
   with pytest.raises(ValueError, match="aux_layer_ids"):
     registry.check_compatible(registry.default_model_config("eagle3", bad), bad)
