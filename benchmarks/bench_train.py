@@ -20,8 +20,10 @@ interleaved loop (LK KL B, KL B LK, B LK KL, ...): ``no_target_lse`` (batches wi
 after them, ``lkjax.models.layers.ATTENTION_CAUSAL_BLOCK = 0``) or ``same`` (a second, separately compiled
 copy of the L_lambda step: an A/A control for how far two copies of one program differ) or
 ``compiler_grad_reduce`` (on a data-parallel mesh, the step with ``explicit_grad_reduce=False``: gradient
-collectives placed by the partitioner instead of one explicit sum per step); columns "B s" and
-"B/LK" (median over the rounds of B's time / the L_lambda step's).
+collectives placed by the partitioner instead of one explicit sum per step) or ``lk_tau`` (the chain
+objective's step, ``loss.kind = "lk_tau"``) or ``reach`` (the L_lambda step with ``loss.head_weighting =
+"reach"``); columns "B s", "B/LK" and "B/KL" (medians over the rounds of B's time / the L_lambda step's and /
+the KL step's).
 ``--program=grad_only`` times, instead of the train step, the bound any data-parallel layout of it has on the
 machine: on a mesh of N devices (data parallel over all of them, ``--mesh`` and the config's layout
 ignored) each device runs the forward and backward pass of its share of the batch with every parameter
@@ -71,7 +73,7 @@ flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
 flags.DEFINE_enum("ab", "", ["", "no_target_lse", "autodiff_attention", "full_attention", "same",
-                             "compiler_grad_reduce"],
+                             "compiler_grad_reduce", "lk_tau", "reach"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
 flags.DEFINE_string("config_overrides", "", "JSON object of dotted config keys set in every architecture's "
                     "config before anything is built (`lkjax.config_args.apply_overrides`; unknown keys are "
@@ -351,6 +353,11 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **kw)
   elif ab == "compiler_grad_reduce":
     variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **dict(kw, explicit_grad_reduce=False))
+  elif ab == "lk_tau":
+    variant = build_step(arch, "lk_tau", info, target_lse=target_lse, **kw)
+  elif ab == "reach":
+    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse, **dict(
+        kw, config_overrides={**(config_overrides or {}), "loss.head_weighting": "reach"}))
   t_lk, t_kl, t_b, ceil = [], [], [], []
   slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
 
@@ -385,7 +392,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   if variant is not None:
     extra = dict(ab=ab, b_step_s=float(np.median(t_b)), b_times=t_b, b_gflop_per_step=variant["gflop_per_step"],
                  b_all_reduce_mb=variant["all_reduce_mb"],
-                 b_over_lk=float(np.median([a / b for a, b in zip(t_b, t_lk)])))
+                 b_over_lk=float(np.median([a / b for a, b in zip(t_b, t_lk)])),
+                 b_over_kl=float(np.median([a / b for a, b in zip(t_b, t_kl)])))
   if profile_dir:
     extra["profile"] = profiles
   util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
@@ -469,11 +477,11 @@ def main(argv):
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
   header = f"{'arch':<16}{'params':>10}{'tok/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'util':>8}{'LK s':>9}{'KL s':>9}{'LK/KL':>8}"
-  print(header + (f"{'B s':>9}{'B/LK':>7}" if both else "") + (f"   (B = {FLAGS.ab})" if both else ""))
+  print(header + (f"{'B s':>9}{'B/LK':>7}{'B/KL':>7}" if both else "") + (f"   (B = {FLAGS.ab})" if both else ""))
   for r in rows:
     print(f"{r['arch']:<16}{r['num_params']:>10}{r['tokens_per_s']:>10.0f}{r['gflop_per_step']:>12.2f}"
           f"{r['gflops']:>10.1f}{r['utilisation']:>8.1%}{r['step_s']:>9.3f}{r['kl_step_s']:>9.3f}{r['lk_over_kl']:>8.3f}"
-          + (f"{r['b_step_s']:>9.3f}{r['b_over_lk']:>7.2f}" if both else ""))
+          + (f"{r['b_step_s']:>9.3f}{r['b_over_lk']:>7.3f}{r['b_over_kl']:>7.3f}" if both else ""))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), mesh=FLAGS.mesh,
