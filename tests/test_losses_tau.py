@@ -506,3 +506,17 @@ def test_chain_sweep_entries_are_valid_configs(arch):
     c = load_config(path, r)
     assert c.loss.kind == r["loss.kind"]
     assert c.loss.head_weighting == r.get("loss.head_weighting", "gamma")
+
+
+def test_study_plan_chain_arms_are_valid_configs():
+  """experiments/study/plan.py's beyond-the-paper cells name valid (arch, kind, weighting) configs; the
+  paper's cells are unchanged."""
+  from lkjax.config_args import load_config, load_config_module
+  plan_mod, _ = load_config_module(os.path.join(ROOT, "experiments/study/plan.py"))
+  plan = plan_mod.get_config()
+  assert {tuple(a) for a in plan.chain_arms} == {("eagle3", "lk_tau", "gamma"), ("eagle3", "lk_hybrid", "reach")}
+  assert tuple(plan.main_losses) == ("kl", "lk_alpha", "lk_hybrid")
+  for arch, kind, weighting in plan.chain_arms:
+    c = load_config(plan.arch_configs[arch], {"loss.kind": kind, "loss.head_weighting": weighting,
+                                              "loss.eta": float(plan.eta[arch])})
+    assert (c.loss.kind, c.loss.head_weighting) == (kind, weighting)
