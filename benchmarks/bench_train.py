@@ -393,7 +393,7 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
     extra = dict(ab=ab, b_step_s=float(np.median(t_b)), b_times=t_b, b_gflop_per_step=variant["gflop_per_step"],
                  b_all_reduce_mb=variant["all_reduce_mb"],
                  b_over_lk=float(np.median([a / b for a, b in zip(t_b, t_lk)])),
-                 b_over_kl=float(np.median([a / b for a, b in zip(t_b, t_kl)])))
+                 b_over_kl=float(np.median([a / b for a, b in zip(t_b, t_kl)])), b_loss=variant["last"]["loss"])
   if profile_dir:
     extra["profile"] = profiles
   util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
