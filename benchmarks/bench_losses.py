@@ -31,7 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lkjax import losses  # noqa: E402
 
-OBJECTIVES = ("kl", "tv", "lk_alpha", "lk_hybrid")
+OBJECTIVES = ("kl", "tv", "lk_alpha", "lk_hybrid", "lk_tau")   # lk_tau: a chain over --heads heads
 
 
 def compile_step(kind: str, chunk_size: int | None, z: jax.Array, y: jax.Array, mask: jax.Array):

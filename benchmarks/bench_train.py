@@ -17,10 +17,12 @@ for older shards).  ``--ab=NAME`` also compiles a variant "B" of the L_lambda st
 interleaved loop (LK KL B, KL B LK, B LK KL, ...): ``no_target_lse`` (batches without the precomputed lse),
 ``xla_matmul`` (``perf.matmul = "xla"``: XLA's dot instead of the NN matmul forms), ``autodiff_attention``
 (``perf.attention_grad = "autodiff"``), ``full_attention`` (``perf.causal_block = 0``: training attention
-over all keys instead of causal query blocks) or ``same`` (a second, separately compiled copy of the
-L_lambda step: an A/A control for how far two copies of one program differ); columns "B s" and "B/LK"
-(median over the rounds of B's time / the L_lambda step's). The perf options of the A steps are the
-configs' (``auto``: this backend's defaults, `lkjax/perf.py`), or ``--config_overrides``.
+over all keys instead of causal query blocks), ``lk_tau`` (the chain objective's step, ``loss.kind =
+"lk_tau"``), ``reach`` (the L_lambda step with ``loss.head_weighting = "reach"``) or ``same`` (a second,
+separately compiled copy of the L_lambda step: an A/A control for how far two copies of one program
+differ); columns "B s", "B/LK" and "B/KL" (medians over the rounds of B's time / the L_lambda step's and /
+the KL step's). The perf options of the A steps are the configs' (``auto``: this backend's defaults,
+`lkjax/perf.py`), or ``--config_overrides``.
 and writes the table as JSON (``--out``, default runs/bench_train.json). ``--small`` shrinks every size
 (a check that the script works, seconds on a CPU); full-size runs take minutes per architecture on CPU.
 Random weights and inputs: the step's cost does not depend on their values.
@@ -51,7 +53,8 @@ flags.DEFINE_string("mesh", "-1,1,1", "Mesh shape (data,fsdp,tensor) over the vi
 flags.DEFINE_string("precision", "bf16", "bf16 | fp32")
 flags.DEFINE_string("out", "runs/bench_train.json", "Where the JSON table goes.")
 flags.DEFINE_enum("target_lse", "on", ["on", "off"], "Batches carry the precomputed target lse (on) or not.")
-flags.DEFINE_enum("ab", "", ["", "no_target_lse", "xla_matmul", "autodiff_attention", "full_attention", "same"],
+flags.DEFINE_enum("ab", "", ["", "no_target_lse", "xla_matmul", "autodiff_attention", "full_attention", "same",
+                             "lk_tau", "reach"],
                   "Also time this variant of the L_lambda step, interleaved with the others.")
 flags.DEFINE_string("config_overrides", "", "JSON object of dotted config keys set in every architecture's "
                     "config before anything is built (`lkjax.config_args.apply_overrides`; unknown keys are "
@@ -63,7 +66,7 @@ FLAGS = flags.FLAGS
 
 # --ab variants that are perf options (config keys set in the B step's config)
 AB_OVERRIDES = {"xla_matmul": {"perf.matmul": "xla"}, "autodiff_attention": {"perf.attention_grad": "autodiff"},
-                "full_attention": {"perf.causal_block": 0}}
+                "full_attention": {"perf.causal_block": 0}, "reach": {"loss.head_weighting": "reach"}}
 
 
 def git_commit() -> str:
@@ -275,8 +278,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   variant = None
   if ab:
     b_overrides = dict(overrides, **AB_OVERRIDES.get(ab, {}))
-    variant = build_step(arch, "lk_hybrid", info, target_lse=target_lse and ab != "no_target_lse",
-                         config_overrides=b_overrides, **kw)
+    variant = build_step(arch, "lk_tau" if ab == "lk_tau" else "lk_hybrid", info,
+                         target_lse=target_lse and ab != "no_target_lse", config_overrides=b_overrides, **kw)
   t_lk, t_kl, t_b, ceil = [], [], [], []
   slots = [(lk, t_lk), (kl, t_kl)] + ([(variant, t_b)] if variant is not None else [])
 
@@ -311,7 +314,8 @@ def bench_arch(arch: str, info, *, small: bool, batch: int, seq: int, steps: int
   if variant is not None:
     extra = dict(ab=ab, b_step_s=float(np.median(t_b)), b_times=t_b, b_gflop_per_step=variant["gflop_per_step"],
                  b_all_reduce_mb=variant["all_reduce_mb"],
-                 b_over_lk=float(np.median([a / b for a, b in zip(t_b, t_lk)])))
+                 b_over_lk=float(np.median([a / b for a, b in zip(t_b, t_lk)])),
+                 b_over_kl=float(np.median([a / b for a, b in zip(t_b, t_kl)])), b_loss=variant["last"]["loss"])
   if profile_dir:
     extra["profile"] = profiles
   util = [lk["gflop_per_step"] / t / c for t, c in zip(t_lk, ceil)]
@@ -386,11 +390,11 @@ def main(argv):
     print(f"  {arch}: {row['tokens_per_s']:.0f} tok/s", flush=True)
   both = bool(FLAGS.ab)
   header = f"{'arch':<16}{'params':>10}{'tok/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'util':>8}{'LK s':>9}{'KL s':>9}{'LK/KL':>8}"
-  print(header + (f"{'B s':>9}{'B/LK':>7}" if both else "") + (f"   (B = {FLAGS.ab})" if both else ""))
+  print(header + (f"{'B s':>9}{'B/LK':>7}{'B/KL':>7}" if both else "") + (f"   (B = {FLAGS.ab})" if both else ""))
   for r in rows:
     print(f"{r['arch']:<16}{r['num_params']:>10}{r['tokens_per_s']:>10.0f}{r['gflop_per_step']:>12.2f}"
           f"{r['gflops']:>10.1f}{r['utilisation']:>8.1%}{r['step_s']:>9.3f}{r['kl_step_s']:>9.3f}{r['lk_over_kl']:>8.3f}"
-          + (f"{r['b_step_s']:>9.3f}{r['b_over_lk']:>7.2f}" if both else ""))
+          + (f"{r['b_step_s']:>9.3f}{r['b_over_lk']:>7.3f}{r['b_over_kl']:>7.3f}" if both else ""))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), mesh=FLAGS.mesh,

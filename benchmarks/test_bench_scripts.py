@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -64,6 +65,22 @@ def test_bench_train_config_overrides_reach_the_model_and_bad_keys_fail_early(tm
                         '--config_overrides={"model.nope": 1}'], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "unknown key 'nope'" in bad.stderr and "matmul ceiling" not in bad.stdout
+
+
+def test_bench_train_chain_objective_variants(tmp_path):
+  """--ab=lk_tau times the lk_tau step (its loss is -log tau: in [-log(K+1), 0]) and --ab=reach the L_lambda step
+  with reach head weights (another loss than the gamma-weighted step on the same batch), beside KL."""
+  for ab in ("lk_tau", "reach"):
+    out = tmp_path / f"bench_train_{ab}.json"
+    res = _run(["benchmarks/bench_train.py", "--small", "--archs=medusa", "--steps=1", f"--ab={ab}", f"--out={out}"],
+               tmp_path)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["ab"] == ab and row["b_over_kl"] > 0 and len(row["b_times"]) == 1
+    assert "B/KL" in res.stdout
+    if ab == "lk_tau":
+      assert -math.log(6 + 1) <= row["b_loss"] <= 0 < row["loss"]
+    else:
+      assert row["b_loss"] != row["loss"] and row["b_loss"] > 0
 
 
 def test_bench_train_full_attention_and_same_ab(tmp_path):

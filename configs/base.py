@@ -21,7 +21,8 @@ of its ~6 minutes of training). ``smoke`` shrinks everything to a few minutes (m
 16-prompt dataset): 16 prompts, 32 new tokens, 128-token sequences, 12 steps.
 
 Config arguments (``--config=configs/eagle3.py:loss=lk_hybrid,eta=3,smoke``):
-  loss      loss kind: kl | tv | lk_alpha | lk_hybrid | fixed_lambda | lambda_schedule
+  loss      loss kind: kl | tv | lk_alpha | lk_hybrid | fixed_lambda | lambda_schedule | lk_tau
+  weighting head weights: gamma | reach (per-head kinds only; docs/design.md#objectives-on-the-draft-chain)
   eta       eta of lk_hybrid
   lam       the fixed lambda of fixed_lambda
   schedule  lambda_schedule shape: linear | cosine (lambda goes 1 -> 0 over training)
@@ -35,7 +36,7 @@ from __future__ import annotations
 import ml_collections
 
 from lkjax.config_args import parse_arg
-from lkjax.losses import LOSS_KINDS
+from lkjax.losses import HEAD_WEIGHTINGS, LOSS_KINDS
 from lkjax.models import registry
 # (data, fsdp, tensor) mesh axes; the rules map the models' logical axis names onto them.
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -54,9 +55,12 @@ DEFAULT_RULES = (
 def build(arch: str, model: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """The full, locked training config of ``arch`` with its ``model`` section and the parsed ``arg``."""
   a = parse_arg(arg, loss="lk_hybrid", eta=registry.spec(arch).eta, lam=0.5, schedule="linear", smoke=False,
-                paper=False, steps=0, batch=0)
+                paper=False, steps=0, batch=0, weighting="gamma")
   if a.loss not in LOSS_KINDS:
     raise ValueError(f"config arg loss={a.loss!r}: expected one of {LOSS_KINDS}")
+  if a.weighting not in HEAD_WEIGHTINGS or (a.weighting == "reach" and a.loss == "lk_tau"):
+    raise ValueError(f"config arg weighting={a.weighting!r}: expected one of {HEAD_WEIGHTINGS} "
+                     "(reach combines per-head losses, so not with loss=lk_tau)")
   if a.schedule not in ("linear", "cosine"):
     raise ValueError(f"config arg schedule={a.schedule!r}: expected linear or cosine")
   if a.smoke and a.paper:
@@ -70,7 +74,9 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None) -> ml_co
   c.loss.kind = a.loss
   c.loss.eta = float(a.eta)
   c.loss.lam = float(a.lam)          # fixed_lambda only
-  c.loss.gamma = 0.8                 # head k weighted gamma**k
+  c.loss.gamma = 0.8                 # head k weighted gamma**k (head_weighting="gamma")
+  # gamma: w_k ∝ gamma**k | reach: w_k ∝ prod_{j<k} sg(mean alpha_j), the chain's reach (not with lk_tau)
+  c.loss.head_weighting = a.weighting
   c.loss.schedule = ml_collections.ConfigDict(dict(start=1.0, end=0.0, shape=a.schedule))  # lambda_schedule
   # per_head: each head's logits go straight into the hand-written-VJP alpha/KL (lkjax.train.step.
   # per_head_loss; no [K, B, T, Vd] array); reference: stacked logits + autodiff of lkjax.losses.lk_loss.
@@ -166,3 +172,13 @@ def standard_sweep(add, *, default_eta: float = 3.0) -> None:
   add(**{"loss.kind": "fixed_lambda", "loss.lam": 0.5})
   for shape in ("linear", "cosine"):
     add(**{"loss.kind": "lambda_schedule", "loss.schedule.shape": shape})
+
+
+def chain_sweep(add, *, default_eta: float = 3.0) -> None:
+  """Beyond the paper (docs/design.md#objectives-on-the-draft-chain): the chain objective ``lk_tau`` and
+  reach head weights on KL, L_alpha and L_lambda (eta = the arch's default). ``add`` as in `standard_sweep`;
+  a config file's ``sweep(add)`` may call both grids."""
+  add(**{"loss.kind": "lk_tau"})
+  add(**{"loss.kind": "kl", "loss.head_weighting": "reach"})
+  add(**{"loss.kind": "lk_alpha", "loss.head_weighting": "reach"})
+  add(**{"loss.kind": "lk_hybrid", "loss.eta": float(default_eta), "loss.head_weighting": "reach"})

@@ -28,8 +28,10 @@ Normalisation of `lk_loss` (heads on the leading axis, ``[K, B, T, Vd]`` logits,
     ``mean_k(x) = sum_{b,t} m x / max(1, sum_{b,t} m)`` -- a plain ``jnp`` reduction, so under ``jit``
     with batch-sharded inputs it is the GLOBAL-batch mean (no per-device statistics);
   * a fully masked head has mean 0 for every quantity, hence contributes 0 to the loss (no NaN);
-  * heads are combined as ``loss = sum_k w_k L_k`` with ``w = head_weights(K, gamma)``,
-    ``w_k = gamma^k / sum_j gamma^j`` (weights sum to 1, so the loss scale does not depend on K).
+  * heads are combined as ``loss = sum_k w_k L_k``; ``head_weighting="gamma"`` (default):
+    ``w = head_weights(K, gamma)``, ``w_k = gamma^k / sum_j gamma^j``; ``head_weighting="reach"``:
+    ``w = reach_weights(alpha_bar)``, ``w_k ∝ prod_{j<k} sg(alpha_bar_j)`` (the stop-gradient probability
+    that the chain reaches head k); either way the weights sum to 1, so the loss scale does not depend on K.
 
 Objectives (``kind``), per head ``k``, with ``L^KL_k = mean_k(KL)`` and ``L^TV_k = mean_k(1 - alpha)``:
   ``kl``               L^KL_k                                             (lambda metric = 1)
@@ -42,9 +44,23 @@ Objectives (``kind``), per head ``k``, with ``L^KL_k = mean_k(KL)`` and ``L^TV_k
                        ``step >= steps``, linearly or along a half cosine.
 ``lambda`` is a constant for the gradient (``stop_gradient``); the TV term's gradient flows through alpha.
 
+``lk_tau`` is an objective on the whole draft chain, not per head (docs/design.md#objectives-on-the-draft-chain).
+Per ANCHOR position t (where head k predicts token t+k+2 from the same anchor, `lkjax.models.base.head_mask`):
+  a_k(t)   = alpha_k(t) if mask_k(t) else 0       a masked head ends the chain there
+  tau(t)   = 1 + sum_k prod_{j<=k} a_j(t)          in [1, K + 1]
+  loss     = sum_t mask_0(t) (-log tau(t)) / max(1, sum_t mask_0(t))      in [-log(K + 1), 0]
+(tau >= 1: no epsilon is needed and alpha = 0 is safe).  Its ``head_loss`` metric is the telescoping split
+``mean_t(-log(tau_k(t) / tau_{k-1}(t)))`` with ``tau_k = 1 + sum_{i<=k} prod_{j<=i} a_j`` (summing to the
+loss; ``head_weight`` is 1), ``lambda`` is 0, and ``gamma`` / ``head_weighting`` do not apply (the chain's
+products already weight each head by its reach).  ``aligned="target"`` declares that row t of head k holds
+the prediction of anchor t-k-1 (the per-head trainer's layout, time on the LAST axis); the chain is then
+re-aligned by anchor first.
+
 Metrics (all ``float32``, gradient-free): per head ``[K]`` ``alpha``, ``lambda``, ``kl``, ``tv``,
-``neg_log_alpha``, ``head_loss``, ``tokens`` (mask count); scalars ``loss`` and the offline expected
-acceptance length ``tau = 1 + sum_k prod_{j<=k} alpha_bar_j``.
+``neg_log_alpha``, ``head_loss``, ``head_weight`` (``loss = sum_k head_weight_k head_loss_k``), ``tokens``
+(mask count); scalars ``loss``, the offline expected acceptance length ``tau = 1 + sum_k prod_{j<=k}
+alpha_bar_j`` (product of means) and, for every kind, ``tau_chain`` = the anchor mean of the per-token
+``tau(t)`` of ``lk_tau`` (mean of products).
 
 Numerics: everything is accumulated in float32 (bf16 inputs are upcast); ``-inf`` target logits, rows
 whose target logits are all ``-inf``, ``alpha = 0`` and fully masked heads give finite values and
@@ -62,7 +78,9 @@ import numpy as np
 
 from lkjax import losses_chunked
 
-LOSS_KINDS = ("kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule")
+LOSS_KINDS = ("kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule", "lk_tau")
+HEAD_WEIGHTINGS = ("gamma", "reach")
+ALIGNMENTS = ("anchor", "target")
 ALPHA_EPS = 1e-12
 SCHEDULE_SHAPES = ("linear", "cosine")
 
@@ -120,6 +138,18 @@ def head_weights(num_heads: int, gamma: float) -> jax.Array:
   _check_positive_float(gamma, "gamma", strict=True)
   w = np.asarray(gamma, np.float64) ** np.arange(int(num_heads))
   return jnp.asarray(w / w.sum(), jnp.float32)
+
+
+def reach_weights(alpha_bar: jax.Array) -> jax.Array:
+  """Reach head weights ``w_k = r_k / sum_i r_i``, ``r_k = prod_{j<k} sg(alpha_bar_j)`` (``r_0 = 1``) -> f32 ``[K]``.
+
+  ``r_k`` is the probability that a chain with per-head acceptance ``alpha_bar`` reaches head k; the
+  weights are constants for the gradient.  ``sum_i r_i >= 1``, so no division by zero: a head with
+  ``alpha_bar_j = 0`` (or fully masked) gives weight 0 to every later head.
+  """
+  a = jax.lax.stop_gradient(jnp.asarray(alpha_bar, jnp.float32))
+  r = jnp.concatenate([jnp.ones((1,), jnp.float32), jnp.cumprod(a[:-1])])
+  return r / jnp.sum(r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +288,8 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
             draft_vocab: jax.Array | None = None, step: Any = None,
             target_lse: jax.Array | None = None,
             schedule: LambdaSchedule | Mapping[str, Any] | None = None,
-            chunk_size: int | None = None, axis_name: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            chunk_size: int | None = None, axis_name: Any = None,
+            head_weighting: str = "gamma") -> tuple[jax.Array, dict[str, jax.Array]]:
   """Multi-head LK objective (module docstring has the formulas and the normalisation).
 
   Args:
@@ -277,12 +308,12 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
       that many draft columns (`lkjax.losses_chunked`).
     axis_name: inside ``shard_map`` with the batch split over these mesh axes: the token means are
       taken over the whole batch (`lk_objective`).
+    head_weighting: ``"gamma"`` (weights ``gamma^k``) or ``"reach"`` (`reach_weights`); not ``lk_tau``.
 
   Returns:
     ``(loss, metrics)``: float32 scalar and the metrics dict described in the module docstring.
   """
-  if kind not in LOSS_KINDS:
-    raise ValueError(f"kind={kind!r}: expected one of {LOSS_KINDS}")
+  _check_options(kind, head_weighting, "anchor")
   if draft_logits.ndim < 2:
     raise ValueError(f"draft_logits shape {draft_logits.shape}: expected [K, ..., Vd] with heads first")
   _check_vocab(draft_logits, target_logits, draft_vocab, target_lse)
@@ -323,18 +354,69 @@ def lk_loss(draft_logits: jax.Array, target_logits: jax.Array, mask: jax.Array, 
         **needed_grads(kind))
 
   return lk_objective(alpha, kl, mask, kind, eta=eta, lam=lam, gamma=gamma, step=step, schedule=schedule,
-                      axis_name=axis_name)
+                      axis_name=axis_name, head_weighting=head_weighting)
+
+
+def _check_options(kind: str, head_weighting: str, aligned: str) -> None:
+  if kind not in LOSS_KINDS:
+    raise ValueError(f"kind={kind!r}: expected one of {LOSS_KINDS}")
+  if head_weighting not in HEAD_WEIGHTINGS:
+    raise ValueError(f"head_weighting={head_weighting!r}: expected one of {HEAD_WEIGHTINGS}")
+  if kind == "lk_tau" and head_weighting != "gamma":
+    raise ValueError(f"head_weighting={head_weighting!r} does not apply to kind='lk_tau': its loss is one "
+                     "objective on the whole chain (the chain's products already weight head k by its reach)")
+  if aligned not in ALIGNMENTS:
+    raise ValueError(f"aligned={aligned!r}: expected one of {ALIGNMENTS}")
 
 
 def needed_grads(kind: str) -> dict[str, bool]:
   """Which per-token terms ``kind``'s objective differentiates: ``grad_alpha`` / ``grad_kl`` flags of
-  `lkjax.losses_chunked.token_alpha_kl` (KL needs no alpha gradient; TV and L_alpha need no KL one)."""
-  return dict(grad_alpha=kind != "kl", grad_kl=kind not in ("tv", "lk_alpha"))
+  `lkjax.losses_chunked.token_alpha_kl` (KL needs no alpha gradient; TV, L_alpha and L_tau need no KL one)."""
+  return dict(grad_alpha=kind != "kl", grad_kl=kind not in ("tv", "lk_alpha", "lk_tau"))
+
+
+def _shift_left_last(x: jax.Array, n: int, fill) -> jax.Array:
+  """``y[..., t] = x[..., t + n]`` along the last axis, ``fill`` past the end."""
+  if n == 0:
+    return x
+  if n >= x.shape[-1]:
+    return jnp.full_like(x, fill)
+  pad = jnp.full(x.shape[:-1] + (n,), fill, x.dtype)
+  return jnp.concatenate([x[..., n:], pad], axis=-1)
+
+
+def chain_terms(alpha: jax.Array, mask: jax.Array, aligned: str = "anchor") -> tuple[jax.Array, jax.Array]:
+  """Per-anchor chain prefix products and the anchor mask of ``lk_tau`` (docs/design.md#objectives-on-the-draft-chain).
+
+  Args:
+    alpha: float32 ``[K, ...]`` per-token acceptance rates.
+    mask: ``[K, ...]`` trained predictions.
+    aligned: ``"anchor"``: ``[k, ..., t]`` is head k's prediction from anchor t (`lk_loss`'s layout);
+      ``"target"``: it is the prediction from anchor ``t-k-1`` (time = last axis), re-aligned here.
+
+  Returns:
+    ``(prefix [K, ...], anchor [...])``: ``prefix_k(t) = prod_{j<=k} a_j(t)`` with ``a_j = alpha_j`` where
+    ``mask_j`` and 0 elsewhere (a masked head ends the chain), and ``anchor = mask_0`` (bool).
+    ``tau(t) = 1 + sum_k prefix_k(t)``.
+  """
+  m = jnp.asarray(mask).astype(bool)
+  a = jnp.asarray(alpha, jnp.float32)
+  if aligned == "target":
+    a = jnp.stack([_shift_left_last(a[k], k + 1, 0.0) for k in range(a.shape[0])])
+    m = jnp.stack([_shift_left_last(m[k], k + 1, False) for k in range(m.shape[0])])
+  a = jnp.where(m, a, 0.0)
+  # A running product (K <= 8 multiplies), not jnp.cumprod: its gradient is plain products, safe at 0.
+  prods, run = [], None
+  for k in range(a.shape[0]):
+    run = a[k] if run is None else run * a[k]
+    prods.append(run)
+  return jnp.stack(prods), m[0]
 
 
 def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *, eta: float = 3.0,
                  lam: float | None = None, gamma: float = 0.8, step: Any = None,
-                 schedule: LambdaSchedule | Mapping[str, Any] | None = None, axis_name: Any = None
+                 schedule: LambdaSchedule | Mapping[str, Any] | None = None, axis_name: Any = None,
+                 head_weighting: str = "gamma", aligned: str = "anchor"
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The multi-head objective from per-token terms: the reduction half of `lk_loss`.
 
@@ -347,7 +429,13 @@ def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *,
   the mesh axis or axes that slice it. Every masked sum and token count is then ``psum``-ed over them, so
   the means, lambda and the metrics are those of the whole batch (the same numbers as the unsplit batch),
   and the gradient of each device's loss is its share of the global one.
+
+  ``head_weighting``: ``"gamma"`` or ``"reach"`` (`reach_weights` of the global ``alpha_bar``).
+  ``aligned``: the time layout of the ``[K, ..., T]`` inputs, which only the chain (``lk_tau`` and the
+  ``tau_chain`` metric) depends on: ``"anchor"`` (as `lk_loss`) or ``"target"`` (row t of head k holds the
+  prediction of anchor t-k-1, as `lkjax.train.step.per_head_loss` lines heads up); see `chain_terms`.
   """
+  _check_options(kind, head_weighting, aligned)
   num_heads = alpha.shape[0]
   weights = head_weights(num_heads, gamma)
   if kind == "lambda_schedule" and not isinstance(schedule, LambdaSchedule):
@@ -356,6 +444,10 @@ def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *,
   axes = tuple(range(1, m.ndim))
   def total(x):
     s = jnp.sum(x, axis=axes)
+    return s if axis_name is None else jax.lax.psum(s, axis_name)
+
+  def total_all(x):
+    s = jnp.sum(x)
     return s if axis_name is None else jax.lax.psum(s, axis_name)
 
   tokens = total(m.astype(jnp.float32))
@@ -368,12 +460,28 @@ def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *,
   nla = -jnp.log(alpha + ALPHA_EPS)
   alpha_bar, kl_bar, tv_bar, nla_bar = mmean(alpha), mmean(kl), mmean(1.0 - alpha), mmean(nla)
   ones = jnp.ones((num_heads,), jnp.float32)
+  if head_weighting == "reach":
+    weights = reach_weights(alpha_bar)
+
+  # The chain (every kind reports tau_chain; lk_tau optimises it).  For the other kinds it is a metric
+  # only: its inputs are stop-gradient so it adds nothing to the backward pass.
+  prefix, anchor = chain_terms(alpha if kind == "lk_tau" else jax.lax.stop_gradient(alpha), m, aligned)
+  tau_k = 1.0 + jnp.cumsum(prefix, axis=0)            # [K, ...] chain length through head k; >= 1
+  anchors = jnp.maximum(total_all(anchor.astype(jnp.float32)), 1.0)
+  amean = lambda x: total_all(jnp.where(anchor, x, 0.0)) / anchors  # noqa: E731
+  tau_chain = 1.0 + amean(tau_k[-1] - 1.0)          # 1 (not 0) when no anchor is trained, like tau
+
   if kind == "kl":
     lam_k, head = ones, kl_bar
   elif kind == "tv":
     lam_k, head = 0.0 * ones, tv_bar
   elif kind == "lk_alpha":
     lam_k, head = 0.0 * ones, nla_bar
+  elif kind == "lk_tau":
+    lam_k, weights = 0.0 * ones, ones
+    log_tau = jnp.log(jax.lax.stop_gradient(tau_k))
+    steps = log_tau - jnp.concatenate([jnp.zeros_like(log_tau[:1]), log_tau[:-1]])
+    head = jnp.stack([-amean(steps[k]) for k in range(num_heads)])     # metric; sums to the loss
   else:
     if kind == "lk_hybrid":
       lam_k = jnp.exp(-jnp.float32(eta) * jax.lax.stop_gradient(alpha_bar))
@@ -383,14 +491,19 @@ def lk_objective(alpha: jax.Array, kl: jax.Array, mask: jax.Array, kind: str, *,
       lam_k = schedule(step) * ones
     lam_k = jax.lax.stop_gradient(lam_k)
     head = lam_k * kl_bar + (1.0 - lam_k) * tv_bar
-  loss = jnp.sum(weights * head)
+  if kind == "lk_tau":
+    loss = amean(-jnp.log(tau_k[-1]))             # tau >= 1: the log needs no epsilon
+  else:
+    loss = jnp.sum(weights * head)
   ab = jax.lax.stop_gradient(alpha_bar)
   metrics = {
       "alpha": ab, "lambda": lam_k, "kl": kl_bar, "tv": tv_bar, "neg_log_alpha": nla_bar,
-      "head_loss": head, "tokens": tokens, "loss": loss, "tau": 1.0 + jnp.sum(jnp.cumprod(ab)),
+      "head_loss": head, "head_weight": weights, "tokens": tokens, "loss": loss,
+      "tau": 1.0 + jnp.sum(jnp.cumprod(ab)), "tau_chain": tau_chain,
   }
   return loss, jax.tree.map(lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), metrics)
 
 
-__all__ = ["LOSS_KINDS", "ALPHA_EPS", "LambdaSchedule", "head_weights", "acceptance_rate",
-           "token_divergences", "lk_loss", "lk_objective", "needed_grads"]
+__all__ = ["LOSS_KINDS", "HEAD_WEIGHTINGS", "ALIGNMENTS", "ALPHA_EPS", "LambdaSchedule", "head_weights",
+           "reach_weights", "acceptance_rate", "token_divergences", "lk_loss", "lk_objective", "chain_terms",
+           "needed_grads"]

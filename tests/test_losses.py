@@ -198,7 +198,7 @@ def test_fixed_lambda_and_schedule():
 def test_head_weights_and_kinds():
   np.testing.assert_allclose(np.asarray(losses.head_weights(3, 0.5)), np.array([4, 2, 1]) / 7, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(losses.head_weights(1, 0.8)), [1.0])
-  assert losses.LOSS_KINDS == ("kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule")
+  assert losses.LOSS_KINDS == ("kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda", "lambda_schedule", "lk_tau")
 
 
 # ---------------------------------------------------------------------------------------------- hand examples

@@ -9,6 +9,10 @@ turns this config into the run list:
   * EAGLE-3 ablation: L_lambda with eta in {0.7, 1, 10}, fixed lambda = 0.5, pure TV (seed 0);
   * EAGLE-3 KL and L_lambda(eta=3) again with seed 1 (init AND data order change; the validation split
     does not), for the seed spread.
+  * beyond the paper (``chain_arms``, docs/design.md#objectives-on-the-draft-chain): EAGLE-3 with the chain
+    objective ``lk_tau``, and EAGLE-3 L_lambda(eta=3) with reach head weights, seed 0, against the main
+    table's KL and L_lambda with the same paired analysis. `study.build_runs` must read ``chain_arms``
+    (``loss.head_weighting`` per run) before they run: 2 more runs, ~0.4 h more.
 
 19 training runs; each is evaluated at T = 0 and T = 1 on MT-bench (both turns), HumanEval and
 GSM-Symbolic with K = 7 (EAGLE-3, MTP) or 6 (MEDUSA, MLP-Speculator), bootstrap 95% CIs over prompts,
@@ -105,6 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seeds = (0,)                     # every run
   c.extra_seeds = (1,)               # EAGLE-3 KL and L_lambda only
   c.extra_seed_losses = ("kl", "lk_hybrid")
+  # Beyond the paper: (arch, loss kind, loss.head_weighting) cells, seed 0; lk_hybrid takes the arch's eta above.
+  c.chain_arms = (("eagle3", "lk_tau", "gamma"), ("eagle3", "lk_hybrid", "reach"))
 
   # The study's own data set: larger than the trainer's embedded default (128 x 128), same recipe.
   c.data = ml_collections.ConfigDict(dict(

@@ -49,7 +49,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lkjax import losses_chunked
-from lkjax.losses import lk_objective, needed_grads
+from lkjax.losses import HEAD_WEIGHTINGS, lk_objective, needed_grads
 from lkjax.models import layers
 from lkjax.models.base import head_mask, head_targets, shift_right
 
@@ -167,6 +167,12 @@ def loss_kwargs(loss_cfg: ml_collections.ConfigDict, total_steps: int) -> dict[s
   if loss_cfg.kind == "lambda_schedule":
     s = loss_cfg.schedule
     kw["schedule"] = dict(start=float(s.start), end=float(s.end), steps=int(total_steps), shape=str(s.shape))
+  weighting = str(loss_cfg.get("head_weighting", "gamma") or "gamma")   # absent in configs older than the knob
+  if weighting not in HEAD_WEIGHTINGS or (weighting == "reach" and loss_cfg.kind == "lk_tau"):
+    raise ValueError(f"loss.head_weighting={weighting!r}: expected one of {HEAD_WEIGHTINGS} "
+                     "('reach' combines per-head losses, so not with loss.kind='lk_tau')")
+  if weighting != "gamma":   # only then, so a caller's loss_fn without the argument keeps working
+    kw["head_weighting"] = weighting
   return kw
 
 
@@ -220,7 +226,7 @@ def per_head_loss(model, batch: Mapping[str, jax.Array], target: Mapping[str, ja
     kls.append(kl)
     masks.append(shift_right(mask[k], k + 1, axis=1, fill=False))
   obj_kw = {key: v for key, v in kw.items() if key != "chunk_size"}
-  return lk_objective(jnp.stack(alphas), jnp.stack(kls), jnp.stack(masks), kind, **obj_kw)
+  return lk_objective(jnp.stack(alphas), jnp.stack(kls), jnp.stack(masks), kind, aligned="target", **obj_kw)
 
 
 def _forward_loss(graphdef, loss_fn: Callable, kind: str, kw: Mapping[str, Any], dtype,
