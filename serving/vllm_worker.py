@@ -7,7 +7,7 @@ evaluation.  The job (JSON):
   target            HF directory of the target (lkjax's packaged SmolLM2 cache)
   speculative       vLLM ``speculative_config`` dict, or null for target-only decoding
   prompts           list of token-id lists
-  max_tokens        new tokens per prompt;  ignore_eos  bool
+  max_tokens        new tokens per prompt;  ignore_eos  bool;  eos_token_id  extra stop token (optional)
   temperature       0 = greedy;  seed  int
   batch_sizes       e.g. [1] or [1, 8]: each runs all prompts, ``b`` requests at a time
   max_model_len, dtype ("float32"), max_num_seqs (default: largest batch size)
@@ -118,7 +118,8 @@ def run(job: dict, out_path: str) -> dict:
   llm = LLM(**kwargs)
   startup = time.perf_counter() - t0
   params = SamplingParams(temperature=float(job.get("temperature", 0.0)), max_tokens=int(job["max_tokens"]),
-                          ignore_eos=bool(job.get("ignore_eos", False)), seed=int(job.get("seed", 0)))
+                          ignore_eos=bool(job.get("ignore_eos", False)), seed=int(job.get("seed", 0)),
+                          stop_token_ids=[int(job["eos_token_id"])] if job.get("eos_token_id") is not None else None)
   # Warm-up: one short request so first-call costs stay out of the timed passes.
   llm.generate([TokensPrompt(prompt_token_ids=prompts[0])],
                SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
@@ -147,6 +148,10 @@ def run(job: dict, out_path: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
+  import faulthandler
+  import signal
+
+  faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a slow engine start is
   if len(argv) != 3:
     print(__doc__.splitlines()[0], file=sys.stderr)
     return 2

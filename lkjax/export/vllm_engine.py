@@ -7,17 +7,15 @@ counters, the draft loader's tensor names).  The functions here are pure and tes
 
   counters_of(accept_lengths, K)           lkjax rounds -> vLLM's counter layout for one request
   compare_counters(lkjax, vllm)            per-request equality report
-  unused_draft_tensors(arch, load_entry)   checkpoint tensors the draft loader read but did not use
+  draft_loading(arch, load_entry)          draft parameters left unloaded / checkpoint tensors left unused
 
 Counting (why lkjax's rounds and vLLM's drafts are the same events).  At T = 0 both engines draft K
-tokens after each target step that emits a token, verify them in one target pass, accept the longest
-prefix equal to the target's argmax and emit one more target token.  vLLM counts a round as
-``num_drafts += 1; num_draft_tokens += K; accepted_per_pos[i] += (a > i)``.  lkjax records ``a`` per round
-(`lkjax.eval.speculative.GenerationResult.accept_lengths`).  The two stop differently at the end of a
-request: vLLM stops drafting when fewer than one token is left and trims the last round to the tokens
-still allowed (``max_tokens``), lkjax runs every round in full; so comparisons use ``ignore_eos`` and
-count only rounds that END before ``max_tokens - K - 1`` new tokens, where neither engine cuts
-(`comparable_prefix`).
+tokens after each target step, verify them in one target pass, accept the longest prefix equal to the
+target's argmax and emit one more target token.  vLLM counts a round as ``num_drafts += 1;
+num_draft_tokens += K; accepted_per_pos[i] += (a > i)``; lkjax records ``a`` per round
+(`lkjax.eval.speculative.GenerationResult.accept_lengths`) and `counters_of` turns those into vLLM's
+layout.  Both stop once ``max_tokens`` new tokens exist and count the last round in full; the check runs
+with EOS ignored (vLLM ``ignore_eos``, lkjax ``eos_token_id=None``) so every request has the same length.
 """
 from __future__ import annotations
 
@@ -73,6 +71,10 @@ def run_engine(job: Mapping[str, Any], work_dir: str | os.PathLike, *, name: str
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   env.update(VLLM_CACHE_ROOT=os.fspath(work / "vllm_cache"), VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"))
   env.pop("PYTHONPATH", None)
+  # vLLM's CPU backend wants Intel OpenMP preloaded (vllm-cpu installs it); GNU OpenMP slows drafting a lot.
+  iomp = py.parent.parent / "lib" / "libiomp5.so"
+  if iomp.exists():
+    env["LD_PRELOAD"] = " ".join(x for x in (os.fspath(iomp), env.get("LD_PRELOAD", "")) if x)
   with open(log_path, "w") as log:
     proc = subprocess.run([os.fspath(py), os.fspath(WORKER), os.fspath(job_path), os.fspath(out_path)],
                           stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=work)
@@ -95,21 +97,6 @@ def counters_of(accept_lengths: Sequence[int], num_draft: int) -> dict[str, Any]
               accepted_per_pos=[sum(x > i for x in a) for i in range(num_draft)])
 
 
-def comparable_rounds(accept_lengths: Sequence[int], num_draft: int, max_new_tokens: int) -> int:
-  """How many leading rounds end before the last ``num_draft + 1`` allowed tokens (neither engine cuts them).
-
-  Round r emits ``a_r + 1`` tokens after the prefill token; a round whose emitted tokens all lie at or
-  before new-token index ``max_new_tokens - num_draft - 1`` was drafted in full by vLLM too.
-  """
-  emitted, n = 1, 0
-  for a in accept_lengths:
-    if emitted + num_draft + 1 > max_new_tokens - 1:
-      break
-    emitted += int(a) + 1
-    n += 1
-  return n
-
-
 def compare_counters(lkjax_counts: Sequence[Mapping[str, Any]], vllm_counts: Sequence[Mapping[str, Any]]
                      ) -> dict[str, Any]:
   """Per-request equality of counter dicts -> ``{"equal": bool, "mismatches": [...], "lkjax", "vllm"}``."""
@@ -118,12 +105,14 @@ def compare_counters(lkjax_counts: Sequence[Mapping[str, Any]], vllm_counts: Seq
   keys = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos")
   mism = []
   for i, (a, b) in enumerate(zip(lkjax_counts, vllm_counts)):
-    diff = {k: (a[k], b[k]) for k in keys if list(a[k]) != list(b[k]) if isinstance(a[k], list)} | \
-           {k: (a[k], b[k]) for k in keys if not isinstance(a[k], list) and int(a[k]) != int(b[k])}
+    diff = {k: dict(lkjax=a[k], vllm=b[k]) for k in keys if _value(a[k]) != _value(b[k])}
     if diff:
-      mism.append(dict(request=i, **{k: dict(lkjax=v[0], vllm=v[1]) for k, v in diff.items()}))
-  total = lambda cs: counters_sum(cs)  # noqa: E731
-  return dict(equal=not mism, mismatches=mism, lkjax=total(lkjax_counts), vllm=total(vllm_counts))
+      mism.append(dict(request=i, **diff))
+  return dict(equal=not mism, mismatches=mism, lkjax=counters_sum(lkjax_counts), vllm=counters_sum(vllm_counts))
+
+
+def _value(x: Any) -> Any:
+  return [int(v) for v in x] if isinstance(x, (list, tuple)) else int(x)
 
 
 def counters_sum(counts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -147,36 +136,46 @@ def tau_of(counts: Mapping[str, Any]) -> float | None:
 # Draft loading
 
 
-def unused_draft_tensors(arch: str, entry: Mapping[str, Any]) -> list[str]:
-  """Checkpoint tensors vLLM's draft loader READ but that reached no parameter (should be empty).
+def draft_loading(arch: str, entry: Mapping[str, Any]) -> dict[str, list[str]]:
+  """Which draft parameters vLLM left unloaded (``missing``) and which checkpoint tensors it read but
+  used for nothing (``unused``); both must be empty.
 
-  ``entry`` is one ``load.models`` record of the worker (``read``, ``loaded``).  vLLM itself raises
-  when a draft PARAMETER is left uninitialised (missing weights); this is the converse.  Per arch:
-    medusa  the loader stores names as read; ``token_map`` is consumed as the vocabulary map.
-    eagle3  vLLM's ``llama_eagle3`` loader renames ``midlayer.*`` into its one decoder layer, fuses
-            q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``, maps ``d2t`` onto
-            ``draft_id_to_target_id`` and skips ``t2d`` by design (it is implied by d2t).
+  ``entry`` is one ``load.models`` record of the worker: ``read`` (checkpoint tensor names the loader
+  read), ``loaded`` (names ``load_weights`` reported, or None) and ``parameters`` (the draft module's).
+  Per arch, from vLLM 0.32's loaders:
+    medusa  ``load_weights`` reports the names it stored (vLLM then refuses missing ones itself);
+            ``token_map`` is consumed as the vocabulary map.
+    eagle3  ``llama_eagle3`` reports nothing (so vLLM's own missing-weight check is off): each name is
+            mapped here the way it renames them -- ``midlayer.*`` into ``model.layers.0``, q/k/v fused
+            into ``qkv_proj`` and gate/up into ``gate_up_proj``, ``d2t`` onto ``draft_id_to_target_id``,
+            others under ``model.`` except ``lm_head``; ``t2d`` is skipped by design (implied by d2t),
+            and ``model.embed_tokens.weight`` is the target's, shared when the export has none.
   """
-  read, loaded = list(entry["read"]), set(entry.get("loaded") or ())
+  read, params = list(entry["read"]), set(entry["parameters"])
   if arch == "medusa":
-    return sorted(n for n in read if n != "token_map" and n not in loaded)
+    loaded = set(entry.get("loaded") or ())
+    return dict(missing=sorted(params - loaded), unused=sorted(n for n in read if n != "token_map" and n not in loaded))
   if arch == "eagle3":
     fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
              "up_proj": "gate_up_proj"}
-    out = []
+    mapped, unused = set(), []
     for n in read:
       if n == "t2d":
         continue
       if n == "d2t":
-        ok = any(x.endswith("draft_id_to_target_id") for x in loaded)
+        m = "draft_id_to_target_id"
+      elif n.startswith("lm_head."):
+        m = n
+      elif n.startswith("midlayer."):
+        m = "model.layers.0." + ".".join(fused.get(p, p) for p in n.split(".")[1:])
       else:
-        parts = n.split(".")
-        parts = [fused.get(p, p) for p in parts]
-        tail = ".".join(parts[1:]) if parts[0] == "midlayer" else ".".join(parts)
-        ok = any(x.endswith("." + tail) or x == tail for x in loaded)
-      if not ok:
-        out.append(n)
-    return sorted(out)
+        m = "model." + n
+      if m in params:
+        mapped.add(m)
+      else:
+        unused.append(n)
+    shared = {"model.embed_tokens.weight"} if "embed_tokens.weight" not in read else set()
+    return dict(missing=sorted(params - mapped - shared), unused=sorted(unused))
   raise ValueError(f"arch={arch!r}: no vLLM loader rule (eagle3, medusa)")
 
 
@@ -199,8 +198,9 @@ def main_python() -> str:
 
 
 def lkjax_greedy(draft: Any, target: Any, prompts: Sequence[Sequence[int]], *, num_draft: int,
-                 max_new_tokens: int, jit: bool = True) -> list[dict[str, Any]]:
-  """lkjax's T = 0 chain speculative decoding of each prompt (no EOS stop, like vLLM's ``ignore_eos``).
+                 max_new_tokens: int, jit: bool = True, eos_token_id: int | None = None) -> list[dict[str, Any]]:
+  """lkjax's T = 0 chain speculative decoding of each prompt (``eos_token_id=None``: no EOS stop, like
+  vLLM's ``ignore_eos``).
 
   Returns one ``{"tokens", "accept_lengths", "counters"}`` per prompt (`counters_of`).
   """
@@ -214,7 +214,7 @@ def lkjax_greedy(draft: Any, target: Any, prompts: Sequence[Sequence[int]], *, n
   try:
     for ids in prompts:
       r = speculative_generate(verifier, runner, list(ids), num_draft=num_draft, temperature=0.0,
-                               max_new_tokens=max_new_tokens, eos_token_id=None, seed=0)
+                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, seed=0)
       out.append(dict(tokens=list(r.tokens), accept_lengths=list(r.accept_lengths),
                       counters=counters_of(r.accept_lengths, num_draft)))
   finally:
@@ -235,6 +235,17 @@ def target_directory(target: Any) -> str:
   raise ValueError(f"target {target.info.name!r}: neither packaged nor a directory vLLM can load")
 
 
+def target_job(target: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               batch_sizes: Sequence[int] = (1,), ignore_eos: bool = True, temperature: float = 0.0,
+               seed: int = 0) -> dict[str, Any]:
+  """A worker job decoding ``prompts`` with the target alone (add ``speculative`` for a draft)."""
+  prompts = [[int(t) for t in p] for p in prompts]
+  room = max(len(p) for p in prompts) + int(max_new_tokens) + 64  # + K + 1 positions a last round may use
+  return dict(target=target_directory(target), prompts=prompts, max_tokens=int(max_new_tokens),
+              ignore_eos=bool(ignore_eos), temperature=float(temperature), seed=int(seed),
+              max_model_len=int(room), batch_sizes=[int(b) for b in batch_sizes], enforce_eager=True)
+
+
 def speculative_config(arch: str, draft_dir: str | os.PathLike, num_draft: int) -> dict[str, Any]:
   """vLLM's ``speculative_config`` for an lkjax export (`lkjax.export.VLLM_METHODS`)."""
   from lkjax.export import VLLM_METHODS
@@ -247,40 +258,43 @@ def speculative_config(arch: str, draft_dir: str | os.PathLike, num_draft: int) 
 
 def check_export(arch: str, draft_dir: str | os.PathLike, draft: Any, target: Any,
                  prompts: Sequence[Sequence[int]], *, num_draft: int, max_new_tokens: int,
-                 work_dir: str | os.PathLike, python: str | os.PathLike | None = None) -> dict[str, Any]:
+                 work_dir: str | os.PathLike, python: str | os.PathLike | None = None,
+                 target_run: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Serve ``target`` with the export at ``draft_dir`` in real vLLM and compare with lkjax (T = 0).
 
   Checks, each recorded under ``checks`` (all must be true for ``ok``):
-    loads            vLLM built the draft (its own loader refuses missing weights) and every checkpoint
-                     tensor it read reached a parameter (`unused_draft_tensors` is empty)
+    loads            vLLM built the draft, every draft parameter was loaded and every checkpoint tensor
+                     it read reached a parameter (`draft_loading`)
     identity         greedy outputs with speculation equal vLLM's target-only outputs, token for token
     counters         per request, vLLM's drafts / draft tokens / accepted tokens / accepted per position
                      equal lkjax's own T = 0 decoding of the same draft on the same prompts
+  ``target_run``: a `run_engine` result of the target alone on the same prompts and ``max_new_tokens``
+  (`target_job`), to share one between checks; default: run it here.
   ``lkjax_matches_vllm_target`` (not a check: two float32 implementations of the target may break a
   near-tie differently) says whether lkjax's greedy tokens equal vLLM's.
   """
   prompts = [[int(t) for t in p] for p in prompts]
-  longest = max(len(p) for p in prompts)
-  job = dict(target=target_directory(target), prompts=prompts, max_tokens=int(max_new_tokens), ignore_eos=True,
-             temperature=0.0, max_model_len=int(2 ** (longest + max_new_tokens + 2 * num_draft + 2).bit_length()),
-             batch_sizes=[1])
+  job = target_job(target, prompts, max_new_tokens=max_new_tokens)
   spec = run_engine(dict(job, speculative=speculative_config(arch, draft_dir, num_draft)), work_dir,
-                    name="vllm_speculative", python=python)
-  plain = run_engine(job, work_dir, name="vllm_target", python=python)
+                    name=f"vllm_{arch}", python=python)
+  plain = target_run or run_engine(job, work_dir, name="vllm_target", python=python)
+  if plain["job"]["max_tokens"] != job["max_tokens"] or len(plain["passes"][0]["outputs"]) != len(prompts):
+    raise ValueError("target_run: not a run of the same prompts and max_new_tokens")
   ref = lkjax_greedy(draft, target, prompts, num_draft=num_draft, max_new_tokens=max_new_tokens)
   entry = draft_load_entry(spec, draft_dir)
-  unused = unused_draft_tensors(arch, entry)
+  loading = draft_loading(arch, entry)
   s_out = [o["token_ids"] for o in spec["passes"][0]["outputs"]]
   t_out = [o["token_ids"] for o in plain["passes"][0]["outputs"]]
   counters = compare_counters([r["counters"] for r in ref], spec["passes"][0]["counters"])
   identity = [i for i, (a, b) in enumerate(zip(s_out, t_out)) if a != b]
   lk_vs_vllm = [i for i, (r, b) in enumerate(zip(ref, t_out)) if r["tokens"] != b]
-  checks = dict(loads=not unused, identity=not identity, counters=counters["equal"])
+  checks = dict(loads=not loading["missing"] and not loading["unused"], identity=not identity, counters=counters["equal"])
   return dict(
       ok=all(checks.values()), checks=checks, arch=arch, draft_dir=os.path.abspath(os.fspath(draft_dir)),
       num_draft=int(num_draft), max_new_tokens=int(max_new_tokens), num_prompts=len(prompts),
       vllm_version=spec["vllm_version"], torch_version=spec["torch_version"],
-      draft_model_class=entry["model_class"], draft_tensors_read=len(entry["read"]), unused_tensors=unused,
+      draft_model_class=entry["model_class"], draft_tensors_read=len(entry["read"]), missing_parameters=loading["missing"],
+      unused_tensors=loading["unused"],
       identity_mismatches=identity, counters=counters,
       tau=dict(lkjax=tau_of(counters["lkjax"]), vllm=tau_of(counters["vllm"])),
       lkjax_matches_vllm_target=not lk_vs_vllm, lkjax_vs_vllm_target_mismatches=lk_vs_vllm,
@@ -323,3 +337,96 @@ def git_commit() -> str | None:
                           check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# tau and speed-up inside vLLM (experiments/evaluate.py --engine=vllm)
+
+
+def _acceptance(counts: Mapping[str, Any]) -> list[float]:
+  n = counts["num_drafts"]
+  return [v / n if n else 0.0 for v in counts["accepted_per_pos"]]
+
+
+def evaluate_in_vllm(arch: str, draft_dir: str | os.PathLike, target: Any,
+                     prompts: Mapping[str, Sequence[Sequence[int]]], *, num_draft: int, max_new_tokens: int,
+                     batch_size: int, temperatures: Sequence[float], work_dir: str | os.PathLike,
+                     python: str | os.PathLike | None = None, draft: Any = None, seed: int = 0) -> dict[str, Any]:
+  """tau, per-position acceptance and wall-clock speed-up of speculative decoding INSIDE vLLM.
+
+  For each temperature, vLLM decodes every prompt (``prompts[benchmark]``, token ids) with the draft
+  and with the target alone, first one request at a time (batch 1: per-request counters and the batch-1
+  speed-up), then ``batch_size`` requests at a time (the batched speed-up).  EOS ends a request as usual.
+  With ``draft`` given, lkjax's own T = 0 decoding of the same prompts runs too (`lkjax_greedy`, same EOS
+  rule) and its counters are compared request by request.
+
+  vLLM 0.32 drafts GREEDILY at every temperature (``draft_sample_method="greedy"``, its default): the
+  draft token is argmax q and the rejection sampler treats q as one-hot, so it accepts with probability
+  p(d) instead of min(1, p(d)/q(d)) for d ~ q.  At T > 0 vLLM's tau is therefore NOT lkjax's exact-rejection
+  tau (either can be higher, depending on how peaked q is); only T = 0 is comparable, and it must be equal.
+  """
+  names = list(prompts)
+  flat = [list(p) for b in names for p in prompts[b]]
+  owner = [b for b in names for _ in prompts[b]]
+  runs = []
+  for t in temperatures:
+    job = target_job(target, flat, max_new_tokens=max_new_tokens, batch_sizes=[1, int(batch_size)],
+                     ignore_eos=False, temperature=float(t), seed=seed)
+    job["eos_token_id"] = target.eot_token_id
+    tag = f"T{float(t):g}"
+    spec = run_engine(dict(job, speculative=speculative_config(arch, draft_dir, num_draft)), work_dir,
+                      name=f"eval_{arch}_{tag}", python=python)
+    plain = run_engine(job, work_dir, name=f"eval_target_{tag}", python=python)
+    per_req = spec["passes"][0]["counters"]
+    by_bench = {}
+    for b in names:
+      c = counters_sum([c for c, o in zip(per_req, owner) if o == b])
+      by_bench[b] = dict(tau=tau_of(c), acceptance=_acceptance(c), counters=c, num_prompts=len(prompts[b]))
+    total = counters_sum(per_req)
+    speed = {}
+    for i, p in enumerate(spec["passes"]):
+      q = plain["passes"][i]
+      speed[f"batch_{p['batch_size']}"] = dict(
+          batch_size=p["batch_size"], speculative_s=p["seconds"], target_s=q["seconds"],
+          speculative_tokens=p["new_tokens"], target_tokens=q["new_tokens"],
+          speculative_tok_per_s=p["new_tokens"] / p["seconds"], target_tok_per_s=q["new_tokens"] / q["seconds"],
+          speedup=(p["new_tokens"] / p["seconds"]) / (q["new_tokens"] / q["seconds"]))
+    run = dict(temperature=float(t), tau=tau_of(total), acceptance=_acceptance(total), counters=total,
+               benchmarks=by_bench, speed=speed, vllm_version=spec["vllm_version"],
+               draft_model_class=draft_load_entry(spec, draft_dir)["model_class"])
+    if draft is not None and float(t) == 0.0:
+      ref = lkjax_greedy(draft, target, flat, num_draft=num_draft, max_new_tokens=max_new_tokens,
+                         eos_token_id=target.eot_token_id)
+      cmp = compare_counters([r["counters"] for r in ref], per_req)
+      run["lkjax"] = dict(tau=tau_of(cmp["lkjax"]), acceptance=_acceptance(cmp["lkjax"]), counters_equal=cmp["equal"],
+                          mismatches=cmp["mismatches"])
+    runs.append(run)
+  return dict(engine="vllm", arch=arch, draft_dir=os.path.abspath(os.fspath(draft_dir)), num_draft=int(num_draft),
+              max_new_tokens=int(max_new_tokens), batch_size=int(batch_size),
+              num_prompts={b: len(prompts[b]) for b in names}, draft_sample_method="greedy", runs=runs,
+              commit=git_commit(),
+              note=("vLLM drafts greedily at every temperature (draft_sample_method='greedy'): at T > 0 it accepts "
+                    "the argmax draft token with probability p(d), not lkjax's exact min(1, p/q) rejection of a "
+                    "sampled token, so only T = 0 tau is comparable with lkjax's."))
+
+
+def markdown_report(rep: Mapping[str, Any]) -> str:
+  """The `evaluate_in_vllm` result as a short markdown table."""
+  lines = [f"# vLLM {rep['runs'][0]['vllm_version'] if rep['runs'] else ''}: {rep['arch']} draft, K = {rep['num_draft']}",
+           "", f"{rep['note']}", "",
+           "| T | benchmark | prompts | tau (vLLM) | tau (lkjax, same prompts) | acceptance per position |",
+           "|---|---|---|---|---|---|"]
+  for r in rep["runs"]:
+    lk = r.get("lkjax")
+    for b, v in r["benchmarks"].items():
+      lines.append(f"| {r['temperature']:g} | {b} | {v['num_prompts']} | {v['tau']:.3f} | | "
+                   f"{' '.join(f'{a:.2f}' for a in v['acceptance'])} |")
+    lk_text = "" if lk is None else f"{lk['tau']:.3f} (counters equal: {lk['counters_equal']})"
+    lines.append(f"| {r['temperature']:g} | **all** | {sum(rep['num_prompts'].values())} | {r['tau']:.3f} | "
+                 f"{lk_text} | {' '.join(f'{a:.2f}' for a in r['acceptance'])} |")
+  lines += ["", "| T | batch | speculative tok/s | target tok/s | speed-up |", "|---|---|---|---|---|"]
+  for r in rep["runs"]:
+    for s in r["speed"].values():
+      lines.append(f"| {r['temperature']:g} | {s['batch_size']} | {s['speculative_tok_per_s']:.1f} | "
+                   f"{s['target_tok_per_s']:.1f} | {s['speedup']:.2f}x |")
+  return "\n".join(lines) + "\n"
