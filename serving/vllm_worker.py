@@ -10,7 +10,8 @@ evaluation.  The job (JSON):
   max_tokens        new tokens per prompt;  ignore_eos  bool;  eos_token_id  extra stop token (optional)
   temperature       0 = greedy;  seed  int
   batch_sizes       e.g. [1] or [1, 8]: each runs all prompts, ``b`` requests at a time
-  max_model_len, dtype ("float32"), max_num_seqs (default: largest batch size)
+  max_model_len, dtype ("float32"), max_num_seqs (default: largest batch size), enforce_eager,
+  model_loader_extra_config (vLLM's, e.g. {"enable_weights_track": false})
 
 The output (JSON): ``load`` (checkpoint tensor names the draft loader read, the parameter names it
 reported loaded, the draft model class), and per batch size: per-request outputs (token ids) and, for
@@ -114,6 +115,8 @@ def run(job: dict, out_path: str) -> dict:
                 disable_log_stats=False, enforce_eager=bool(job.get("enforce_eager", False)))
   if job.get("speculative"):
     kwargs["speculative_config"] = dict(job["speculative"])
+  if job.get("model_loader_extra_config"):
+    kwargs["model_loader_extra_config"] = dict(job["model_loader_extra_config"])
   t0 = time.perf_counter()
   llm = LLM(**kwargs)
   startup = time.perf_counter() - t0

