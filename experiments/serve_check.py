@@ -41,9 +41,9 @@ flags.DEFINE_string("vllm_venv", None, "The vLLM environment (default $LKJAX_VLL
 flags.DEFINE_integer("seed", 0, "Seed of an --init draft and its draft vocabulary.")
 FLAGS = flags.FLAGS
 
-REPEAT_PROMPTS = ("Write the word 'yes' forty times, separated by spaces.",
-                  "Count from 1 to 40, one number per line.",
-                  "Repeat the sentence 'The cat sat on the mat.' ten times.")
+# SmolLM2 answers the first with "****\n****\n..." (repeated tokens, which an untrained MEDUSA drafts right).
+REPEAT_PROMPTS = ("Write a long row of stars: **********",
+                  "Count from 1 to 40, one number per line.")
 
 
 def main(argv):

