@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -187,11 +186,6 @@ def draft_load_entry(result: Mapping[str, Any], draft_dir: str | os.PathLike) ->
     if os.path.realpath(e["model"]) == want:
       return e
   raise ValueError(f"the vLLM run loaded no model from {want}: {[e['model'] for e in result['load'].get('models', [])]}")
-
-
-def main_python() -> str:
-  """The python running lkjax (the worker must NOT be this one)."""
-  return sys.executable
 
 
 # ----------------------------------------------------------------------------------------------------
