@@ -11,6 +11,14 @@ the draft's training data was made with (from the shard manifest; its weights ar
 
 Quick look: ``--limit=5 --max_new_tokens=64``.  Outputs (default ``<workdir>/eval``): report.json, report.md,
 report.png, answers.jsonl.
+
+``--engine=vllm`` measures the same draft INSIDE real vLLM instead (`lkjax.export.vllm_engine.evaluate_in_vllm`;
+the vLLM CPU environment is built first if needed, serving/build_env.sh): the draft is exported, and vLLM
+decodes the first turn of each benchmark prompt with it and with the target alone, at batch 1 and at
+``--vllm_batch``, giving tau, per-position acceptance and the wall-clock speed-up; at T = 0 lkjax's own
+decoding of the same prompts runs too and the per-request counters are compared.  vLLM drafts greedily at
+every temperature, so its T > 0 tau is not lkjax's exact-rejection tau.  Outputs beside lkjax's report:
+vllm_report.json, vllm_report.md (EAGLE-3 and MEDUSA; vLLM 0.32 serves no MLP-Speculator or Llama MTP).
 """
 from __future__ import annotations
 
@@ -42,6 +50,9 @@ flags.DEFINE_integer("threads", None, "torch threads for the target (default: al
 flags.DEFINE_bool("offline", True, "Also report the offline tau from the run's validation shards.")
 flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
 flags.DEFINE_string("label", None, "Name of the draft in the tables (default: the config's name).")
+flags.DEFINE_enum("engine", "lkjax", ["lkjax", "vllm"], "lkjax: exact speculative decoding here; vllm: inside real "
+                  "vLLM (its own environment, serving/build_env.sh).")
+flags.DEFINE_integer("vllm_batch", 8, "--engine=vllm: the batched setting (requests decoded at once).")
 FLAGS = flags.FLAGS
 
 
@@ -74,6 +85,8 @@ def main(argv):
   if not FLAGS.import_eagle3:
     from lkjax.train import loop
     loop.check_run_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, have_config=FLAGS.config is not None)
+  if FLAGS.engine == "vllm":
+    return _evaluate_in_vllm(temperatures)
   from lkjax.eval import report, run
 
   common = dict(benchmarks=FLAGS.benchmarks, temperatures=temperatures,
@@ -93,6 +106,45 @@ def main(argv):
   print(report.markdown_table(rep))
   for kind, p in rep["files"].items():
     print(f"[lkjax] {kind}: {p}")
+
+
+def _evaluate_in_vllm(temperatures):
+  import json
+
+  from lkjax.data.benchmarks import load_benchmark
+  from lkjax.eval.run import load_target_for
+  from lkjax.export import export_draft, vllm_engine
+  from lkjax.train import loop
+
+  if FLAGS.import_eagle3:
+    raise app.UsageError("--engine=vllm evaluates a training run (--workdir or --checkpoint)")
+  if FLAGS.vllm_batch < 2:
+    raise app.UsageError(f"--vllm_batch={FLAGS.vllm_batch}: the batched setting needs >= 2")
+  python = vllm_engine.build_env()
+  path = FLAGS.workdir or FLAGS.checkpoint
+  workdir = os.path.dirname(os.path.dirname(os.path.abspath(path))) if FLAGS.checkpoint else path
+  config = None if os.path.exists(os.path.join(workdir, "config.json")) else FLAGS.config
+  trained = loop.load_trained_draft(path, config)
+  arch = trained.config.model.arch
+  target = load_target_for(trained.target_info, FLAGS.target)
+  k = FLAGS.num_draft or int(trained.config.model.num_heads)
+  out = FLAGS.out or os.path.join(workdir, "eval")
+  work = os.path.join(out, "vllm")
+  draft_dir = export_draft(trained.model, arch, os.path.join(work, "draft"), target.info, overwrite=True)
+  prompts = {b: [target.encode_prompt(p.turns[0]) for p in load_benchmark(b, limit=FLAGS.limit)]
+             for b in FLAGS.benchmarks}
+  rep = vllm_engine.evaluate_in_vllm(arch, draft_dir, target, prompts, num_draft=k,
+                                     max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.vllm_batch,
+                                     temperatures=temperatures, work_dir=work, python=python,
+                                     draft=trained.model, seed=FLAGS.seed)
+  rep.update(checkpoint=os.path.abspath(path), step=trained.step, label=FLAGS.label or str(trained.config.get("name", arch)))
+  with open(os.path.join(out, "vllm_report.json"), "w") as f:
+    json.dump(rep, f, indent=2)
+  md = vllm_engine.markdown_report(rep)
+  with open(os.path.join(out, "vllm_report.md"), "w") as f:
+    f.write(md)
+  print(md)
+  print(f"[lkjax] vLLM report: {os.path.join(out, 'vllm_report.json')}, {os.path.join(out, 'vllm_report.md')}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def _mlp(tie=False, scale=False, inner=6, ids=None, seed=0):
 
 
 def _vllm_medusa_logits(path, h):
-  """vLLM Medusa.forward + compute_logits, read straight from the files: [K, ..., V] with -inf off token_map."""
+  """vLLM 0.32 Medusa.forward + compute_logits, read straight from the files: [K, ..., V] with -inf off token_map."""
   cfg = json.loads((path / "config.json").read_text())
   sd = torch_load_file(str(path / "model.safetensors"))
   h = torch.from_numpy(h)
@@ -64,6 +64,7 @@ def _vllm_medusa_logits(path, h):
       x = x + F.silu(F.linear(x, sd[f"blocks.{k}.layers.{l}.weight"], bias))
     logits = F.linear(x, sd[f"lm_heads.{k}.weight"])
     if "token_map" in sd and cfg.get("truncated_vocab_size", cfg["vocab_size"]) < cfg["vocab_size"]:
+      logits = logits[..., :cfg["truncated_vocab_size"]]  # vLLM 0.32's LogitsProcessor(V, truncated_vocab_size)
       full = torch.full((*logits.shape[:-1], cfg["vocab_size"]), -torch.inf)
       full[..., sd["token_map"]] = logits
       logits = full

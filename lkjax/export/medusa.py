@@ -5,10 +5,20 @@ Layout written (float32, PyTorch ``[out, in]``):
                      vocab_size (target V), num_heads K, num_hidden_layers L, medusa_fc_bias,
                      truncated_vocab_size (= Vd, only when the draft vocabulary is truncated)
   model.safetensors  blocks.{k}.layers.{l}.weight [Ht, Ht], blocks.{k}.layers.{l}.bias [Ht] (fc_bias),
-                     lm_heads.{k}.weight [Vd, Ht], token_map int64 [Vd] (target ids, only when truncated)
+                     lm_heads.{k}.weight [V, Ht], and when truncated token_map bool [V] (the draft
+                     vocabulary's membership mask, t2d)
 
-vLLM scatters each head's Vd logits into a V-wide row filled with -inf at ``token_map``; that is exactly
-lkjax's convention that q is zero outside the draft vocabulary.
+A truncated draft vocabulary, in the one layout vLLM 0.32 loads.  vLLM 0.32's ``Medusa`` builds every
+head with V rows and its weight loader requires V rows; with an integer ``token_map`` of length Vd it
+first gathers ``head[token_map]`` (Vd rows) and then fails that check.  So the head is written with V
+rows, the Vd draft rows FIRST in draft order and zeros after, and ``token_map`` is the boolean mask of
+the draft ids: the loader then leaves the head alone (the mask is not shorter than the head), the logits
+processor keeps the first ``truncated_vocab_size`` = Vd logits, and vLLM scatters them into a V-wide row
+of -inf at ``token_map`` -- a boolean mask selects its True positions in ascending order, which is the
+draft vocabulary's order (target id = draft_vocab[i]).  That is lkjax's convention that q is zero
+outside the draft vocabulary; `tests/test_vllm_serving.py` checks it in real vLLM.  (An int64
+``token_map`` with a Vd-row head, the layout vLLM's docstring describes, loads only in older releases;
+`load_medusa` still reads it.)
 """
 from __future__ import annotations
 
@@ -45,6 +55,15 @@ def export_medusa(model: Medusa, out_dir: str | os.PathLike, target: TargetInfo,
       if b is not None:
         tensors[f"blocks.{k}.layers.{l}.bias"] = b[k, l]
     tensors[f"lm_heads.{k}.weight"] = head[k].T
+  if model.draft_vocab is not None:
+    ids = np.asarray(model.draft_vocab[...], np.int64)
+    for k in range(model.num_heads):
+      full = np.zeros((model.vocab_size, model.hidden_size), np.float32)
+      full[:ids.size] = tensors[f"lm_heads.{k}.weight"]
+      tensors[f"lm_heads.{k}.weight"] = full
+    mask = np.zeros(model.vocab_size, np.bool_)
+    mask[ids] = True
+    tensors["token_map"] = mask
   config = {
       "architectures": ["MedusaModel"], "model_type": "medusa", "hidden_size": model.hidden_size,
       "vocab_size": model.vocab_size, "num_heads": model.num_heads, "num_hidden_layers": model.num_layers,
@@ -52,13 +71,16 @@ def export_medusa(model: Medusa, out_dir: str | os.PathLike, target: TargetInfo,
       "lkjax": {"arch": "medusa", "target": target.to_dict()},
   }
   if model.draft_vocab is not None:
-    tensors["token_map"] = np.asarray(model.draft_vocab[...], np.int64)
     config["truncated_vocab_size"] = model.draft_vocab_size
   return write_hf_directory(out_dir, config, tensors, overwrite=overwrite)
 
 
 def load_medusa(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Read and validate a MedusaModel directory -> ``(config, tensors)`` (numpy, PyTorch layout)."""
+  """Read and validate a MedusaModel directory -> ``(config, tensors)`` (numpy, PyTorch layout).
+
+  Both truncated layouts are read (module docstring) and returned in the compact one: ``lm_heads.{k}.weight``
+  ``[Vd, Ht]`` and ``token_map`` int64 ``[Vd]`` (ascending target ids).
+  """
   config, tensors = read_hf_directory(path, model_type="medusa")
   src = str(Path(path))
   for key in ("hidden_size", "vocab_size", "num_heads", "num_hidden_layers"):
@@ -71,7 +93,19 @@ def load_medusa(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.n
       require_tensor(tensors, f"blocks.{k}.layers.{l}.weight", (H, H), src)
       if config.get("medusa_fc_bias", False):
         require_tensor(tensors, f"blocks.{k}.layers.{l}.bias", (H,), src)
-    require_tensor(tensors, f"lm_heads.{k}.weight", (Vd, H), src)
   if Vd < V:
-    require_tensor(tensors, "token_map", (Vd,), src)
+    tm = tensors.get("token_map")
+    if tm is not None and tm.dtype == np.bool_:
+      require_tensor(tensors, "token_map", (V,), src)
+      if int(tm.sum()) != Vd:
+        raise ValueError(f"{src}: token_map marks {int(tm.sum())} ids, expected truncated_vocab_size={Vd}")
+      tensors["token_map"] = np.flatnonzero(tm).astype(np.int64)
+      for k in range(int(config["num_heads"])):
+        name = f"lm_heads.{k}.weight"
+        require_tensor(tensors, name, (V, H), src)
+        tensors[name] = np.ascontiguousarray(tensors[name][:Vd])
+    else:
+      require_tensor(tensors, "token_map", (Vd,), src)
+  for k in range(int(config["num_heads"])):
+    require_tensor(tensors, f"lm_heads.{k}.weight", (Vd, H), src)
   return config, tensors
