@@ -47,6 +47,8 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("max_context", None, "Positions available (default: the target's); longer prompts are "
                      "truncated and counted.")
 flags.DEFINE_integer("threads", None, "torch threads for the target (default: all cores).")
+flags.DEFINE_integer("batch_size", 16, "Prompts decoded at once (per-prompt random streams: the same answers "
+                     "and tau as 1 = batch-1 decoding, in less time).")
 flags.DEFINE_bool("offline", True, "Also report the offline tau from the run's validation shards.")
 flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
 flags.DEFINE_string("label", None, "Name of the draft in the tables (default: the config's name).")
@@ -64,6 +66,8 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir, --checkpoint, --import_eagle3")
   if FLAGS.limit is not None and FLAGS.limit < 1:
     raise app.UsageError(f"--limit={FLAGS.limit}: must be >= 1 (leave it out for every prompt)")
+  if FLAGS.batch_size < 1:
+    raise app.UsageError(f"--batch_size={FLAGS.batch_size}: must be >= 1 (1 = batch-1 decoding)")
   if FLAGS.max_new_tokens < 1:
     raise app.UsageError(f"--max_new_tokens={FLAGS.max_new_tokens}: must be >= 1")
   from lkjax.data.benchmarks import BENCHMARKS
@@ -91,7 +95,8 @@ def main(argv):
 
   common = dict(benchmarks=FLAGS.benchmarks, temperatures=temperatures,
                 max_new_tokens=FLAGS.max_new_tokens, limit=FLAGS.limit, seed=FLAGS.seed,
-                max_context=FLAGS.max_context, num_threads=FLAGS.threads, out_dir=FLAGS.out, label=FLAGS.label)
+                max_context=FLAGS.max_context, num_threads=FLAGS.threads, out_dir=FLAGS.out, label=FLAGS.label,
+                batch_size=FLAGS.batch_size)
   if FLAGS.import_eagle3:
     k = FLAGS.num_draft or (int(FLAGS.config.model.num_heads) if FLAGS.config else 7)
     rep = run.evaluate_eagle3_import(FLAGS.import_eagle3, target=FLAGS.target or "smollm2", num_draft=k, **common)

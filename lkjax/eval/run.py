@@ -9,6 +9,14 @@ decoding mode conditions on ITS OWN earlier answers -- or as plain completion te
 no template (`lkjax.targets.hf.TargetModel.format_prompt`).  The turns of one question are one entry of
 the report (acceptance pooled over both turns), so bootstrap CIs resample questions, not turns.
 
+Batching (``batch_size``, default `BATCH_SIZE`).  The prompts of one turn are sorted by length and
+decoded ``batch_size`` at a time (`speculative_generate_batch`: one target forward verifies every row,
+each row accepts on its own; `target_generate_batch` for the baseline), first speculative then
+target-only for each (benchmark, temperature).  Every prompt keeps its own random streams
+(`_prompt_seed` of benchmark, prompt and turn, never of the batch or the draft), so its output is the
+one batch-1 decoding gives (``batch_size=1``: each prompt alone, both modes interleaved), and every draft
+of a study sees the same streams for the same prompt (paired comparisons).
+
 Timing.  The draft runs jitted (`JittedDraft`); every shape it will see is compiled, and one real
 prompt per temperature is decoded both ways, before the clock starts (the warm-up is in no number).
 
@@ -39,11 +47,12 @@ from flax import nnx
 from lkjax.data.benchmarks import BENCHMARKS, GSM_SEED, EvalPrompt, load_benchmark
 from lkjax.eval import report as report_lib
 from lkjax.eval.speculative import (GenerationResult, check_draft_fits, draft_vocab_ids, speculative_generate,
-                                    target_generate)
-from lkjax.eval.verifier import Verifier
+                                    speculative_generate_batch, target_generate, target_generate_batch)
+from lkjax.eval.verifier import BatchedVerifier, Verifier
 
 ANSWERS_FILE = "answers.jsonl"
 COMMIT_CHUNK = 64          # largest ctx chunk the jitted draft commits at once (power of two)
+BATCH_SIZE = 16            # prompts decoded at once by default (1 = batch-1 decoding, `speculative_generate`)
 WARMUP_MAX_NEW_TOKENS = 8  # the warm-up prompt only needs to exercise every code path once
 
 
@@ -114,37 +123,55 @@ class JittedDraft:
     # Slice on the host: eager jax slicing compiles once per distinct (start, size), which costs more
     # than the draft itself; numpy inputs go straight into the compiled call.
     ctx = {k: np.asarray(v) for k, v in ctx.items()}
+    valid = ctx.pop("num_valid", None)     # right-aligned ragged rows (`lkjax.models.base`)
     n = int(ctx["next_tokens"].shape[1])
+
+    def piece(start: int, stop: int) -> dict[str, np.ndarray]:
+      part = {k: v[:, start:stop] for k, v in ctx.items()}
+      if valid is not None:
+        part["num_valid"] = np.clip(valid - (n - stop), 0, stop - start).astype(np.int32)
+      return part
+
     start = 0
     for size in _pow2_chunks(max(n - 1, 0), self.chunk):
-      part = {k: v[:, start:start + size] for k, v in ctx.items()}
-      cache, _, _ = self._propose(self._state, cache, part, self._key0, num_tokens=1, temperature=0.0)
+      cache, _, _ = self._propose(self._state, cache, piece(start, start + size), self._key0, num_tokens=1,
+                                  temperature=0.0)
       start += size
-    last = {k: v[:, start:] for k, v in ctx.items()}
+    last = piece(start, n)
     return self._propose(self._state, cache, last, self._key0 if rng is None else rng,
                          num_tokens=int(num_tokens), temperature=float(temperature))
 
   def compile(self, *, max_len: int, aux_width: int, hidden_size: int, num_tokens: int,
-              temperatures: Sequence[float]) -> float:
-    """Compile every shape decoding will use (cache of ``max_len`` slots) -> seconds spent."""
+              temperatures: Sequence[float], batch_sizes: Sequence[int] | None = None) -> float:
+    """Compile every shape decoding will use (cache of ``max_len`` slots) -> seconds spent.
+
+    ``batch_sizes``: None = batch-1 decoding (`speculative_generate`); else the batched calls (ragged ctx
+    with ``num_valid``, one key per row; `speculative_generate_batch`) for each number of rows B given.
+    """
     t0 = time.perf_counter()
     dv = draft_vocab_ids(self.draft)
     tok = int(dv[0]) if dv is not None and dv.size else 0
 
-    def ctx(n):
-      return dict(aux_hidden=jnp.zeros((1, n, aux_width), jnp.float32),
-                  final_hidden=jnp.zeros((1, n, hidden_size), jnp.float32),
-                  next_tokens=jnp.full((1, n), tok, jnp.int32), positions=jnp.arange(n, dtype=jnp.int32)[None])
+    def ctx(b, n):
+      out = dict(aux_hidden=np.zeros((b, n, aux_width), np.float32),
+                 final_hidden=np.zeros((b, n, hidden_size), np.float32),
+                 next_tokens=np.full((b, n), tok, np.int32),
+                 positions=np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy())
+      if batch_sizes is not None:
+        out["num_valid"] = np.full((b,), n, np.int32)
+      return out
 
     sizes = [1 << i for i in range(self.chunk.bit_length())]
-    for size in sizes:
-      out = self._propose(self._state, self.init_cache(1, max_len), ctx(size), self._key0, num_tokens=1,
-                          temperature=0.0)
-      jax.block_until_ready(out)
-    for t in dict.fromkeys(float(t) for t in temperatures):
-      out = self._propose(self._state, self.init_cache(1, max_len), ctx(1), self._key0,
-                          num_tokens=int(num_tokens), temperature=t)
-      jax.block_until_ready(out)
+    for b in (1,) if batch_sizes is None else dict.fromkeys(int(b) for b in batch_sizes):
+      rng = self._key0 if batch_sizes is None else jax.random.split(self._key0, b)
+      for size in sizes:
+        out = self._propose(self._state, self.init_cache(b, max_len), ctx(b, size), self._key0, num_tokens=1,
+                            temperature=0.0)
+        jax.block_until_ready(out)
+      for t in dict.fromkeys(float(t) for t in temperatures):
+        out = self._propose(self._state, self.init_cache(b, max_len), ctx(b, 1), rng,
+                            num_tokens=int(num_tokens), temperature=t)
+        jax.block_until_ready(out)
     return time.perf_counter() - t0
 
 
@@ -205,6 +232,51 @@ def run_conversation(target: Any, prompt: EvalPrompt, decode) -> list[Turn]:
   return turns
 
 
+def run_conversations(target: Any, prompts: Sequence[EvalPrompt], decode_batch) -> list[list[Turn]]:
+  """`run_conversation` of many prompts at once, turn by turn (turn j+1 of every prompt after turn j).
+
+  Args:
+    target: as `run_conversation`.
+    prompts: the questions.
+    decode_batch: ``decode_batch([(prompt_ids, prompt_index, turn_index), ...]) -> [GenerationResult]``
+      (one result per item, in order); it decodes them in batches.
+  """
+  messages: list[list[dict[str, str]]] = [[] for _ in prompts]
+  turns: list[list[Turn]] = [[] for _ in prompts]
+  for j in range(max(len(p.turns) for p in prompts)):
+    items = []
+    for i, p in enumerate(prompts):
+      if j < len(p.turns):
+        messages[i].append({"role": "user", "content": p.turns[j]})
+        items.append((list(target.encode_prompt(messages[i])), i, j))
+    for (ids, i, _), result in zip(items, decode_batch(items)):
+      answer = _answer_text(target, result)
+      messages[i].append({"role": "assistant", "content": answer})
+      turns[i].append(Turn(ids, result, answer))
+  return turns
+
+
+def batch_plan(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+  """Indices of ``lengths`` sorted by length (ascending, stable) in chunks of at most ``batch_size``.
+
+  Sorting keeps the right-aligned padding of each batch small (docs/design.md#evaluation).
+  """
+  order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+  return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _batch_sizes(prompt_sets: Mapping[str, Sequence[EvalPrompt]], batch_size: int) -> list[int]:
+  """Every number of rows the batched draft will see: first batches of each turn, then compaction's."""
+  sizes = set()
+  for ps in prompt_sets.values():
+    for j in range(max(len(p.turns) for p in ps)):
+      n = sum(1 for p in ps if j < len(p.turns))
+      sizes.update(len(c) for c in batch_plan([0] * n, batch_size))
+  top = max(sizes)
+  sizes.update(1 << i for i in range(top.bit_length()) if 1 << i <= top)
+  return sorted(sizes)
+
+
 def _prompt_seed(seed: int, bench_index: int, prompt_index: int, turn: int) -> int:
   """A per-(benchmark, prompt, turn) seed, the same for both decoding modes and both temperatures."""
   return int(np.random.SeedSequence([int(seed), bench_index, prompt_index, turn]).generate_state(1)[0])
@@ -252,7 +324,8 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
                    label: str = "draft", prompts: Mapping[str, Sequence[EvalPrompt]] | None = None,
                    num_threads: int | None = None, jit: bool = True, warmup: bool = True,
                    progress: bool = True, n_boot: int = 2000, commit_chunk: int = COMMIT_CHUNK,
-                   meta: Mapping[str, Any] | None = None, baseline: bool = True) -> dict[str, Any]:
+                   meta: Mapping[str, Any] | None = None, baseline: bool = True,
+                   batch_size: int = BATCH_SIZE) -> dict[str, Any]:
   """Measure tau (and speed) of ``draft`` against ``target``; write and return the report.
 
   Args:
@@ -279,6 +352,11 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
     meta: extra entries for ``report["meta"]``.
     baseline: also decode every prompt with the target alone (interleaved, same seeds) for tokens/s and
       the speed-up; False skips it (tau only, about a third less decoding time; target fields are None).
+    batch_size: prompts decoded at once (`speculative_generate_batch` / `target_generate_batch`, prompts
+      of one turn sorted by length); 1 = batch-1 decoding (`speculative_generate`), each prompt's two
+      modes interleaved.  Each prompt's result is the same either way (its own random streams, seeded
+      by `_prompt_seed`); batched, a prompt's ``seconds`` is its batch's wall clock / rows, so tokens/s
+      and the speed-up are throughput figures of batched decoding.
 
   Returns:
     The `lkjax.eval.report.build_report` dict plus ``"prompts"`` (one record per prompt and turn:
@@ -298,7 +376,13 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
   check_draft_fits(draft, info)  # vocabulary / hidden size / aux layers: fail before any decoding
   eos = list(getattr(target, "stop_token_ids", ()) or ()) or target.eot_token_id   # every stop token
   runner = JittedDraft(draft, chunk=commit_chunk) if jit else draft
-  verifier = Verifier(target.model, aux_layer_ids=info.aux_layer_ids, max_context=max_context)
+  if int(batch_size) < 1:
+    raise ValueError(f"batch_size={batch_size}: must be >= 1 (1 = batch-1 decoding)")
+  batch_size = int(batch_size)
+  if batch_size == 1:
+    verifier = Verifier(target.model, aux_layer_ids=info.aux_layer_ids, max_context=max_context)
+  else:
+    verifier = bverifier = BatchedVerifier(target.model, aux_layer_ids=info.aux_layer_ids, max_context=max_context)
   ctx_len = verifier.max_context
   if ctx_len is None:
     raise ValueError(f"target {info.name} declares no max_position_embeddings: pass max_context")
@@ -319,6 +403,14 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
     return target_generate(verifier, ids, temperature=t, max_new_tokens=n, eos_token_id=eos, seed=s,
                            max_context=ctx_len, num_draft=num_draft)
 
+  def spec_batch(batch, t, seeds, n=max_new_tokens):
+    return speculative_generate_batch(bverifier, runner, batch, num_draft=num_draft, temperature=t,
+                                      max_new_tokens=n, eos_token_id=eos, seeds=seeds, max_context=ctx_len)
+
+  def plain_batch(batch, t, seeds, n=max_new_tokens):
+    return target_generate_batch(bverifier, batch, temperature=t, max_new_tokens=n, eos_token_id=eos, seeds=seeds,
+                                 max_context=ctx_len, num_draft=num_draft)
+
   runs, records, answers = [], [], []
   timings: dict[str, float] = {}
   try:
@@ -326,26 +418,29 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
       t0 = time.perf_counter()
       if warmup:
         if jit:
-          timings["compile_s"] = runner.compile(max_len=ctx_len, aux_width=info.num_aux * info.hidden_size,
-                                                hidden_size=info.hidden_size, num_tokens=num_draft,
-                                                temperatures=temperatures)
+          timings["compile_s"] = runner.compile(
+              max_len=ctx_len, aux_width=info.num_aux * info.hidden_size, hidden_size=info.hidden_size,
+              num_tokens=num_draft, temperatures=temperatures,
+              batch_sizes=None if batch_size == 1 else _batch_sizes(prompt_sets, batch_size))
         # One real prompt per temperature through both modes: first-call costs of torch and jax.
         first = prompt_sets[benchmarks[0]][0]
         ids = list(target.encode_prompt(first.turns[0]))
+        short = min(max_new_tokens, WARMUP_MAX_NEW_TOKENS)
         for t in temperatures:
-          for fn in (spec, plain) if baseline else (spec,):
-            fn(ids, t, seed, min(max_new_tokens, WARMUP_MAX_NEW_TOKENS))
+          if batch_size == 1:
+            for fn in (spec, plain) if baseline else (spec,):
+              fn(ids, t, seed, short)
+          else:
+            for fn in (spec_batch, plain_batch) if baseline else (spec_batch,):
+              fn([ids, ids], t, [seed, seed + 1], short)
         timings["warmup_s"] = time.perf_counter() - t0
       t_run = time.perf_counter()
       for bi, bench in enumerate(benchmarks):
         for t in temperatures:
           spec_res, tgt_res = [], []
-          bar = tqdm(prompt_sets[bench], desc=f"{bench} T={t:g}", disable=not progress, dynamic_ncols=True)
-          for pi, p in enumerate(bar):
-            # Interleaved per prompt: both modes see the same machine load (shared CPUs drift).
-            s_turns = run_conversation(target, p, lambda ids, j: spec(ids, t, _prompt_seed(seed, bi, pi, j)))
-            t_turns = (run_conversation(target, p, lambda ids, j: plain(ids, t, _prompt_seed(seed, bi, pi, j)))
-                       if baseline else [None] * len(s_turns))
+          ps = prompt_sets[bench]
+
+          def add(p, s_turns, t_turns):
             spec_res.append(MergedResult.of(s_turns, num_draft))
             if baseline:
               tgt_res.append(MergedResult.of(t_turns, num_draft))
@@ -361,10 +456,41 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
                   target_seconds=tt.result.seconds if tt else None))
               answers.append(dict(benchmark=bench, temperature=t, id=p.id, turn=j, prompt_tokens=len(st.prompt_ids),
                                   speculative=st.answer, target=tt.answer if tt else None))
-            acc = sum(sum(m.accept_lengths) for m in spec_res)
-            rounds = sum(len(m.accept_lengths) for m in spec_res)
-            if rounds:
-              bar.set_postfix(tau=f"{report_lib.tau(acc, num_draft * rounds, num_draft):.3f}", refresh=False)
+
+          if batch_size == 1:
+            bar = tqdm(ps, desc=f"{bench} T={t:g}", disable=not progress, dynamic_ncols=True)
+            for pi, p in enumerate(bar):
+              # Interleaved per prompt: both modes see the same machine load (shared CPUs drift).
+              s_turns = run_conversation(target, p, lambda ids, j: spec(ids, t, _prompt_seed(seed, bi, pi, j)))
+              t_turns = (run_conversation(target, p, lambda ids, j: plain(ids, t, _prompt_seed(seed, bi, pi, j)))
+                         if baseline else [None] * len(s_turns))
+              add(p, s_turns, t_turns)
+              acc = sum(sum(m.accept_lengths) for m in spec_res)
+              rounds = sum(len(m.accept_lengths) for m in spec_res)
+              if rounds:
+                bar.set_postfix(tau=f"{report_lib.tau(acc, num_draft * rounds, num_draft):.3f}", refresh=False)
+          else:
+            # Turn by turn, each mode in length-sorted batches; the modes alternate per (benchmark, T).
+            n_turns = sum(len(p.turns) for p in ps) * (2 if baseline else 1)
+            bar = tqdm(total=n_turns, desc=f"{bench} T={t:g}", disable=not progress, dynamic_ncols=True)
+
+            def batches(fn):
+              def decode_batch(items):
+                out = [None] * len(items)
+                for chunk in batch_plan([len(ids) for ids, _, _ in items], batch_size):
+                  res = fn([items[c][0] for c in chunk], t,
+                           [_prompt_seed(seed, bi, items[c][1], items[c][2]) for c in chunk])
+                  for c, r in zip(chunk, res):
+                    out[c] = r
+                  bar.update(len(chunk))
+                return out
+              return decode_batch
+
+            s_all = run_conversations(target, ps, batches(spec_batch))
+            t_all = (run_conversations(target, ps, batches(plain_batch)) if baseline
+                     else [[None] * len(x) for x in s_all])
+            for p, s_turns, t_turns in zip(ps, s_all, t_all):
+              add(p, s_turns, t_turns)
           bar.close()
           off = None
           if offline is not None and t == 1.0:
@@ -386,6 +512,7 @@ def evaluate_draft(draft: Any, target: Any, *, benchmarks: Sequence[str] = BENCH
       truncated_turns=sum(int(r["truncated_prompt_tokens"] > 0) for r in records),
       gsm_symbolic_seed=GSM_SEED, eos_token_id=eos, chat_template=bool(getattr(target, "has_chat_template", False)),
       torch_threads=threads, jit=bool(jit), warmup=bool(warmup), baseline=bool(baseline), timings=timings,
+      batch_size=batch_size,
       offline=None if offline is None else dict(offline),
       host=dict(machine=platform.machine(), cpus=os.cpu_count(), jax_backend=jax.default_backend()))
   meta_out.update(meta or {})

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from lkjax.eval.verifier import TargetStep, Verifier
+from lkjax.eval.verifier import BatchedVerifier, TargetStep, Verifier
 from lkjax.targets.info import TargetInfo
 
 
@@ -85,15 +85,17 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
   return torch.where(mass > 0, r / torch.where(mass > 0, mass, 1.0), p)
 
 
-def verify_greedy(draft_tokens: np.ndarray, target_logits: torch.Tensor) -> tuple[int, int]:
+def verify_greedy(draft_tokens: np.ndarray, target_logits: torch.Tensor,
+                  best: torch.Tensor | None = None) -> tuple[int, int]:
   """T = 0 verification -> ``(a, next_token)``.
 
   Args:
     draft_tokens: int ``[K]`` target ids.
     target_logits: ``[K+1, V]``; row i predicts the token after ``d_i`` (row 0 after x[t+1]).
+    best: ``argmax(target_logits, -1)`` when already computed (a batch takes it once for all rows).
   """
   k = len(draft_tokens)
-  best = torch.argmax(target_logits, dim=-1).tolist()
+  best = (torch.argmax(target_logits, dim=-1) if best is None else best).tolist()
   for i in range(k):
     if int(draft_tokens[i]) != best[i]:
       return i, best[i]
@@ -307,6 +309,198 @@ def speculative_generate(verifier: Verifier, draft: Any, prompt: Sequence[int], 
   seconds = time.perf_counter() - t0
   tokens, by_eos = _finish(out, eos, max_new_tokens)
   return GenerationResult(tokens, len(ids), dropped, rounds, num_draft, seconds, by_eos)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batched decoding: B prompts at once, per-row acceptance, per-prompt random streams
+
+
+def _bucket(n: int) -> int:
+  """The power of two >= n (batch sizes the jitted draft is compiled for)."""
+  return 1 << max(0, n - 1).bit_length()
+
+
+_split_rows = jax.jit(jax.vmap(jax.random.split))   # [B] keys -> [B, 2]: row b as split(key_b)
+
+
+def _row_keys(seeds: Sequence[int]) -> jax.Array:
+  """One draft key per row, ``jax.random.key(seed_b)`` -- the key batch-1 decoding of that prompt uses."""
+  return jnp.stack([jax.random.key(int(s)) for s in seeds])
+
+
+def _check_batch(prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> None:
+  if not len(prompts):
+    raise ValueError("prompts: need at least one prompt")
+  if len(seeds) != len(prompts):
+    raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts (one per prompt)")
+
+
+class _Rows:
+  """Which prompt each batch row holds, and the compaction rule shared by both batched loops.
+
+  A prompt whose output is complete stops decoding: its row is "held" (it feeds the target but commits
+  nothing, `BatchedVerifier.commit` with keep 0, and drafts from unchanged state) until the running rows
+  fall to half the batch or below; the batch is then cut to the next power of two >= the running rows,
+  keeping running rows first (held ones fill up), so the jitted draft sees few distinct batch sizes.
+  """
+
+  def __init__(self, n: int):
+    self.prompt = list(range(n))
+
+  def compact(self, running: Sequence[bool]) -> list[int] | None:
+    """Batch rows to keep (None: keep all); ``running[r]`` for batch row r."""
+    live = [r for r, on in enumerate(running) if on]
+    size = len(self.prompt)
+    if not live or len(live) > size // 2:
+      return None
+    held = [r for r, on in enumerate(running) if not on]
+    keep = sorted(live + held[:_bucket(len(live)) - len(live)])
+    self.prompt = [self.prompt[r] for r in keep]
+    return keep
+
+
+def speculative_generate_batch(verifier: BatchedVerifier, draft: Any, prompts: Sequence[Sequence[int]], *,
+                               num_draft: int, temperature: float, max_new_tokens: int,
+                               eos_token_id: int | Sequence[int] | None = None, seeds: Sequence[int],
+                               max_context: int | None = None) -> list[GenerationResult]:
+  """Chain speculative decoding of B prompts at once; per prompt the same result as `speculative_generate`.
+
+  Every round, each running row drafts K tokens, the target verifies all rows in ONE forward over
+  ``[B, K+1]`` tokens (`BatchedVerifier.feed`), and each row accepts on its own (the rule of the module
+  docstring, row by row), so rows commit different numbers of tokens (`BatchedVerifier.commit`: the
+  target cache keeps rejected slots as masked holes; the draft gets a right-aligned ctx with
+  ``num_valid``, `lkjax.models.base`).  Prompt b uses its own random streams, seeded by ``seeds[b]``
+  exactly as `speculative_generate` seeds with ``seed`` (a ``torch.Generator`` for the target-side draws,
+  ``jax.random.key(seed)`` split per round for the draft): its output does not depend on the other
+  prompts of the batch, and at T = 0 it is batch-1 decoding's (up to float rounding of batched matmuls).
+
+  ``seconds`` of each result is the batch's wall clock divided by B (so summed seconds = wall clock).
+  Rows are decoded in the given order; callers sort prompts by length to keep the padding small.
+  """
+  _check_args(temperature, max_new_tokens, num_draft)
+  _check_batch(prompts, seeds)
+  if num_draft < 1:
+    raise ValueError(f"num_draft={num_draft}: speculative decoding needs K >= 1")
+  max_context = max_context or verifier.max_context
+  fitted = [fit_prompt(p, max_context, max_new_tokens + num_draft + 1) for p in prompts]
+  ids = [f[0] for f in fitted]
+  n = len(ids)
+  eos = _eos_set(eos_token_id)
+  dvocab = draft_vocab_ids(draft)
+  vocab = verifier.vocab_size
+  gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+  keys = _row_keys(seeds)
+
+  t0 = time.perf_counter()
+  cache = draft.init_cache(n, int(max_context or max(map(len, ids)) + max_new_tokens + num_draft + 1))
+  step = verifier.start(ids)
+  w = step.aux_hidden.shape[1]
+  out = [[sample_token(step.logits[b, -1], temperature, gens[b])] for b in range(n)]
+  next_tokens, positions = np.zeros((n, w), np.int32), np.zeros((n, w), np.int32)
+  for b, p in enumerate(ids):
+    next_tokens[b, w - len(p):] = p[1:] + [out[b][0]]
+    positions[b, w - len(p):] = np.arange(len(p))
+  ctx = dict(aux_hidden=step.aux_hidden, final_hidden=step.final_hidden, next_tokens=next_tokens,
+             positions=positions, num_valid=np.asarray([len(p) for p in ids], np.int32))
+  done = [len(o) >= max_new_tokens or bool(eos & set(o)) for o in out]
+  rounds: list[list[int]] = [[] for _ in range(n)]
+  rows = _Rows(n)
+  while not all(done):
+    keep = rows.compact([not done[i] for i in rows.prompt])
+    if keep is not None:
+      sel = np.asarray(keep)
+      verifier.select(keep)
+      cache = jax.tree.map(lambda a: a[sel], cache)
+      keys = keys[sel]
+      ctx = {k: v[sel] for k, v in ctx.items()}
+    prompt = rows.prompt
+    pairs = _split_rows(keys)
+    keys, subs = pairs[:, 0], pairs[:, 1]
+    cache, d, z = draft.propose(cache, ctx, num_tokens=num_draft, temperature=float(temperature), rng=subs)
+    d = np.asarray(d).astype(np.int64)
+    if d.shape != (len(prompt), num_draft):
+      raise ValueError(f"draft.propose returned tokens of shape {d.shape}, expected [{len(prompt)}, {num_draft}]")
+    base = verifier.lengths.numpy().copy()     # = position of x[t+1] per row
+    x = np.asarray([out[i][-1] for i in prompt], np.int64)
+    step = verifier.feed(np.concatenate([x[:, None], d], axis=1))
+    accepted = np.zeros(len(prompt), np.int64)
+    new: dict[int, list[int]] = {}
+    best = torch.argmax(step.logits, dim=-1) if temperature == 0 else None
+    zs = np.asarray(z) if temperature > 0 else None
+    for r, i in enumerate(prompt):
+      if done[i]:
+        continue
+      if temperature == 0:
+        a, y = verify_greedy(d[r], step.logits[r], best=best[r])
+      else:
+        q = draft_probs(zs[r], dvocab, vocab, temperature)
+        a, y = verify_sampled(d[r], q, target_probs(step.logits[r], temperature), gens[i])
+      rounds[i].append(a)
+      new[r] = [*d[r, :a].tolist(), y]
+      out[i] += new[r]
+      accepted[r] = a + 1
+      done[i] = len(out[i]) >= max_new_tokens or bool(eos & set(new[r]))
+    verifier.commit(accepted)
+    m = int(accepted.max())
+    ctx = dict(aux_hidden=np.zeros((len(prompt), m) + step.aux_hidden.shape[2:], np.float32),
+               final_hidden=np.zeros((len(prompt), m) + step.final_hidden.shape[2:], np.float32),
+               next_tokens=np.zeros((len(prompt), m), np.int32), positions=np.zeros((len(prompt), m), np.int32),
+               num_valid=accepted.astype(np.int32))
+    for r, toks in new.items():
+      k = len(toks)
+      ctx["aux_hidden"][r, m - k:] = step.aux_hidden[r, :k]
+      ctx["final_hidden"][r, m - k:] = step.final_hidden[r, :k]
+      ctx["next_tokens"][r, m - k:] = toks
+      ctx["positions"][r, m - k:] = base[r] + np.arange(k)
+  seconds = time.perf_counter() - t0
+  results = []
+  for i in range(n):
+    tokens, by_eos = _finish(out[i], eos, max_new_tokens)
+    results.append(GenerationResult(tokens, len(ids[i]), fitted[i][1], rounds[i], num_draft, seconds / n, by_eos))
+  return results
+
+
+def target_generate_batch(verifier: BatchedVerifier, prompts: Sequence[Sequence[int]], *, temperature: float,
+                          max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                          seeds: Sequence[int], max_context: int | None = None,
+                          num_draft: int = 0) -> list[GenerationResult]:
+  """Target-only decoding of B prompts at once; per prompt `target_generate` with seed ``seeds[b]``.
+
+  ``num_draft`` reserves the same context room as `speculative_generate_batch`; ``seconds`` as there.
+  """
+  _check_args(temperature, max_new_tokens, num_draft)
+  _check_batch(prompts, seeds)
+  max_context = max_context or verifier.max_context
+  fitted = [fit_prompt(p, max_context, max_new_tokens + num_draft + 1) for p in prompts]
+  ids = [f[0] for f in fitted]
+  n = len(ids)
+  eos = _eos_set(eos_token_id)
+  gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+  t0 = time.perf_counter()
+  step = verifier.start(ids)
+  out = [[sample_token(step.logits[b, -1], temperature, gens[b])] for b in range(n)]
+  done = [len(o) >= max_new_tokens or o[-1] in eos for o in out]
+  rows = _Rows(n)
+  while not all(done):
+    keep = rows.compact([not done[i] for i in rows.prompt])
+    if keep is not None:
+      verifier.select(keep)
+    prompt = rows.prompt
+    step = verifier.feed(np.asarray([[out[i][-1]] for i in prompt], np.int64))
+    fed = np.zeros(len(prompt), np.int64)
+    for r, i in enumerate(prompt):
+      if done[i]:
+        continue
+      out[i].append(sample_token(step.logits[r, -1], temperature, gens[i]))
+      fed[r] = 1
+      done[i] = len(out[i]) >= max_new_tokens or out[i][-1] in eos
+    verifier.commit(fed)
+  seconds = time.perf_counter() - t0
+  results = []
+  for i in range(n):
+    tokens, by_eos = _finish(out[i], eos, max_new_tokens)
+    results.append(GenerationResult(tokens, len(ids[i]), fitted[i][1], [], 0, seconds / n, by_eos))
+  return results
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,11 @@ Drafting (evaluation) uses `DraftModel.init_cache` / `DraftModel.propose`:
   ``propose`` appends the step-0 state of those positions to the cache, then drafts ``num_tokens`` tokens
   one at a time after the last committed position and returns
   ``(cache, tokens int32[B, num_tokens] TARGET ids, logits f32[B, num_tokens, Vd] un-tempered)``.
-  Speculative (step >= 1) state is never kept in the cache.  With ``forced_tokens`` (TARGET ids
+  Speculative (step >= 1) state is never kept in the cache.  Batched evaluation commits a different
+  number of positions per row: ctx may then carry ``num_valid int32[B]``, and row b's committed positions
+  are its LAST ``num_valid[b]`` entries (right-aligned; the entries before them are padding, which
+  ``propose`` ignores; 0 = nothing committed in that row).  Without it every entry is committed.
+  ``rng`` is one key, or one key per row (`lkjax.models.layers.split_keys`).  With ``forced_tokens`` (TARGET ids
   [B, num_tokens]) the drafted tokens are replaced by the given ones (teacher forcing), which is how the
   tests check that drafting reproduces the training forward's logits.
 """

@@ -234,21 +234,25 @@ class Eagle3(nnx.Module):
       return dict(cache)
     max_len = cache["k"][0].shape[1]
     L.check_cache_room(cache["length"], n, max_len)
-    slots = cache["length"][:, None] + jnp.arange(n, dtype=jnp.int32)            # [B, n]
+    valid = L.ctx_num_valid(ctx, b, n)                                             # [B] (right-aligned)
+    slots = cache["length"][:, None] + jnp.arange(n, dtype=jnp.int32) - (n - valid)[:, None]  # [B, n]
+    write_at = jnp.where(slots >= cache["length"][:, None], slots, max_len)       # padding: dropped
     mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= slots[:, :, None]
     new_k, new_v = list(cache["k"]), list(cache["v"])
 
     def cached_attend(layer: int) -> L.Attend:
       def attend(q, k, v):
-        new_k[layer] = L.write_cache(cache["k"][layer], k, slots)
-        new_v[layer] = L.write_cache(cache["v"][layer], v, slots)
+        new_k[layer] = L.write_cache(cache["k"][layer], k, write_at)
+        new_v[layer] = L.write_cache(cache["v"][layer], v, write_at)
         return L.gqa_attention(q, new_k[layer], new_v[layer], mask)
       return attend
 
     y, _ = self._step(tokens, self._first_hidden(ctx["aux_hidden"]), pos,
                       [cached_attend(l) for l in range(self.num_layers)])
-    return {"k": tuple(new_k), "v": tuple(new_v), "length": cache["length"] + n,
-            "last_y": y[:, -1], "last_pos": pos[:, -1]}
+    some = valid > 0
+    return {"k": tuple(new_k), "v": tuple(new_v), "length": cache["length"] + valid,
+            "last_y": jnp.where(some[:, None], y[:, -1], cache["last_y"]),
+            "last_pos": jnp.where(some, pos[:, -1], cache["last_pos"])}
 
   def propose(self, cache: Mapping[str, Any], ctx: Mapping[str, jax.Array], *, num_tokens: int,
               temperature: float, rng: jax.Array | None,
@@ -258,7 +262,8 @@ class Eagle3(nnx.Module):
     Args:
       cache: from `init_cache` / a previous call.
       ctx: ``aux_hidden [B, n, A*Ht]``, ``next_tokens int32[B, n]`` (committed x[j+1]),
-        ``positions int32[B, n]`` (RoPE position of j) for n >= 0 newly committed positions j.
+        ``positions int32[B, n]`` (RoPE position of j) for n >= 0 newly committed positions j; optional
+        ``num_valid int32[B]``: only row b's last num_valid[b] entries are committed (`lkjax.models.base`).
       num_tokens: tokens to draft (any number >= 1; the TTT pattern just continues).
       temperature: <= 0 greedy, else sample softmax(logits / T).
       rng: PRNG key (needed when temperature > 0).
@@ -273,7 +278,7 @@ class Eagle3(nnx.Module):
     cache = self._commit(cache, ctx)
     max_len = cache["k"][0].shape[1]
     mask = (jnp.arange(max_len, dtype=jnp.int32)[None, :] < cache["length"][:, None])[:, None, :]  # [B,1,S]
-    keys = [None] * num_tokens if rng is None else list(jax.random.split(rng, num_tokens))
+    keys = L.split_keys(rng, num_tokens)
     spec: list[list[tuple[jax.Array, jax.Array]]] = [[] for _ in range(self.num_layers)]
 
     def spec_attend(layer: int) -> L.Attend:

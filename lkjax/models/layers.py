@@ -427,6 +427,13 @@ def write_cache(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array
   return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
 
 
+def ctx_num_valid(ctx, batch: int, n: int) -> jax.Array:
+  """``int32[B]`` committed entries per row of a drafting ctx of width n (right-aligned; default: all n)."""
+  if "num_valid" not in ctx:
+    return jnp.full((batch,), n, jnp.int32)
+  return jnp.clip(jnp.asarray(ctx["num_valid"], jnp.int32).reshape(batch), 0, n)
+
+
 def check_cache_room(length: jax.Array, n: int, max_len: int) -> None:
   """Raise if committing n more slots overflows a ``max_len`` cache (only checkable outside jit)."""
   if isinstance(length, jax.core.Tracer):
@@ -475,13 +482,39 @@ def check_draft_vocab(draft_vocab, vocab_size: int, draft_vocab_size: int = 0) -
   return ids.astype(np.int32)
 
 
+def _row_keys(rng: jax.Array) -> bool:
+  """True for one key per batch row (typed keys ``[B]`` or raw ``uint32[B, 2]``), False for one key."""
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return rng.ndim == (1 if typed else 2)
+
+
+def split_keys(rng: jax.Array | None, num: int) -> list:
+  """``num`` keys for drafting steps: of one key, or per row of row keys (each step then gets ``[B]`` keys).
+
+  Row keys give every batch row its own stream: row b's draws equal those of a batch-1 call with key
+  ``rng[b]`` (batched speculative evaluation, docs/design.md#evaluation).
+  """
+  if rng is None:
+    return [None] * num
+  if _row_keys(rng):
+    keys = jax.vmap(lambda k: jax.random.split(k, num))(rng)                      # [B, num]
+    return [keys[:, i] for i in range(num)]
+  return list(jax.random.split(rng, num))
+
+
 def sample_tokens(logits: jax.Array, temperature: float, rng: jax.Array | None) -> jax.Array:
-  """One draft id per row of ``logits [B, Vd]``: argmax at T <= 0, else a sample of softmax(logits / T)."""
+  """One draft id per row of ``logits [B, Vd]``: argmax at T <= 0, else a sample of softmax(logits / T).
+
+  ``rng``: one key, or one key per row (`split_keys`), which samples row b as a batch-1 call with ``rng[b]``.
+  """
   if temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if rng is None:
     raise ValueError(f"temperature={temperature} > 0 samples the draft token: pass rng")
-  return jax.random.categorical(rng, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
+  z = logits.astype(jnp.float32) / temperature
+  if _row_keys(rng):
+    return jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(rng, z).astype(jnp.int32)
+  return jax.random.categorical(rng, z, axis=-1).astype(jnp.int32)
 
 
 def draft_to_target(draft_vocab: Frozen | None, ids: jax.Array) -> jax.Array:

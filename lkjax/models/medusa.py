@@ -20,7 +20,7 @@ from flax import nnx
 
 from lkjax.models.base import Frozen
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
-                                 sample_tokens, unstack)
+                                 ctx_num_valid, sample_tokens, split_keys, unstack)
 from lkjax.perf import PerfOptions, matmul, or_default
 from lkjax.targets.info import TargetInfo
 
@@ -148,10 +148,12 @@ class Medusa(nnx.Module):
     if not 1 <= num_tokens <= self.num_heads:
       raise ValueError(f"num_tokens={num_tokens}: MEDUSA has {self.num_heads} heads")
     hidden = cache["hidden"]
-    if ctx["final_hidden"].shape[1] > 0:
-      hidden = ctx["final_hidden"][:, -1].astype(jnp.float32)
+    b, n = ctx["final_hidden"].shape[:2]
+    if n > 0:    # a row with num_valid 0 (`lkjax.models.base`) keeps its state
+      some = (ctx_num_valid(ctx, b, n) > 0)[:, None]
+      hidden = jnp.where(some, ctx["final_hidden"][:, -1].astype(jnp.float32), hidden)
     logits = self.head_logits(hidden)[:num_tokens].astype(jnp.float32)      # [n, B, Vd]
-    keys = [None] * num_tokens if rng is None else list(jax.random.split(rng, num_tokens))
+    keys = split_keys(rng, num_tokens)
     ids = jnp.stack([sample_tokens(logits[i], temperature, keys[i]) for i in range(num_tokens)], axis=1)
     tokens = draft_to_target(self.draft_vocab, ids)
     if forced_tokens is not None:

@@ -32,7 +32,7 @@ from flax import nnx
 
 from lkjax.models.base import Frozen, shift_left
 from lkjax.models.layers import (check_draft_vocab, draft_to_target, parse_dtype, partitioned_param,
-                                 rms_norm, sample_tokens, unstack)
+                                 ctx_num_valid, rms_norm, sample_tokens, split_keys, unstack)
 from lkjax.perf import PerfOptions, matmul, or_default
 from lkjax.targets.info import TargetInfo
 
@@ -203,10 +203,12 @@ class MLPSpeculator(nnx.Module):
     if not 1 <= num_tokens <= self.num_heads:
       raise ValueError(f"num_tokens={num_tokens}: the MLP-Speculator has {self.num_heads} stages")
     hidden, token = cache["hidden"], cache["token"]
-    if ctx["final_hidden"].shape[1] > 0:
-      hidden = ctx["final_hidden"][:, -1].astype(jnp.float32)
-      token = ctx["next_tokens"][:, -1].astype(jnp.int32)
-    keys = [None] * num_tokens if rng is None else list(jax.random.split(rng, num_tokens))
+    b, n = ctx["final_hidden"].shape[:2]
+    if n > 0:    # a row with num_valid 0 (`lkjax.models.base`) keeps its state
+      some = ctx_num_valid(ctx, b, n) > 0
+      hidden = jnp.where(some[:, None], ctx["final_hidden"][:, -1].astype(jnp.float32), hidden)
+      token = jnp.where(some, ctx["next_tokens"][:, -1].astype(jnp.int32), token)
+    keys = split_keys(rng, num_tokens)
     state, tok = self.init_state(hidden), token
     tokens, all_logits = [], []
     for i in range(num_tokens):

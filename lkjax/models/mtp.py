@@ -190,14 +190,18 @@ class MTP(nnx.Module):
     max_len = cache["k"][0].shape[1]
     L.check_cache_room(cache["length"], n, max_len)
     length = cache["length"]
+    valid = L.ctx_num_valid(ctx, tokens.shape[0], n)                              # [B] (right-aligned)
+    j = jnp.arange(n, dtype=jnp.int32)[None, :] - (n - valid)[:, None]             # index among committed
+    some = valid > 0
     emb = self._embed(tokens)
     new_k, new_v, h_last = list(cache["k"]), list(cache["v"]), list(cache["h_last"])
     h_in = ctx["final_hidden"].astype(self.dtype)
     for k in range(self.num_heads):
-      slots = length[:, None] - k + jnp.arange(n, dtype=jnp.int32)                # [B, n]; < 0: no such slot
+      slots = length[:, None] - k + j                                             # [B, n]; < 0: no such slot
       if k > 0:
-        h_in = jnp.concatenate([cache["h_last"][k - 1][:, None], h_in[:, : n - 1]], axis=1)
-      write_at = jnp.where(slots >= 0, slots, max_len)                             # max_len: dropped
+        shifted = jnp.concatenate([cache["h_last"][k - 1][:, None], h_in[:, : n - 1]], axis=1)
+        h_in = jnp.where((j == 0)[:, :, None], cache["h_last"][k - 1][:, None], shifted)
+      write_at = jnp.where((slots >= 0) & (j >= 0), slots, max_len)               # max_len: dropped
       mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= slots[:, :, None]
 
       def attend(q, kk, vv, k=k, write_at=write_at, mask=mask):
@@ -206,9 +210,9 @@ class MTP(nnx.Module):
         return L.gqa_attention(q, new_k[k], new_v[k], mask)
 
       h_in, _ = self.module(k)(emb, h_in, pos - k, attend)
-      h_last[k] = h_in[:, -1]
-    return {"k": tuple(new_k), "v": tuple(new_v), "length": length + n, "h_last": tuple(h_last),
-            "last_pos": pos[:, -1]}
+      h_last[k] = jnp.where(some[:, None], h_in[:, -1], cache["h_last"][k])
+    return {"k": tuple(new_k), "v": tuple(new_v), "length": length + valid, "h_last": tuple(h_last),
+            "last_pos": jnp.where(some, pos[:, -1], cache["last_pos"])}
 
   def propose(self, cache: Mapping[str, Any], ctx: Mapping[str, jax.Array], *, num_tokens: int,
               temperature: float, rng: jax.Array | None,
@@ -218,7 +222,8 @@ class MTP(nnx.Module):
     Args:
       cache: from `init_cache` / a previous call.
       ctx: ``final_hidden [B, n, Ht]``, ``next_tokens int32[B, n]`` (committed x[j+1]),
-        ``positions int32[B, n]`` for n >= 0 newly committed positions j (consecutive).
+        ``positions int32[B, n]`` for n >= 0 newly committed positions j (consecutive); optional
+        ``num_valid int32[B]``: only row b's last num_valid[b] entries are committed (`lkjax.models.base`).
       num_tokens: 1..K.
       temperature: <= 0 greedy, else sample softmax(logits / T).
       rng: PRNG key (needed when temperature > 0).
@@ -230,7 +235,7 @@ class MTP(nnx.Module):
       raise ValueError(f"num_tokens={num_tokens}: MTP drafts 1..{self.num_heads} tokens (one per depth)")
     cache = self._commit(cache, ctx)
     length, max_len = cache["length"], cache["k"][0].shape[1]
-    keys = [None] * num_tokens if rng is None else list(jax.random.split(rng, num_tokens))
+    keys = L.split_keys(rng, num_tokens)
     logit = self._logits(cache["h_last"][0]).astype(jnp.float32)                  # depth 0 at slot N-1
     logits, ids = [logit], [L.sample_tokens(logit, temperature, keys[0])]
     drafted = [forced_tokens[:, 0] if forced_tokens is not None else L.draft_to_target(self.draft_vocab, ids[0])]
