@@ -220,7 +220,7 @@ def test_corrupted_record_stops_training_and_evaluation_naming_file_and_record(d
 # ----------------------------------------------------------------------------------------------- signals
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _train_cmd(data_dir, workdir, num_steps):

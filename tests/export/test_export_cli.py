@@ -18,7 +18,7 @@ from lkjax.data import shards
 from lkjax.targets.info import TargetInfo
 from lkjax.train import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H, V, N = 16, 64, 24
 BF16 = np.dtype(ml_dtypes.bfloat16)
 INFO = TargetInfo(name="tiny-target", model_type="llama", num_layers=8, hidden_size=H, vocab_size=V,

@@ -16,7 +16,7 @@ from lkjax import losses
 from test_losses import np_terms, rand_case
 
 RNG = np.random.default_rng(2027)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PER_HEAD_KINDS = ("kl", "tv", "lk_alpha", "lk_hybrid", "fixed_lambda")
 
 

@@ -35,7 +35,7 @@ from test_train_loop import make_data  # 40 synthetic records, V = 64, H = 16, a
 
 pytestmark = pytest.mark.multiprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEARTBEAT_S = 30  # 10 s once ended both processes during compilation on the loaded 2-core machine
 TIMINGS = ("tokens_per_s", "step_time_s", "split")
 ETA = {"eagle3": 3.0, "medusa": 10.0}

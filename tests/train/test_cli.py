@@ -11,7 +11,7 @@ import pytest
 from lkjax import cli
 from lkjax.config_args import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(script, *args, timeout=300):

@@ -14,7 +14,7 @@ from lkjax.models import registry
 
 # The paper's K and eta per architecture, written out here so that the registry is checked against them.
 ARCHS = {"eagle3": (7, 3.0), "medusa": (6, 10.0), "mlp_speculator": (6, 3.0), "mtp": (7, 3.0)}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

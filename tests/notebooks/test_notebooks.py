@@ -6,7 +6,7 @@ pointing at ``sys.executable``, so no kernel has to be registered and no other P
 -- including the notebooks' own assertions about their numbers -- fails the test with the cell's traceback.
 
 ``LKJAX_NOTEBOOK_OUT=<dir>`` keeps the executed copies (with plots) there for inspection.
-``python tests/test_notebooks.py --strip`` removes outputs from the committed notebooks in place.
+``python tests/notebooks/test_notebooks.py --strip`` removes outputs from the committed notebooks in place.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 EXPECTED = ["01_loss_landscape", "02_gradient_scaling", "03_lambda_schedules", "04_results"]
@@ -61,7 +61,7 @@ def test_outputs_stripped(path):
   dirty = [i for i, c in enumerate(nb.cells)
            if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
   assert not dirty, (f"{path.name}: cells {dirty} have outputs; notebooks are committed stripped -- run "
-                     f"`python tests/test_notebooks.py --strip`")
+                     f"`python tests/notebooks/test_notebooks.py --strip`")
   assert nb.cells[0].cell_type == "markdown", f"{path.name}: should open with a markdown cell saying what it shows"
 
 

@@ -3,7 +3,7 @@
 Oracles: today's batch-1 `speculative_generate` on the same prompts and seeds (T = 0: accepted tokens and
 tau identical, for all four draft architectures, prompts of different lengths, rows finishing at
 different rounds); the prompt decoded alone vs inside a batch (T = 1: per-prompt random streams); exact
-target sequence probabilities by enumeration (T = 1 lossless, as tests/test_speculative.py); the ragged
+target sequence probabilities by enumeration (T = 1 lossless, as tests/eval/test_speculative.py); the ragged
 draft ctx (``num_valid``) against committing the same positions row by row.
 """
 from __future__ import annotations
