@@ -114,7 +114,6 @@ def main(argv):
 
 
 def _evaluate_in_vllm(temperatures):
-  import json
 
   from lkjax.data.benchmarks import load_benchmark
   from lkjax.eval.run import load_target_for
@@ -143,8 +142,8 @@ def _evaluate_in_vllm(temperatures):
                                      temperatures=temperatures, work_dir=work, python=python,
                                      draft=trained.model, seed=FLAGS.seed)
   rep.update(checkpoint=os.path.abspath(path), step=trained.step, label=FLAGS.label or str(trained.config.get("name", arch)))
-  with open(os.path.join(out, "vllm_report.json"), "w") as f:
-    json.dump(rep, f, indent=2)
+  from lkjax import files
+  files.write_json(os.path.join(out, "vllm_report.json"), rep)
   md = vllm_engine.markdown_report(rep)
   with open(os.path.join(out, "vllm_report.md"), "w") as f:
     f.write(md)

@@ -54,8 +54,8 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir, --checkpoint, --init")
   if not 0 <= FLAGS.repeat_prompts <= len(REPEAT_PROMPTS):
     raise app.UsageError(f"--repeat_prompts={FLAGS.repeat_prompts}: must be in [0, {len(REPEAT_PROMPTS)}]")
-  import json
 
+  from lkjax import files
   from lkjax.data.benchmarks import load_benchmark
   from lkjax.export import export_draft, vllm_engine
   from lkjax.targets.hf import TargetModel
@@ -82,8 +82,7 @@ def main(argv):
   result["source"] = os.path.abspath(FLAGS.workdir or FLAGS.checkpoint) if not FLAGS.init else f"init:{arch}"
   result["commit"] = vllm_engine.git_commit()
   path = os.path.join(FLAGS.out, "serve_check.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+  files.write_json(path, result)
   c = result["counters"]
   print(f"[lkjax] vLLM {result['vllm_version']} served {arch} ({result['draft_model_class']}): "
         f"checks {result['checks']}; tau lkjax {result['tau']['lkjax']} vLLM {result['tau']['vllm']}; "

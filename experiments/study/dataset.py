@@ -133,9 +133,8 @@ def cmd_snapshot() -> None:
   manifest = dict(settings=SETTINGS, **counts, complete=counts["num_replies"] >= SETTINGS["num_prompts"],
                   replies_sha256=_sha256(data), snapshot_sha256=_sha256(buf.getvalue()),
                   generation_log=log, snapshot_commit=_commit(), precompute=PRECOMPUTE)
-  tmp = MANIFEST.with_suffix(".tmp")
-  tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-  os.replace(tmp, MANIFEST)
+  from lkjax import files
+  files.write_json(MANIFEST, manifest, indent=1)
   print(f"{manifest['num_replies']} replies, {manifest['reply_tokens']} reply tokens -> {SNAPSHOT} "
         f"({len(buf.getvalue()) / 1e6:.1f} MB)")
 
