@@ -258,12 +258,14 @@ def target_job(target: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens:
 
 
 def speculative_config(arch: str, draft_dir: str | os.PathLike, num_draft: int) -> dict[str, Any]:
-  """vLLM's ``speculative_config`` for an lkjax export (`lkjax.export.VLLM_METHODS`)."""
-  from lkjax.export import VLLM_METHODS
+  """vLLM's ``speculative_config`` for an lkjax export (the registry's ``vllm_method``)."""
+  from lkjax.models import registry
 
-  if arch not in VLLM_METHODS:
-    raise ValueError(f"arch={arch!r}: vLLM serves lkjax exports of {sorted(VLLM_METHODS)} only")
-  return dict(method=VLLM_METHODS[arch], model=os.path.abspath(os.fspath(draft_dir)),
+  served = sorted(a for a, sp in registry.SPECS.items() if sp.vllm_method)
+  method = registry.spec(arch).vllm_method
+  if method is None:
+    raise ValueError(f"arch={arch!r}: vLLM serves lkjax exports of {served} only")
+  return dict(method=method, model=os.path.abspath(os.fspath(draft_dir)),
               num_speculative_tokens=int(num_draft))
 
 
