@@ -82,7 +82,7 @@ def main(argv):
 
       for rd, (version, arch), table in bench_processes.in_rounds(configs, FLAGS.rounds, run):
         (row,) = table["rows"]
-        runs.append(dict(round=rd, version=version, arch=arch, **bench_processes.step_record(row)))
+        runs.append(dict(round=rd, version=version, **bench_processes.step_record(row)))
         print(f"  round {rd} {version:<6} {arch:<15} {row['tokens_per_s']:8.0f} tok/s", flush=True)
     finally:
       _git("worktree", "remove", "--force", tree)

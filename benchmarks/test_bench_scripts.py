@@ -174,7 +174,7 @@ def test_bench_target_tiny_writes_every_row(tmp_path):
   table = json.loads(out.read_text())
   rows = table["rows"]
   assert set(rows) == {"ceiling", "regenerate/hf", "regenerate/lkjax", "precompute", "decode_b1/dynamic",
-                       "decode_b1/preallocated"}
+                       "decode_b1/preallocated", "speculative/b1", "speculative/batched"}
   assert rows["ceiling"]["gflops_fp32"] > 0 and rows["ceiling"]["gflop_per_token"] > 0.2   # 135M params
   for name in ("regenerate/hf", "regenerate/lkjax"):
     assert 0 < rows[name]["tokens"] <= 2 * 4 + 2

@@ -78,7 +78,9 @@ def run_engine(job: Mapping[str, Any], work_dir: str | os.PathLike, *, name: str
     proc = subprocess.run([os.fspath(py), os.fspath(WORKER), os.fspath(job_path), os.fspath(out_path)],
                           stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=work)
   if proc.returncode != 0:
-    tail = log_path.read_text()[-4000:]
+    # The last lines, each cut to 300 characters: an error line that lists every supported architecture
+    # would otherwise push its own first words (which say what failed) out of the message.
+    tail = "\n".join(line[:300] for line in log_path.read_text().splitlines()[-60:])
     raise RuntimeError(f"vLLM worker failed (exit {proc.returncode}); log {log_path}:\n{tail}")
   return json.loads(out_path.read_text())
 
