@@ -61,9 +61,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  sources = [f for f in ("workdir", "checkpoint", "import_eagle3") if getattr(FLAGS, f)]
-  if len(sources) != 1:
-    raise app.UsageError("give exactly one of --workdir, --checkpoint, --import_eagle3")
+  from lkjax import cli
+  cli.exactly_one(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, import_eagle3=FLAGS.import_eagle3)
   if FLAGS.limit is not None and FLAGS.limit < 1:
     raise app.UsageError(f"--limit={FLAGS.limit}: must be >= 1 (leave it out for every prompt)")
   if FLAGS.batch_size < 1:

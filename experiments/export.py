@@ -36,9 +36,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError("pass exactly one of --workdir and --checkpoint")
-  from lkjax import distributed
+  from lkjax import cli, distributed
+  cli.exactly_one(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint)
   if not distributed.main_process_only("export"):  # launched on every host: write the export once
     return
   from lkjax import export

@@ -49,9 +49,8 @@ REPEAT_PROMPTS = ("Write a long row of stars: **********",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  sources = [f for f in ("workdir", "checkpoint", "init") if getattr(FLAGS, f)]
-  if len(sources) != 1:
-    raise app.UsageError("give exactly one of --workdir, --checkpoint, --init")
+  from lkjax import cli
+  cli.exactly_one(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, init=FLAGS.init)
   if not 0 <= FLAGS.repeat_prompts <= len(REPEAT_PROMPTS):
     raise app.UsageError(f"--repeat_prompts={FLAGS.repeat_prompts}: must be in [0, {len(REPEAT_PROMPTS)}]")
 

@@ -173,6 +173,18 @@ def check_positive(**values: int) -> None:
       raise app.UsageError(f"--{name}={value}: must be >= 1")
 
 
+def exactly_one(**values: Any) -> str:
+  """The one ``flag_name=value`` that is set; a usage error naming every ``--flag_name`` when none or several are."""
+  from absl import app
+
+  given = [name for name, value in values.items() if value]
+  if len(given) != 1:
+    names = ["--" + n for n in values]
+    raise app.UsageError(f"give exactly one of {', '.join(names[:-1])} and {names[-1]}"
+                         + (f" (got {', '.join('--' + n for n in given)})" if given else ""))
+  return given[0]
+
+
 def report_error(e: BaseException) -> None:
   """Print a user-fixable error as one paragraph (the class name only where it adds information)."""
   msg = str(e).strip() or type(e).__name__

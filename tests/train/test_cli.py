@@ -125,3 +125,12 @@ def test_check_override_unit():
     cli.check_override(config, "data.packing", "maybe", flag="f")
   assert cli.verbosity(["x", "--verbosity=1"]) == 1 and cli.verbosity(["x", "-v", "2"]) == 2
   assert cli.verbosity(["x"]) is None
+
+
+def test_exactly_one_names_every_flag():
+  from absl import app
+  assert cli.exactly_one(workdir="", checkpoint="runs/x/checkpoints/3", init=None) == "checkpoint"
+  with pytest.raises(app.UsageError, match="exactly one of --workdir, --checkpoint and --init$"):
+    cli.exactly_one(workdir="", checkpoint=None, init=None)
+  with pytest.raises(app.UsageError, match=r"\(got --workdir, --init\)"):
+    cli.exactly_one(workdir="runs/x", checkpoint=None, init="medusa")
