@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
@@ -284,8 +283,8 @@ def main(argv):
     if name.startswith("speculative/"):
       print(f"{name}: {r['prompts_per_hour']:.0f} prompts/hour" + (f" ({r['ratio']:.2f}x)" if "ratio" in r else ""))
 
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  from lkjax.files import git_commit
+  commit = git_commit(__file__)
   flags_line = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "") if os.path.exists("/proc/cpuinfo") else ""
   simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags_line.split()]
   out = dict(commit=commit, when=time.strftime("%Y-%m-%d %H:%M"), machine=platform.processor() or platform.machine(),

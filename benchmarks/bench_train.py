@@ -69,20 +69,6 @@ AB_OVERRIDES = {"xla_matmul": {"perf.matmul": "xla"}, "autodiff_attention": {"pe
                 "full_attention": {"perf.causal_block": 0}, "reach": {"loss.head_weighting": "reach"}}
 
 
-def git_commit() -> str:
-  """The commit of the code being measured (``+dirty`` with uncommitted changes), for the results file."""
-  import subprocess
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                          check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True).stdout.strip()
-    return head + ("+dirty" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def target_info(small: bool):
   from lkjax.targets.info import TargetInfo
   if small:
@@ -362,6 +348,7 @@ def main(argv):
     raise app.UsageError(f"--warmup={FLAGS.warmup} and --steps={FLAGS.steps} must both be >= 1")
   info = target_info(small)
   archs = [a for a in FLAGS.archs.split(",") if a]
+  from lkjax.files import git_commit
   from lkjax.models import registry
   unknown = sorted(set(archs) - set(registry.ARCHS))
   if unknown:
@@ -400,7 +387,7 @@ def main(argv):
     json.dump(dict(small=small, batch=batch, seq=seq, devices=jax.device_count(), mesh=FLAGS.mesh,
                    precision=FLAGS.precision,
                    target_lse=FLAGS.target_lse == "on", ab=FLAGS.ab, warmup=FLAGS.warmup,
-                   config_overrides=overrides, commit=git_commit(),
+                   config_overrides=overrides, commit=git_commit(__file__),
                    hugepage_malloc=malloc.hugepage_malloc_active(), retained_heap=malloc.retained_heap_active(),
                    jemalloc=malloc.jemalloc_active(),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), rows=rows), f, indent=2)

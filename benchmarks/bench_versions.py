@@ -22,6 +22,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench_processes  # noqa: E402
+from lkjax.files import git_commit  # noqa: E402
 
 flags.DEFINE_string("before", None, "Baseline commit (anything `git worktree add` takes).")
 flags.DEFINE_string("archs", "eagle3,medusa,mlp_speculator,mtp", "Comma-separated architectures.")
@@ -63,8 +64,7 @@ def main(argv):
     raise app.UsageError("--before=COMMIT is required")
   archs = [a for a in FLAGS.archs.split(",") if a]
   before = _git("rev-parse", "--short", FLAGS.before)
-  after = _git("rev-parse", "--short", "HEAD") + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no")
-                                                  else "")
+  after = git_commit(ROOT)
   env = dict(os.environ, XLA_FLAGS="")   # one device in every child
   common = [f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"] + (["--small"] if FLAGS.small else [])
   runs = []

@@ -79,7 +79,7 @@ def main(argv):
   result = vllm_engine.check_export(arch, draft_dir, draft, target, prompts, num_draft=k,
                                     max_new_tokens=FLAGS.max_new_tokens, work_dir=FLAGS.out, python=python)
   result["source"] = os.path.abspath(FLAGS.workdir or FLAGS.checkpoint) if not FLAGS.init else f"init:{arch}"
-  result["commit"] = vllm_engine.git_commit()
+  result["commit"] = files.git_commit()
   path = os.path.join(FLAGS.out, "serve_check.json")
   files.write_json(path, result)
   c = result["counters"]

@@ -1,13 +1,15 @@
-"""Atomic file writes: a killed job leaves the old file or the new one, never half of one.
+"""Atomic file writes (a killed job leaves the old file or the new one, never half of one) and provenance.
 
 `write_json` is the one JSON writer of lkjax (manifests, summaries, reports, results files); `atomic_path`
-gives a temporary sibling for writers of other formats (shards), to be moved into place with ``os.replace``.
+gives a temporary sibling for writers of other formats (shards), to be moved into place with ``os.replace``;
+`git_commit` is what every results file records as the code that produced it.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import subprocess
 import tempfile
 from typing import Any
 
@@ -19,6 +21,22 @@ def atomic_path(path: str | os.PathLike) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   os.close(fd)
   return pathlib.Path(tmp)
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str:
+  """The short commit of the checkout holding ``path`` (default: this lkjax), ``+dirty`` when tracked files
+  differ from it; ``"unknown"`` outside a git checkout."""
+  cwd = os.fspath(path) if path is not None else os.path.dirname(os.path.abspath(__file__))
+  if os.path.isfile(cwd):
+    cwd = os.path.dirname(cwd)
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                           text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return head + ("+dirty" if dirty else "")
 
 
 def _to_json(o: Any) -> Any:

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -87,8 +86,8 @@ def restore() -> None:
 
 
 def _commit() -> str:
-  return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        cwd=HERE).stdout.strip()
+  from lkjax.files import git_commit
+  return git_commit(HERE)   # the checkout this script runs from (a pinned worktree for long jobs)
 
 
 def cmd_generate() -> None:

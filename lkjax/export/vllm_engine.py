@@ -25,6 +25,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from lkjax.files import git_commit
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "serving" / "vllm_worker.py"
 BUILD_SCRIPT = REPO / "serving" / "build_env.sh"
@@ -346,15 +348,6 @@ def untrained_draft(arch: str, target: Any, *, draft_vocab_size: int = 8192, see
     cfg.init_head_from_target = True
   return registry.build_draft(cfg, info, draft_vocab=vocab, target_weights=target.head_weights(),
                               rngs=nnx.Rngs(params=seed))
-
-
-def git_commit() -> str | None:
-  """The repository's HEAD commit (results record what produced them), or None outside a checkout."""
-  try:
-    return subprocess.run(["git", "-C", os.fspath(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------
