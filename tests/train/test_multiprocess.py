@@ -194,6 +194,21 @@ def test_two_processes_train_exactly_like_one(runs, arch):
   assert "compiled in" in logs[0] and "compiled in" not in logs[1]
 
 
+def test_four_processes_train_exactly_like_one(runs, data_dir, tmp_path):
+  """4 processes x 2 devices (MEDUSA): the same per-step metrics as one process, each process reading a
+  quarter of every epoch's records and together each record once."""
+  one, _, _ = runs("medusa")
+  res, out, logs = _launch(_train_cmd("medusa", tmp_path / "four", _overrides(data_dir)), tmp_path, "four",
+                           num_processes=4)
+  assert res.returncode == 0, out[-6000:]
+  _assert_same_metrics(one, tmp_path / "four", rel=2e-5, abs=1e-6)
+  states = _loader_states(tmp_path / "four", 6)
+  assert len(states) == 4 and [s["epoch_records"]["0"]["records"] for s in states] == [8, 8, 8, 8]
+  assert _epoch_digests(states) == _epoch_digests(_loader_states(one, 6))
+  assert _epoch_digests(states)[0] == pipeline.records_digest(pipeline.split_indices(40, "train", 0.2))
+  assert "finished at step 6/6" in logs[0] and not any("[lkjax] finished" in log for log in logs[1:])
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
