@@ -1,8 +1,6 @@
 """Model registry: defaults per architecture, compatibility checks, dispatch and 0 = inherit resolution."""
 from __future__ import annotations
 
-import importlib.util
-
 import ml_collections
 import numpy as np
 import pytest
@@ -70,8 +68,7 @@ def test_build_dispatches_and_resolves_inherited_sizes():
   np.testing.assert_array_equal(model.draft_vocab[...], np.arange(10, 20))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lkjax.models.medusa") is None, reason="medusa.py not written yet")
-def test_build_dispatches_lazily_to_medusa():
+def test_build_dispatches_to_medusa():
   cfg = registry.default_model_config("medusa", TINY)
   model = registry.build_draft(cfg, TINY, rngs=nnx.Rngs(0))
   assert type(model).__module__ == "lkjax.models.medusa" and model.num_heads == 6
