@@ -160,10 +160,22 @@ def build(arch: str, model: ml_collections.ConfigDict, arg: str | None) -> ml_co
   return c
 
 
-def standard_sweep(add, *, default_eta: float = 3.0) -> None:
+SWEEP_GRIDS = ("standard", "chain")
+
+
+def sweep(arch: str, add, grid: str = "standard") -> None:
+  """The config files' ``sweep(add, grid)``: `standard_sweep` (the paper's grid) or `chain_sweep`."""
+  if grid == "standard":
+    standard_sweep(add)
+  elif grid == "chain":
+    chain_sweep(add, eta=registry.spec(arch).eta)
+  else:
+    raise ValueError(f"grid={grid!r}: expected one of {SWEEP_GRIDS}")
+
+
+def standard_sweep(add) -> None:
   """The paper's comparison grid: KL / TV / L_alpha baselines, L_lambda for eta in {0.7, 1, 3, 10},
   fixed lambda 0.5 and linear / cosine lambda schedules. ``add(**{dotted_key: value})`` adds one run."""
-  del default_eta  # every eta of the grid runs; the arch's default only sets the config's default
   add(**{"loss.kind": "kl"})
   add(**{"loss.kind": "tv"})
   add(**{"loss.kind": "lk_alpha"})
@@ -174,11 +186,10 @@ def standard_sweep(add, *, default_eta: float = 3.0) -> None:
     add(**{"loss.kind": "lambda_schedule", "loss.schedule.shape": shape})
 
 
-def chain_sweep(add, *, default_eta: float = 3.0) -> None:
+def chain_sweep(add, *, eta: float) -> None:
   """Beyond the paper (docs/design.md#objectives-on-the-draft-chain): the chain objective ``lk_tau`` and
-  reach head weights on KL, L_alpha and L_lambda (eta = the arch's default). ``add`` as in `standard_sweep`;
-  a config file's ``sweep(add)`` may call both grids."""
+  reach head weights on KL, L_alpha and L_lambda (``eta``: the arch's default). ``add`` as in `standard_sweep`."""
   add(**{"loss.kind": "lk_tau"})
   add(**{"loss.kind": "kl", "loss.head_weighting": "reach"})
   add(**{"loss.kind": "lk_alpha", "loss.head_weighting": "reach"})
-  add(**{"loss.kind": "lk_hybrid", "loss.eta": float(default_eta), "loss.head_weighting": "reach"})
+  add(**{"loss.kind": "lk_hybrid", "loss.eta": float(eta), "loss.head_weighting": "reach"})

@@ -23,5 +23,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return base.build("eagle3", model_config(), arg)
 
 
-def sweep(add) -> None:
-  base.standard_sweep(add)
+def sweep(add, grid: str = "standard") -> None:
+  base.sweep("eagle3", add, grid)

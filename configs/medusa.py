@@ -22,5 +22,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return base.build("medusa", model_config(), arg)
 
 
-def sweep(add) -> None:
-  base.standard_sweep(add)
+def sweep(add, grid: str = "standard") -> None:
+  base.sweep("medusa", add, grid)

@@ -26,5 +26,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-def sweep(add) -> None:
-  base.standard_sweep(add)
+def sweep(add, grid: str = "standard") -> None:
+  base.sweep("mlp_speculator", add, grid)

@@ -26,18 +26,20 @@ flags.DEFINE_string("config", None, "Config file with a sweep(add) function, pat
 flags.DEFINE_string("root", None, "Directory of the sweep's workdirs (default runs/sweep_<config name>).")
 flags.DEFINE_string("only", "", "Comma-separated run names to run (default: all).")
 flags.DEFINE_bool("dry_run", False, "Print the grid and exit.")
+flags.DEFINE_enum("grid", "standard", ["standard", "chain"], "standard: the paper's losses; chain: lk_tau and "
+                  "reach head weights (docs/design.md#objectives-on-the-draft-chain).")
 flags.DEFINE_multi_string("set", [], "key=value override applied to every run.")
 FLAGS = flags.FLAGS
 
 
-def grid(config_spec: str) -> list[dict[str, Any]]:
-  """The overrides of every run in the config file's ``sweep(add)``."""
+def grid(config_spec: str, name: str = "standard") -> list[dict[str, Any]]:
+  """The overrides of every run in the config file's ``sweep(add, grid)`` for grid ``name``."""
   from lkjax.config_args import load_config_module
   module, _ = load_config_module(config_spec)
   if not hasattr(module, "sweep"):
     raise ValueError(f"{config_spec}: the config file defines no sweep(add)")
   runs: list[dict[str, Any]] = []
-  module.sweep(lambda **kw: runs.append(dict(kw)))
+  module.sweep(lambda **kw: runs.append(dict(kw)), name)
   return runs
 
 
@@ -90,13 +92,14 @@ def write_table(rows: list[dict[str, Any]], root: str) -> tuple[str, str]:
 
 
 def run_sweep(config_spec: str, root: str | None = None, *, only: list[str] | None = None,
-              extra: dict[str, Any] | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
+              extra: dict[str, Any] | None = None, dry_run: bool = False,
+              grid_name: str = "standard") -> list[dict[str, Any]]:
   """Run (or resume, or skip when finished) every run of the grid; returns the summary rows."""
   from lkjax.config_args import load_config
   from lkjax.train.loop import train_and_evaluate
   base = load_config(config_spec, extra or {})
-  root = root or os.path.join("runs", f"sweep_{base.name}")
-  runs = [(run_name(o), o) for o in grid(config_spec)]
+  root = root or os.path.join("runs", f"sweep_{base.name}" + ("" if grid_name == "standard" else f"_{grid_name}"))
+  runs = [(run_name(o), o) for o in grid(config_spec, grid_name)]
   names = [n for n, _ in runs]
   if len(set(names)) != len(names):
     raise ValueError(f"{config_spec}: sweep runs with the same name: {names}")
@@ -140,7 +143,8 @@ def main(argv):
     if not sep:
       raise app.UsageError(f"--set {item!r}: expected key=value, e.g. --set num_steps=20")
     cli.check_override(config, key, None, flag=f"--set {item}")
-  run_sweep(FLAGS.config, FLAGS.root, only=only, extra=parse_set(FLAGS.set), dry_run=FLAGS.dry_run)
+  run_sweep(FLAGS.config, FLAGS.root, only=only, extra=parse_set(FLAGS.set), dry_run=FLAGS.dry_run,
+            grid_name=FLAGS.grid)
 
 
 if __name__ == "__main__":

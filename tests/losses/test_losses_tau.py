@@ -497,15 +497,17 @@ def test_configs_select_both_and_reject_bad_combinations():
 def test_chain_sweep_entries_are_valid_configs(arch):
   from lkjax.config_args import load_config, load_config_module
   path = os.path.join(ROOT, f"configs/{arch}.py")
-  base_mod, _ = load_config_module(os.path.join(ROOT, "configs/base.py"))
+  module, _ = load_config_module(path)
   runs = []
-  base_mod.chain_sweep(lambda **kw: runs.append(kw))
+  module.sweep(lambda **kw: runs.append(kw), "chain")
   assert {(r["loss.kind"], r.get("loss.head_weighting", "gamma")) for r in runs} == {
       ("lk_tau", "gamma"), ("kl", "reach"), ("lk_alpha", "reach"), ("lk_hybrid", "reach")}
   for r in runs:
     c = load_config(path, r)
     assert c.loss.kind == r["loss.kind"]
     assert c.loss.head_weighting == r.get("loss.head_weighting", "gamma")
+    if c.loss.kind == "lk_hybrid":
+      assert c.loss.eta == load_config(path).loss.eta    # the arch's own eta (10 for MEDUSA)
 
 
 def test_study_plan_chain_arms_are_valid_configs():
