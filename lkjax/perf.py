@@ -106,11 +106,8 @@ def transposes_cotangent(m: int, k: int, n: int) -> bool:
   ``(w @ g.T).T`` (NN dots either way): it materialises ``g`` and the ``[k, m]`` product (m * (n + k)
   elements) instead of the ``[n, k]`` weight (k * n), which pays when that is at most half the elements.
 
-  With few rows per device (one 256-token sequence: a global batch of 8 on the 8-device mesh) every
-  device otherwise copies every LM head ``[576, 8192]`` in every step. One device, bf16, median ms of
-  ``w.T`` / ``(w g.T).T``: LM head 5.00 / 3.85 at 128
-  rows, 8.58 / 7.20 at 256, 14.51 / 14.43 at 512, 52.81 / 58.19 at 2048. The 576-wide layers' shapes,
-  where it picks ``(w g.T).T`` at 128 rows only: 0.76-0.86 of ``w.T``'s time there, 0.88-1.17 at 256-2048.
+  It pays with few rows (e.g. one 256-token sequence against an LM head ``[576, 8192]``: no copy of the
+  head per step) and never with many (the weight's copy is then the smaller one).
   """
   return 2 * m * (n + k) < k * n
 

@@ -399,7 +399,7 @@ def test_sharded_jit_equals_single_device():
 
 
 def test_shard_map_axis_name_equals_single_device():
-  """The trainer's per-device program: lk_objective inside shard_map with axis_name psums every statistic
+  """A per-device program (lk_objective inside shard_map with axis_name) psums every statistic
   (anchors, alpha_bar -> reach weights); the summed per-device gradients equal the unsplit gradient."""
   k, b, t = 3, 8, 7
   alpha = jnp.asarray(RNG.random((k, b, t)) ** 0.5, jnp.float32)
