@@ -11,10 +11,10 @@ turns this config into the run list:
     does not), for the seed spread.
   * beyond the paper (``chain_arms``, docs/design.md#objectives-on-the-draft-chain): EAGLE-3 with the chain
     objective ``lk_tau``, and EAGLE-3 L_lambda(eta=3) with reach head weights, seed 0, against the main
-    table's KL and L_lambda with the same paired analysis. `study.build_runs` must read ``chain_arms``
-    (``loss.head_weighting`` per run) before they run: 2 more runs, ~0.4 h more.
+    table's KL and L_lambda with the same paired analysis (their own table in docs/results.md); they run
+    last.
 
-19 training runs; each is evaluated at T = 0 and T = 1 on MT-bench (both turns), HumanEval and
+21 training runs; each is evaluated at T = 0 and T = 1 on MT-bench (both turns), HumanEval and
 GSM-Symbolic with K = 7 (EAGLE-3, MTP) or 6 (MEDUSA, MLP-Speculator), bootstrap 95% CIs over prompts,
 and the offline tau_off on the validation shards.
 
@@ -32,11 +32,11 @@ Unit costs on this 2-core machine (2026-11-22; ``python experiments/study/run.py
 
   stage   plan                                                 estimate (machine to itself)
   data    480 prompts x <= 128 new tokens, prompts <= 800 chars ~0.6 h
-  train   19 runs x 60 steps x batch 8 x 256 tokens            ~2.1 h
+  train   21 runs x 60 steps x batch 8 x 256 tokens            ~2.4 h
           (~1 epoch of the ~456 training sequences)
-  eval    19 runs x 2 temperatures x 3 prompts per benchmark   ~1.2 h
+  eval    21 runs x 2 temperatures x 3 prompts per benchmark   ~1.3 h
           (MT-bench 3 questions x 2 turns + 3 HumanEval + 3 GSM8K = 12 turns), <= 32 new tokens per turn
-  total                                                        ~3.8 h
+  total                                                        ~4.2 h
 
 Budget adaptations (documented in docs/results.md): with ~120k training tokens per run instead of the
 paper's hundreds of millions, the recipe's lr 4e-4 barely moves the drafts.  20-step EAGLE-3 pilots on the trainer's default data

@@ -83,7 +83,9 @@ class RunSpec:
     seed: init and data-order seed (the validation split does not depend on it).
     num_draft: K draft tokens per round at evaluation.
     groups: tables the run belongs to: ``main`` (arch x {KL, L_alpha, L_lambda}), ``ablation``
-      (EAGLE-3 eta / lambda), ``seeds`` (EAGLE-3 KL vs L_lambda over seeds).
+      (EAGLE-3 eta / lambda), ``seeds`` (EAGLE-3 KL vs L_lambda over seeds), ``chain`` (the plan's
+      ``chain_arms``: objectives on the draft chain, beyond the paper).
+    weighting: ``loss.head_weighting``: ``gamma`` (the paper's) or ``reach`` (docs/design.md#objectives-on-the-draft-chain).
   """
 
   name: str
@@ -94,55 +96,62 @@ class RunSpec:
   seed: int
   num_draft: int
   groups: tuple[str, ...]
+  weighting: str = "gamma"
 
   @property
   def loss_tag(self) -> str:
-    return loss_tag(self.loss, self.eta, self.lam)
+    return loss_tag(self.loss, self.eta, self.lam, self.weighting)
 
   @property
   def label(self) -> str:
-    return loss_label(self.loss, self.eta, self.lam)
+    return loss_label(self.loss, self.eta, self.lam, self.weighting)
 
 
-def loss_tag(loss: str, eta: float | None = None, lam: float | None = None) -> str:
-  """Directory-safe loss id: ``kl``, ``lk_alpha``, ``lk_hybrid_eta3``, ``fixed_lambda_0.5``, ``tv``."""
-  if loss == "lk_hybrid":
-    return f"lk_hybrid_eta{eta:g}"
-  if loss == "fixed_lambda":
-    return f"fixed_lambda_{lam:g}"
-  return loss
+def loss_tag(loss: str, eta: float | None = None, lam: float | None = None, weighting: str = "gamma") -> str:
+  """Directory-safe loss id: ``kl``, ``lk_alpha``, ``lk_hybrid_eta3``, ``fixed_lambda_0.5``, ``tv``, ``lk_tau``;
+  ``_reach`` is appended for reach head weights (``lk_hybrid_eta3_reach``)."""
+  tag = f"lk_hybrid_eta{eta:g}" if loss == "lk_hybrid" else f"fixed_lambda_{lam:g}" if loss == "fixed_lambda" \
+      else loss
+  return tag + ("" if weighting == "gamma" else f"_{weighting}")
 
 
-def loss_label(loss: str, eta: float | None = None, lam: float | None = None) -> str:
-  """Table label: KL, TV, L_α, L_λ (η=3), λ=0.5 (fixed)."""
-  return {"kl": "KL", "tv": "TV", "lk_alpha": "L_α"}.get(loss) or (
+def loss_label(loss: str, eta: float | None = None, lam: float | None = None, weighting: str = "gamma") -> str:
+  """Table label: KL, TV, L_α, L_τ, L_λ (η=3), λ=0.5 (fixed); ``, reach`` for reach head weights."""
+  label = {"kl": "KL", "tv": "TV", "lk_alpha": "L_α", "lk_tau": "L_τ"}.get(loss) or (
       f"L_λ (η={eta:g})" if loss == "lk_hybrid" else f"λ={lam:g} (fixed)" if loss == "fixed_lambda" else loss)
+  return label if weighting == "gamma" else f"{label}, {weighting} weights"
 
 
 def build_runs(plan: ml_collections.ConfigDict) -> list[RunSpec]:
   """Every run of the plan, in execution order (the key comparisons first, so partial results matter).
 
   Order: per arch KL and L_lambda (seed 0) -> per arch L_alpha -> extra seeds of the EAGLE-3 KL /
-  L_lambda pair -> the rest of the EAGLE-3 ablation (other etas, fixed lambda, TV).
+  L_lambda pair -> the rest of the EAGLE-3 ablation (other etas, fixed lambda, TV) -> the chain arms
+  (``plan.chain_arms``: (arch, loss, head weighting), seed 0; L_lambda takes the arch's eta).
   """
   runs: dict[str, RunSpec] = {}
   abl = plan.ablation
   seeds0 = tuple(int(s) for s in plan.seeds)
 
-  def add(arch: str, loss: str, seed: int, eta: float | None = None, lam: float | None = None) -> None:
+  def add(arch: str, loss: str, seed: int, eta: float | None = None, lam: float | None = None,
+          weighting: str = "gamma") -> None:
     eta = float(eta) if loss == "lk_hybrid" else None
     lam = float(lam) if loss == "fixed_lambda" else None
-    name = f"{arch}.{loss_tag(loss, eta, lam)}.s{seed}"
+    name = f"{arch}.{loss_tag(loss, eta, lam, weighting)}.s{seed}"
     groups = []
     default_eta = float(plan.eta[arch])
-    if seed in seeds0 and loss in plan.main_losses and (loss != "lk_hybrid" or eta == default_eta):
+    paper = weighting == "gamma" and loss != "lk_tau"
+    if paper and seed in seeds0 and loss in plan.main_losses and (loss != "lk_hybrid" or eta == default_eta):
       groups.append("main")
-    if arch == abl.arch and seed in seeds0:
+    if paper and arch == abl.arch and seed in seeds0:
       groups.append("ablation")
-    if (arch == abl.arch and loss in plan.extra_seed_losses and (loss != "lk_hybrid" or eta == default_eta)):
+    if (paper and arch == abl.arch and loss in plan.extra_seed_losses
+        and (loss != "lk_hybrid" or eta == default_eta)):
       groups.append("seeds")
+    if not paper:
+      groups.append("chain")
     spec = RunSpec(name=name, arch=arch, loss=loss, eta=eta, lam=lam, seed=int(seed),
-                   num_draft=int(plan.num_draft[arch]), groups=tuple(groups))
+                   num_draft=int(plan.num_draft[arch]), groups=tuple(groups), weighting=weighting)
     runs.setdefault(name, spec)
 
   first = [l for l in ("kl", "lk_hybrid") if l in plan.main_losses]
@@ -163,6 +172,13 @@ def build_runs(plan: ml_collections.ConfigDict) -> list[RunSpec]:
         add(abl.arch, "fixed_lambda", seed, lam=abl.fixed_lambda)
       if abl.tv:
         add(abl.arch, "tv", seed)
+  for arch, loss, weighting in plan.get("chain_arms", ()):
+    if arch not in plan.archs:
+      raise ValueError(f"plan.chain_arms: arch {arch!r} is not in plan.archs {tuple(plan.archs)}")
+    if loss == "lk_tau" and weighting != "gamma":
+      raise ValueError(f"plan.chain_arms: ({arch}, lk_tau, {weighting}): lk_tau is one chain objective, "
+                       "it takes no head weighting (use gamma)")
+    add(arch, loss, seeds0[0], eta=plan.eta[arch], lam=plan.ablation.fixed_lambda, weighting=weighting)
   return list(runs.values())
 
 
@@ -199,6 +215,7 @@ def run_overrides(run: RunSpec, plan: ml_collections.ConfigDict, data_dir: str) 
     o["loss.eta"] = run.eta
   if run.lam is not None:
     o["loss.lam"] = run.lam
+  o["loss.head_weighting"] = run.weighting
   o.update({
       "name": f"{plan.name}.{run.name}",
       "data.dir": data_dir, "data.auto_prepare": False, "data.max_length": int(d.max_length),
@@ -688,10 +705,11 @@ def _missing(r: Mapping[str, Any] | None) -> str:
 
 
 def _find(results: Sequence[Mapping[str, Any]], arch: str, loss: str, *, eta=None, lam=None,
-          seed: int | None = None) -> Mapping[str, Any] | None:
+          seed: int | None = None, weighting: str = "gamma") -> Mapping[str, Any] | None:
   for r in results:
     if r["arch"] == arch and r["loss"] == loss and (seed is None or r["seed"] == seed) and \
-        (eta is None or r.get("eta") == eta) and (lam is None or r.get("lam") == lam):
+        (eta is None or r.get("eta") == eta) and (lam is None or r.get("lam") == lam) and \
+        r.get("weighting", "gamma") == weighting:
       return r
   return None
 
@@ -782,6 +800,31 @@ def ablation_table(plan, results) -> list[str]:
     cells += [_pct(relative_change(_val(tau_of(r, t)), _val(tau_of(kl_r, t))), m) if label != "KL" else "—"
               for t in temps]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def chain_table(plan, results) -> list[str]:
+  """The chain arms (``plan.chain_arms``) beside their architecture's KL and L_lambda of the main table."""
+  temps = _temps(plan)
+  lines = ["| Architecture | Loss | " + " | ".join(f"mean τ, T={t:g}" for t in temps) + " | offline τ | "
+           + " | ".join(f"Δ vs KL, T={t:g}" for t in temps) + " |",
+           "|---|---|" + "---|" * (2 * len(temps) + 1)]
+  seed = int(plan.seeds[0])
+  for arch in dict.fromkeys(a for a, _, _ in plan.get("chain_arms", ())):
+    kl_r = _main_run(results, plan, arch, "kl")
+    rows = [("KL", kl_r), (loss_label("lk_hybrid", eta=float(plan.eta[arch])), _main_run(results, plan, arch, "lk_hybrid"))]
+    for a, loss, weighting in plan.chain_arms:
+      if a == arch:
+        eta = float(plan.eta[arch]) if loss == "lk_hybrid" else None
+        lam = float(plan.ablation.fixed_lambda) if loss == "fixed_lambda" else None
+        rows.append((loss_label(loss, eta, lam, weighting),
+                     _find(results, arch, loss, eta=eta, lam=lam, seed=seed, weighting=weighting)))
+    for label, r in rows:
+      m = _missing(r)
+      cells = [_cell(tau_of(r, t), m) for t in temps] + [_cell(tau_of(r, "offline"), m)]
+      cells += [_pct(relative_change(_val(tau_of(r, t)), _val(tau_of(kl_r, t))), m) if label != "KL" else "—"
+                for t in temps]
+      lines.append(f"| {ARCH_TITLES[arch]} | {label} | " + " | ".join(cells) + " |")
   return lines
 
 
@@ -952,6 +995,11 @@ def render_markdown(plan, results: Sequence[Mapping[str, Any]], state_data: Mapp
     L += [f"## Seeds: {ARCH_TITLES[plan.ablation.arch]} KL vs L_λ", "",
           "Each seed changes the draft's initialisation and the data order (same data, same validation "
           "split); spread = sample standard deviation over seeds.", ""] + seeds_table(plan, results) + [""]
+  if plan.get("chain_arms"):
+    L += ["## Beyond the paper: objectives on the draft chain", "",
+          "L_τ optimises the expected acceptance length of the whole chain; reach weights put head k's weight "
+          "on the probability that the chain reaches it (docs/design.md#objectives-on-the-draft-chain). Seed "
+          f"{plan.seeds[0]}; mean τ over benchmarks [95% CI].", ""] + chain_table(plan, results) + [""]
   L += ["## Plots", ""]
   if plots:
     L += [f"![{k}]({v})" for k, v in plots.items()] + [""]

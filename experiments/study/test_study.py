@@ -34,6 +34,8 @@ EXPECTED_RUNS = {
     "eagle3.fixed_lambda_0.5.s0", "eagle3.tv.s0",
     # second seed of the EAGLE-3 KL vs L_lambda comparison
     "eagle3.kl.s1", "eagle3.lk_hybrid_eta3.s1",
+    # beyond the paper (plan.chain_arms): the chain objective and reach head weights
+    "eagle3.lk_tau.s0", "eagle3.lk_hybrid_eta3_reach.s0",
 }
 
 
@@ -58,8 +60,13 @@ def test_plan_has_every_required_run(arg):
   # The key comparison runs first (partial results are useful).
   assert [r.name for r in runs[:2]] == ["eagle3.kl.s0", "eagle3.lk_hybrid_eta3.s0"]
   groups = {g for r in runs for g in r.groups}
-  assert groups == {"main", "ablation", "seeds"}
+  assert groups == {"main", "ablation", "seeds", "chain"}
   assert sum("main" in r.groups for r in runs) == 12 and sum("seeds" in r.groups for r in runs) == 4
+  chain = {r.name: r for r in runs if "chain" in r.groups}
+  assert set(chain) == {"eagle3.lk_tau.s0", "eagle3.lk_hybrid_eta3_reach.s0"}
+  assert all(r.groups == ("chain",) and r.seed == 0 for r in chain.values())   # in no paper table
+  assert chain["eagle3.lk_hybrid_eta3_reach.s0"].weighting == "reach"
+  assert all(r.weighting == "gamma" for r in runs if r.name != "eagle3.lk_hybrid_eta3_reach.s0")
 
 
 def test_every_run_config_shares_data_budget_and_eval(tmp_path):
@@ -74,6 +81,7 @@ def test_every_run_config_shares_data_budget_and_eval(tmp_path):
       assert c.loss.eta == r.eta
     if r.lam is not None:
       assert c.loss.lam == r.lam
+    assert c.loss.head_weighting == r.weighting
     assert not c.data.auto_prepare
     shared.add((c.data.dir, c.data.max_length, c.data.val_fraction, c.batch_size, c.num_steps,
                 c.optim.warmup_steps, c.optim.lr, c.precision))
@@ -118,7 +126,7 @@ class Killed(BaseException):
 
 def _tau_for(run) -> float:
   """A deterministic accepted-per-round value for a fake run (LK above KL, TV below)."""
-  return {"kl": 1.0, "lk_alpha": 1.1, "lk_hybrid": 1.2, "fixed_lambda": 1.0, "tv": 0.5}[run.loss] + 0.01 * run.seed
+  return {"kl": 1.0, "lk_alpha": 1.1, "lk_hybrid": 1.2, "fixed_lambda": 1.0, "tv": 0.5, "lk_tau": 1.3}[run.loss] + 0.01 * run.seed
 
 
 class Fakes:
@@ -192,7 +200,7 @@ def test_orchestrator_resumes_after_a_kill_and_skips_finished_steps(tmp_path, mo
   assert state["steps"][f"train/{names[2]}"]["status"] == "running"   # left by the kill
   assert state["steps"][f"eval/{names[1]}"]["status"] == "done"
   md = (root / "docs" / "results.md").read_text()                     # docs were regenerated as it went
-  assert "2/19 runs evaluated" in md and study.PENDING in md
+  assert "2/21 runs evaluated" in md and study.PENDING in md
 
   # 2nd invocation dies during the 4th run's evaluation.
   f2 = Fakes(kill_eval_at=names[3])
@@ -217,9 +225,13 @@ def test_orchestrator_resumes_after_a_kill_and_skips_finished_steps(tmp_path, mo
   _run(plan, root, f4)
   assert f4.prepared == 0 and f4.trained == [] and f4.evaluated == []
   md = (root / "docs" / "results.md").read_text()
-  assert "19/19 runs evaluated" in md
+  assert "21/21 runs evaluated" in md
+  chain = md.split("## Beyond the paper", 1)[1].split("\n## ", 1)[0]   # the chain arms beside KL and L_lambda
+  rows = [l for l in chain.splitlines() if l.startswith("| EAGLE-3 |")]
+  assert [l.split(" | ")[1] for l in rows] == ["KL", "L_λ (η=3)", "L_τ", "L_λ (η=3), reach weights"]
+  assert all(study.PENDING not in l for l in rows) and "+12.5%" in rows[2]   # fake tau 2.25 vs KL 2.0
   assert os.path.exists(root / "docs" / "results" / "study.json")
-  assert len(os.listdir(root / "docs" / "results" / "runs")) == 19
+  assert len(os.listdir(root / "docs" / "results" / "runs")) == 21
 
 
 def test_orchestrator_only_max_hours_failures_and_plan_changes(tmp_path, monkeypatch):
@@ -231,7 +243,7 @@ def test_orchestrator_only_max_hours_failures_and_plan_changes(tmp_path, monkeyp
   f = Fakes()
   _run(plan, root, f, only="mtp")
   assert f.trained == ["mtp.kl.s0", "mtp.lk_hybrid_eta3.s0", "mtp.lk_alpha.s0"]
-  assert "3/19 runs evaluated" in (root / "docs" / "results.md").read_text()
+  assert "3/21 runs evaluated" in (root / "docs" / "results.md").read_text()
 
   # --max_hours: each clock reading advances 1 h, so the budget stops new steps early.
   ticks = itertools.count(0, 3600)
@@ -370,7 +382,7 @@ def test_docs_with_no_results_are_all_pending(tmp_path):
   plan = load_plan("tiny")
   state = {"steps": {}, "invocations": []}
   md = study.render_markdown(plan, study.collect_results(plan, str(tmp_path), study.build_runs(plan), state), state)
-  assert "0/19 runs evaluated" in md and "No finished evaluation yet." in md
+  assert "0/21 runs evaluated" in md and "No finished evaluation yet." in md
   assert md.count("pending") > 50
 
 
@@ -385,8 +397,8 @@ def test_estimate_uses_the_measured_unit_costs():
   est = study.estimate_seconds(plan, runs, m)
   turns = 2 * plan.eval.limit + plan.eval.limit + plan.eval.limit     # MT-bench has two turns
   assert est["data"] == pytest.approx(plan.data.num_prompts * (4.0 / 2 + 1.0))
-  assert est["train"] == pytest.approx(plan.train.num_steps * (10 * 2.0 + 9 * 1.0))
-  assert est["eval"] == pytest.approx(19 * (5.0 + 2 * turns * 2.0))
+  assert est["train"] == pytest.approx(plan.train.num_steps * (12 * 2.0 + 9 * 1.0))
+  assert est["eval"] == pytest.approx(21 * (5.0 + 2 * turns * 2.0))
   assert est["total"] == pytest.approx(est["data"] + est["train"] + est["eval"])
   # With the machine to itself (1 core instead of the measured 0.5 share) everything takes half as long.
   fast = study.estimate_seconds(plan, runs, m, effective_cores=1.0)
