@@ -18,7 +18,7 @@ Order of work (everything that can fail on bad input fails before anything compi
      naming the shard file and record; a final summary says where the outputs are and what to run next.
 
 Files in the workdir: ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/<step>/``,
-``summary.json`` (final metrics, written when the run ends).
+``summary.json`` (final metrics and the lkjax commit, written when the run ends).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from lkjax import perf as perf_lib
-from lkjax.files import write_json
+from lkjax.files import git_commit, write_json
 from lkjax import sharding as shd
 from lkjax.train import checkpoint as ckpt_lib
 from lkjax.train import metrics as metrics_lib
@@ -294,6 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   distributed.check_same_config(config)  # multi-process: every process runs this config, or all stop here
   is_main = jax.process_index() == 0
   t_start = time.perf_counter()
+  commit = git_commit()   # provenance, read before training (the checkout may change under a long run)
   manifest = ensure_data(config)
   setup = build_setup(config, manifest)
 
@@ -439,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     writer.close()
     ckpt.close()
 
-  summary = dict(status=status, step=step, total_steps=total_steps, workdir=workdir,
+  summary = dict(status=status, step=step, total_steps=total_steps, workdir=workdir, commit=commit,
                  checkpoint=os.path.join(ckpt.directory, str(step)),
                  metrics=os.path.join(workdir, metrics_lib.METRICS_FILE),
                  tensorboard=os.path.join(workdir, metrics_lib.TB_DIR), train=last_train, val=last_val,
@@ -545,12 +546,15 @@ class TrainedDraft:
 
 
 def load_trained_draft(workdir_or_checkpoint: str | os.PathLike,
-                       config: ml_collections.ConfigDict | None = None) -> TrainedDraft:
+                       config: ml_collections.ConfigDict | None = None,
+                       compute_dtype: str | None = None) -> TrainedDraft:
   """Rebuild the draft of a training run with its trained parameters (host, single device).
 
   Args:
     workdir_or_checkpoint: a run's workdir (latest checkpoint) or ``<workdir>/checkpoints/<step>``.
     config: the run's config (default: ``<workdir>/config.json``).
+    compute_dtype: ``"float32"`` or ``"bfloat16"`` overrides the run's compute dtype (parameters are float32
+      either way), e.g. to draft exactly as an engine that runs the exported draft in float32 does.
   """
   path = os.path.abspath(os.fspath(workdir_or_checkpoint))
   step = None
@@ -566,6 +570,11 @@ def load_trained_draft(workdir_or_checkpoint: str | os.PathLike,
                               "(--config=configs/<arch>.py on the command line, config= in Python)")
     with open(cfg_path) as f:
       config = ml_collections.ConfigDict(json.load(f))
+  if compute_dtype:
+    if compute_dtype not in _MODEL_DTYPES.values():
+      raise ValueError(f"compute_dtype={compute_dtype!r}: expected one of {sorted(_MODEL_DTYPES.values())}")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.dtype = compute_dtype
   from lkjax.data import shards
   setup = build_setup(config, shards.read_manifest(config.data.dir))
   _, params, _ = nnx.split(setup.model, nnx.Param, ...)

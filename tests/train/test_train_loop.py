@@ -10,10 +10,12 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from lkjax import files
 from lkjax.config_args import load_config
 from lkjax.data import shards
 from lkjax.data.synthetic import write_synthetic_shards
@@ -79,6 +81,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(data_dir, tmp_path, mesh):
   assert train[6]["loss"] < train[1]["loss"]
   summary = json.loads((tmp_path / "full" / loop.SUMMARY_FILE).read_text())
   assert summary["checkpoint"].endswith(os.path.join("checkpoints", "6"))
+  assert summary["commit"] == files.git_commit()   # the lkjax commit that trained it
   assert os.listdir(tmp_path / "full" / "tensorboard")
 
   # Reload for evaluation/export: restored params equal the checkpoint's and the model runs.
@@ -88,6 +91,14 @@ def test_kill_and_resume_reproduces_uninterrupted_run(data_dir, tmp_path, mesh):
   p1 = nnx.to_pure_dict(nnx.state(trained.model, nnx.Param))
   p2 = nnx.to_pure_dict(nnx.state(again.model, nnx.Param))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), p1, p2)
+  # The same parameters computing in another dtype (float32 is how lkjax drafts like vLLM's float32 engine).
+  assert trained.model.dtype == jnp.float32                 # this run trained with precision fp32
+  bf = loop.load_trained_draft(tmp_path / "full", compute_dtype="bfloat16")
+  assert bf.config.model.dtype == "bfloat16" and bf.model.dtype == jnp.bfloat16
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               nnx.to_pure_dict(nnx.state(bf.model, nnx.Param)), p1)
+  with pytest.raises(ValueError, match="compute_dtype='fp16'"):
+    loop.load_trained_draft(tmp_path / "full", compute_dtype="fp16")
   fresh = loop.build_setup(cfg, shards.read_manifest(data_dir)).model
   p0 = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
   assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
