@@ -788,43 +788,40 @@ def ablation_runs(plan, results) -> list[tuple[str, Mapping[str, Any] | None]]:
   return rows
 
 
+def _vs_kl_header(temps, first: str = "| Loss |") -> list[str]:
+  """Header of a table of mean τ, offline τ and Δ vs KL per temperature (`_vs_kl_cells`)."""
+  return [first + " " + " | ".join(f"mean τ, T={t:g}" for t in temps) + " | offline τ | "
+          + " | ".join(f"Δ vs KL, T={t:g}" for t in temps) + " |",
+          "|" + "---|" * (first.count("|") - 1 + 2 * len(temps) + 1)]
+
+
+def _vs_kl_cells(r, kl_r, temps, *, is_kl: bool) -> list[str]:
+  """Mean τ per temperature, offline τ, and the relative change against ``kl_r`` ("—" on the KL row)."""
+  m = _missing(r)
+  cells = [_cell(tau_of(r, t), m) for t in temps] + [_cell(tau_of(r, "offline"), m)]
+  return cells + ["—" if is_kl else _pct(relative_change(_val(tau_of(r, t)), _val(tau_of(kl_r, t))), m)
+                  for t in temps]
+
+
 def ablation_table(plan, results) -> list[str]:
   temps = _temps(plan)
-  lines = ["| Loss | " + " | ".join(f"mean τ, T={t:g}" for t in temps) + " | offline τ | "
-           + " | ".join(f"Δ vs KL, T={t:g}" for t in temps) + " |",
-           "|---|" + "---|" * (2 * len(temps) + 1)]
-  kl_r = ablation_runs(plan, results)[0][1]
-  for label, r in ablation_runs(plan, results):
-    m = _missing(r)
-    cells = [_cell(tau_of(r, t), m) for t in temps] + [_cell(tau_of(r, "offline"), m)]
-    cells += [_pct(relative_change(_val(tau_of(r, t)), _val(tau_of(kl_r, t))), m) if label != "KL" else "—"
-              for t in temps]
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return lines
+  rows = ablation_runs(plan, results)
+  kl_r = rows[0][1]
+  return _vs_kl_header(temps) + [f"| {label} | " + " | ".join(_vs_kl_cells(r, kl_r, temps, is_kl=label == "KL"))
+                                 + " |" for label, r in rows]
 
 
 def chain_table(plan, results) -> list[str]:
-  """The chain arms (``plan.chain_arms``) beside their architecture's KL and L_lambda of the main table."""
+  """The chain runs (group ``chain``) beside their architecture's KL and L_lambda of the main table."""
   temps = _temps(plan)
-  lines = ["| Architecture | Loss | " + " | ".join(f"mean τ, T={t:g}" for t in temps) + " | offline τ | "
-           + " | ".join(f"Δ vs KL, T={t:g}" for t in temps) + " |",
-           "|---|---|" + "---|" * (2 * len(temps) + 1)]
-  seed = int(plan.seeds[0])
-  for arch in dict.fromkeys(a for a, _, _ in plan.get("chain_arms", ())):
+  lines = _vs_kl_header(temps, "| Architecture | Loss |")
+  chain = [r for r in results if "chain" in r["groups"]]
+  for arch in dict.fromkeys(r["arch"] for r in chain):
     kl_r = _main_run(results, plan, arch, "kl")
     rows = [("KL", kl_r), (loss_label("lk_hybrid", eta=float(plan.eta[arch])), _main_run(results, plan, arch, "lk_hybrid"))]
-    for a, loss, weighting in plan.chain_arms:
-      if a == arch:
-        eta = float(plan.eta[arch]) if loss == "lk_hybrid" else None
-        lam = float(plan.ablation.fixed_lambda) if loss == "fixed_lambda" else None
-        rows.append((loss_label(loss, eta, lam, weighting),
-                     _find(results, arch, loss, eta=eta, lam=lam, seed=seed, weighting=weighting)))
-    for label, r in rows:
-      m = _missing(r)
-      cells = [_cell(tau_of(r, t), m) for t in temps] + [_cell(tau_of(r, "offline"), m)]
-      cells += [_pct(relative_change(_val(tau_of(r, t)), _val(tau_of(kl_r, t))), m) if label != "KL" else "—"
-                for t in temps]
-      lines.append(f"| {ARCH_TITLES[arch]} | {label} | " + " | ".join(cells) + " |")
+    rows += [(r["label"], r) for r in chain if r["arch"] == arch]
+    lines += [f"| {ARCH_TITLES[arch]} | {label} | " + " | ".join(_vs_kl_cells(r, kl_r, temps, is_kl=label == "KL"))
+              + " |" for label, r in rows]
   return lines
 
 
@@ -995,7 +992,7 @@ def render_markdown(plan, results: Sequence[Mapping[str, Any]], state_data: Mapp
     L += [f"## Seeds: {ARCH_TITLES[plan.ablation.arch]} KL vs L_λ", "",
           "Each seed changes the draft's initialisation and the data order (same data, same validation "
           "split); spread = sample standard deviation over seeds.", ""] + seeds_table(plan, results) + [""]
-  if plan.get("chain_arms"):
+  if any("chain" in r["groups"] for r in results):
     L += ["## Beyond the paper: objectives on the draft chain", "",
           "L_τ optimises the expected acceptance length of the whole chain; reach weights put head k's weight "
           "on the probability that the chain reaches it (docs/design.md#objectives-on-the-draft-chain). Seed "

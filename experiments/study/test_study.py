@@ -228,6 +228,8 @@ def test_orchestrator_resumes_after_a_kill_and_skips_finished_steps(tmp_path, mo
   assert "21/21 runs evaluated" in md
   chain = md.split("## Beyond the paper", 1)[1].split("\n## ", 1)[0]   # the chain arms beside KL and L_lambda
   rows = [l for l in chain.splitlines() if l.startswith("| EAGLE-3 |")]
+  table = [l for l in chain.splitlines() if l.startswith("|")]
+  assert len({l.count("|") for l in table}) == 1 and len(table) == 2 + len(rows)   # header, separator, rows
   assert [l.split(" | ")[1] for l in rows] == ["KL", "L_λ (η=3)", "L_τ", "L_λ (η=3), reach weights"]
   assert all(study.PENDING not in l for l in rows) and "+12.5%" in rows[2]   # fake tau 2.25 vs KL 2.0
   assert os.path.exists(root / "docs" / "results" / "study.json")
