@@ -127,8 +127,7 @@ def _evaluate_in_vllm(temperatures):
   path = FLAGS.workdir or FLAGS.checkpoint
   workdir = os.path.dirname(os.path.dirname(os.path.abspath(path))) if FLAGS.checkpoint else path
   config = None if os.path.exists(os.path.join(workdir, "config.json")) else FLAGS.config
-  # float32 like vLLM's draft (the worker's dtype): a bf16 draft's near-ties would flip proposals on one side.
-  trained = loop.load_trained_draft(path, config, compute_dtype="float32")
+  trained = loop.load_trained_draft(path, config, compute_dtype=vllm_engine.DTYPE)
   arch = trained.config.model.arch
   target = load_target_for(trained.target_info, FLAGS.target)
   k = FLAGS.num_draft or int(trained.config.model.num_heads)

@@ -69,9 +69,7 @@ def main(argv):
     from lkjax.eval.run import load_target_for
     from lkjax.train import loop
 
-    # vLLM runs the exported draft in float32; lkjax's reference decoding computes in float32 too, so a
-    # near-tie of a bf16 draft's logits cannot flip a proposal on one side only.
-    trained = loop.load_trained_draft(FLAGS.workdir or FLAGS.checkpoint, compute_dtype="float32")
+    trained = loop.load_trained_draft(FLAGS.workdir or FLAGS.checkpoint, compute_dtype=vllm_engine.DTYPE)
     arch, draft = trained.config.model.arch, trained.model
     target = load_target_for(trained.target_info)
   k = FLAGS.num_draft or int(draft.num_heads)

@@ -30,6 +30,10 @@ from lkjax.files import git_commit
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "serving" / "vllm_worker.py"
 BUILD_SCRIPT = REPO / "serving" / "build_env.sh"
+# The dtype vLLM runs target and draft in. lkjax's reference decoding of a draft must compute in it too
+# (`lkjax.train.loop.load_trained_draft(compute_dtype=DTYPE)`): a bf16 draft's near-tied logits would
+# otherwise pick a different proposal than the engine's.
+DTYPE = "float32"
 DEFAULT_VENV = REPO / ".venv-vllm"
 
 
@@ -258,7 +262,8 @@ def target_job(target: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   room = max(len(p) for p in prompts) + int(max_new_tokens) + 64  # + K + 1 positions a last round may use
   return dict(target=target_directory(target), prompts=prompts, max_tokens=int(max_new_tokens),
               ignore_eos=bool(ignore_eos), temperature=float(temperature), seed=int(seed),
-              max_model_len=int(room), batch_sizes=[int(b) for b in batch_sizes], enforce_eager=True)
+              max_model_len=int(room), batch_sizes=[int(b) for b in batch_sizes], enforce_eager=True,
+              dtype=DTYPE)
 
 
 def speculative_config(arch: str, draft_dir: str | os.PathLike, num_draft: int) -> dict[str, Any]:
@@ -342,6 +347,7 @@ def untrained_draft(arch: str, target: Any, *, draft_vocab_size: int = 8192, see
     vocab = np.sort(np.concatenate([np.arange(half), half + rng.choice(info.vocab_size - half,
                                                                         draft_vocab_size - half, replace=False)]))
   cfg.draft_vocab_size = int(draft_vocab_size)
+  cfg.dtype = DTYPE   # drafts here as the engine does
   if num_heads:
     cfg.num_heads = int(num_heads)
   if arch == "medusa":
